@@ -1,0 +1,126 @@
+"""Run directories and their manifest: the only way later stages find a base model, template and adapter.
+
+A run directory holds `manifest.json` (status running | complete | failed), `adapter/`, `checkpoints/`,
+`metrics.jsonl` and `samples.jsonl`. `latest` means the newest *complete* run, never a failed or half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from collegeadvisor.errors import ManifestError, ModelError
+from collegeadvisor.fsutil import atomic_write_json
+
+MANIFEST = "manifest.json"
+PACKAGES = ("collegeadvisor", "torch", "transformers", "peft", "accelerate", "chromadb", "sentence-transformers")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest["updated"] = now()
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{run_dir}: no {MANIFEST}; not a collegeadvisor run directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}:{exc.lineno}: corrupt manifest ({exc.msg})") from exc
+
+
+def find_run(run: str | Path, output_dir: str | Path = "runs", require_complete: bool = True) -> Path:
+    """A run directory from a path or `latest` (the newest complete run under output_dir)."""
+    if str(run) == "latest":
+        root = Path(output_dir)
+        done = []
+        for d in root.glob("*/") if root.is_dir() else []:
+            try:
+                m = read_manifest(d)
+            except ManifestError:
+                continue
+            if m.get("status") == "complete" and (d / "adapter").is_dir():
+                done.append((m.get("finished", ""), d))
+        if not done:
+            raise ManifestError(f"--run latest: no complete run under {root}/ (train one with `collegeadvisor train`)")
+        return max(done)[1]
+    path = Path(run)
+    m = read_manifest(path)
+    if require_complete and m.get("status") != "complete":
+        raise ManifestError(
+            f"{path}: run status is '{m.get('status')}', not complete"
+            + (f" ({m['error']})" if m.get("error") else "")
+            + "; pick a finished run or resume it with `collegeadvisor train --resume`"
+        )
+    return path
+
+
+def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True):
+    """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads."""
+    import torch
+
+    from collegeadvisor.chat_format import template_hash
+    from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
+
+    run_dir = Path(run_dir)
+    m = read_manifest(run_dir)
+    base = m["base_model"]
+    if base_model is not None and base_model != base["spec"]:
+        raise ManifestError(
+            f"{run_dir}: the run was trained on base model '{base['spec']}', not '{base_model}'; "
+            "its adapter only fits its own base model"
+        )
+    resolved = resolve_base_model(base["spec"])
+    now_fp = base_fingerprint(base["spec"], resolved)
+    for key in ("config_sha256", "gguf_sha256"):
+        if base.get(key) and now_fp.get(key) and base[key] != now_fp[key]:
+            raise ManifestError(
+                f"{run_dir}: base model '{base['spec']}' at {resolved} has {key} {now_fp[key][:12]}, "
+                f"but the run was trained on {base[key][:12]}; refusing to load its adapter on another model"
+            )
+    fmt = m["format"]
+    tok = load_tokenizer(resolved, chat_template=fmt["chat_template"])
+    shipped = load_tokenizer(resolved)
+    if template_hash(shipped.chat_template or "") != fmt["template_sha256"]:
+        # the manifest's template wins; say so, since the model folder changed under the run
+        print(f"note: {resolved} ships another chat template than run {run_dir.name}; using the run's", file=sys.stderr)
+    for name in ("eos", "bos", "pad"):
+        if fmt[name]["id"] is not None and tok.convert_tokens_to_ids(fmt[name]["token"]) != fmt[name]["id"]:
+            raise ManifestError(f"{run_dir}: tokenizer maps {name} token {fmt[name]['token']!r} to another id than the run")
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    model = load_model(resolved, dtype=dtype, device=dev)
+    if adapter:
+        from peft import PeftModel
+
+        adir = run_dir / "adapter"
+        cfg_path = adir / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise ManifestError(f"{run_dir}: no adapter/ (the run did not finish)")
+        trained_on = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+        if trained_on and Path(trained_on).name != Path(resolved).name and trained_on != base["spec"]:
+            raise ModelError(f"{cfg_path}: adapter was trained on '{trained_on}', the manifest names '{resolved}'")
+        model = PeftModel.from_pretrained(model, adir)
+    model.eval()
+    return model, tok, m
