@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from collegeadvisor.data.loaders import dedupe, load_examples, split
+from collegeadvisor.data.prepare import encode_examples, length_report
+from collegeadvisor.errors import DataError
+from helpers import write_jsonl
+
+ALPACA = {"instruction": "What do nurses earn at Ohio State?", "input": "", "output": "A median of $65,432."}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Debt at Kent State?"}, {"from": "gpt", "value": "$23,250."}]}
+MESSAGES = {"messages": [{"role": "user", "content": "Is it worth it?"}, {"role": "assistant", "content": "Yes."}]}
+
+
+def test_three_forms_in_jsonl_json_and_csv(tmp_path):
+    jl = write_jsonl(tmp_path / "d.jsonl", [ALPACA, SHAREGPT, MESSAGES])
+    ex, problems = load_examples(jl)
+    assert not problems and [e["messages"][0]["role"] for e in ex] == ["user"] * 3
+    assert ex[1]["messages"][1] == {"role": "assistant", "content": "$23,250."}
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([ALPACA, SHAREGPT, MESSAGES], indent=2))
+    ex2, _ = load_examples(js)
+    assert [e["messages"] for e in ex2] == [e["messages"] for e in ex]
+    assert [e["line"] for e in ex2] == [2, 7, 19]  # each record keeps the line it starts on
+    csv = tmp_path / "d.csv"
+    csv.write_text('instruction,input,output\n"What do nurses earn?",,"$65,432."\n')
+    ex3, _ = load_examples(csv)
+    assert ex3[0]["messages"][1]["content"] == "$65,432." and ex3[0]["line"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "x", "output": \n', r"d.jsonl:2: malformed JSON"),
+    ('{"instruction": "a"}\n', r"d.jsonl:1: alpaca record is missing field 'output'"),
+    ('{"instruction": "a", "output": "  "}\n', r"d.jsonl:1: empty assistant reply"),
+    ('{"messages": [{"role": "user"}]}\n', r"d.jsonl:1: messages\[0\] is missing field 'content'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"d.jsonl:1: no assistant reply"),
+    ('{"prompt": "a", "completion": "b"}\n', r"d.jsonl:1: unknown record format"),
+    ('{"conversations": [{"from": "alien", "value": "x"}]}\n', r"d.jsonl:1: conversations\[0\] has unknown speaker"),
+])
+def test_each_data_error_names_file_and_line(tmp_path, content, message):
+    p = tmp_path / "d.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_examples(p)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8"):
+        load_examples(p)
+
+
+def test_malformed_json_array_names_the_line(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
+    with pytest.raises(DataError, match=r"d.json:3: malformed JSON"):
+        load_examples(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_examples(tmp_path / "nope.jsonl")
+
+
+def test_non_strict_lists_every_problem(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n{"instruction": "c", "output": ""}\n')
+    ex, problems = load_examples(p, strict=False)
+    assert len(ex) == 1 and [x.split(":")[1] for x in problems] == ["2", "3"]
+    with pytest.raises(DataError, match=r"and 1 more"):
+        load_examples(p)
+
+
+def test_dedupe_and_seeded_split():
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 10}"}, {"role": "assistant", "content": "a"}]} for i in range(20)]
+    kept, dropped = dedupe(rows)
+    assert len(kept) == 10 and dropped == 10
+    a = split(kept, 0.2, seed=1)
+    assert a == split(kept, 0.2, seed=1) and len(a[1]) == 2 and a != split(kept, 0.2, seed=2)
+
+
+def test_long_answers_are_dropped_and_counted_never_silently_cut(tokenizer):
+    ex = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * n}], "line": i + 1}
+          for i, n in enumerate([3, 400])]
+    rows, stats = encode_examples(tokenizer, ex, max_length=128, truncation="drop")
+    assert len(rows) == 1 and stats["dropped_too_long"] == 1 and stats["dropped_lines"] == [2]
+    with pytest.raises(DataError, match=r"data:2: .* answer would be cut at max_length 128"):
+        encode_examples(tokenizer, ex, max_length=128, truncation="error")
+    rows, stats = encode_examples(tokenizer, ex, max_length=128, truncation="truncate")
+    assert len(rows) == 2 and stats["truncated"] == 1 and len(rows[1]["input_ids"]) == 128
+    assert stats["lengths"]["over_max_length"] == 1 and stats["lengths"]["max"] > 128
+
+
+def test_length_report_percentiles():
+    r = length_report(list(range(1, 101)), max_length=90)
+    assert r["p50"] == 51 and r["max"] == 100 and r["over_max_length"] == 10 and r["max_length_for_99pct"] == 99
