@@ -112,3 +112,29 @@ def tinyllama_tiny_model(tmp_path_factory, tinyllama_tokenizer) -> Path:
 @pytest.fixture(scope="session", params=["smollm2", "tinyllama"])
 def tiny_model(request, smol_tiny_model, tinyllama_tiny_model) -> Path:
     return {"smollm2": smol_tiny_model, "tinyllama": tinyllama_tiny_model}[request.param]
+
+
+HELDOUT = [
+    {"question": "What do graduates of program 3 earn at school 3?", "answer": "Graduates earned a median of $30,111.",
+     "numeric": 30111.0, "kind": "earnings", "source": {"row_id": "x:1:3"}},
+    {"question": "Is program 5 at school 5 worth it compared to high school?", "answer": "Yes. $4,000 more.",
+     "numeric": 4000.0, "kind": "premium", "yes": True, "source": {"row_id": "x:2:3"}},
+    {"question": "What is the median debt for program 9 at school 2?", "answer": "The College Scorecard has no data.",
+     "numeric": None, "kind": "no_data", "source": {"row_id": "x:3:3"}},
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tinyllama_tiny_model) -> Path:
+    """A complete 10-step run on the tiny TinyLlama-template model, with heldout.jsonl beside its data."""
+    from collegeadvisor.config import load_config
+    from collegeadvisor.train import train
+    from helpers import advisor_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(root / "scorecard.jsonl", advisor_rows(40))
+    write_jsonl(root / "heldout.jsonl", HELDOUT)
+    cfg = load_config(None, dict(base_model=str(tinyllama_tiny_model), data=str(data), output_dir=str(root / "runs"),
+                                 max_steps=10, batch_size=4, grad_accum=1, learning_rate=1e-2, sample_every=0,
+                                 val_fraction=0.1, run_name="tiny"))
+    return train(cfg)

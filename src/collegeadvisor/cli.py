@@ -98,6 +98,46 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from collegeadvisor.eval.run import evaluate
+    from collegeadvisor.runs import find_run
+
+    run = find_run(args.run, args.output_dir)
+    retriever = _retriever(args) if args.rag else None
+    report_json, report_html = evaluate(run, args.questions, args.out, compare=args.compare, retriever=retriever,
+                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                        limit=args.limit, device=args.device)
+    print(f"report: {report_html}\ndata:   {report_json}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from collegeadvisor.chat import chat_loop
+    from collegeadvisor.runs import find_run, load_run
+
+    model, tok, _ = load_run(find_run(args.run, args.output_dir), device=args.device)
+    chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              retriever=_retriever(args) if args.rag else None)
+    return 0
+
+
+def _retriever(args):
+    from collegeadvisor.kb import passages_for
+
+    return lambda question: passages_for(question, k=args.k, path=args.kb_path, url=args.kb_url)
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="latest", help="run directory, or 'latest' (newest complete run)")
+    p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--rag", action="store_true", help="answer from passages retrieved from the knowledge base")
+    p.add_argument("--k", type=int, default=5, help="passages retrieved per question")
+    p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
+    p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collegeadvisor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("eval", help="answer held-out questions and score them (base vs tuned with --compare)")
+    _run_options(p)
+    p.add_argument("--questions", default=None, help="held-out JSONL (default: heldout.jsonl beside the run's data)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
+    p.add_argument("--compare", action="store_true", help="also run the base model without the adapter")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.set_defaults(func=cmd_eval, max_new_tokens=128)
+
+    p = sub.add_parser("chat", help="interactive chat with a trained run (reads piped stdin too)")
+    _run_options(p)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
