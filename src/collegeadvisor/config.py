@@ -50,7 +50,21 @@ class Config(BaseModel):
     autocast_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for matmuls where the hardware has bf16 (AVX512-BF16/AMX CPUs, CUDA)"
     )
+    base_bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep the frozen base weights in bf16 (LoRA weights train in fp32); auto: wherever bf16 "
+        "autocast is on"
+    )
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    batch_tokens: Optional[int] = Field(
+        None, ge=16, description="most tokens (padding included) per forward pass: the batch_size x grad_accum "
+        "examples of a step run as few, large passes of up to this size (same gradient); default batch_size x max_length"
+    )
+    packing: bool = Field(
+        False, description="lay examples end to end in rows of max_length (no attention across examples) instead of "
+        "padding each pass"
+    )
+    compile: bool = Field(False, description="torch.compile the model (pays on long GPU runs; slow to start on CPU)")
+    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: torch's own choice)")
     # monitoring and checkpoints
     log_every: int = Field(5, ge=1, description="optimizer steps between metrics.jsonl lines")
     sample_every: int = Field(50, ge=0, description="optimizer steps between sample generations (0: off)")

@@ -1,4 +1,5 @@
-"""Batches: a seeded, length-grouped order per epoch (the same on every rank and after a resume) and dynamic padding."""
+"""Batches: a seeded, length-grouped order per epoch (the same on every rank and after a resume), dynamic
+padding, and the forward passes one optimizer step's examples run as (padded or packed)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,62 @@ def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = 
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_rows(rows: Sequence[dict], width: int) -> list[list[dict]]:
+    """Examples into rows of at most `width` tokens: first fit, longest first (an example longer than width gets
+    a row of its own)."""
+    bins: list[list[dict]] = []
+    room: list[int] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(r["input_ids"])
+        at = next((b for b, free in enumerate(room) if free >= n), None)
+        if at is None:
+            bins.append([])
+            room.append(max(width, n))
+            at = len(bins) - 1
+        bins[at].append(r)
+        room[at] -= n
+    return bins
+
+
+def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each bin's examples end to end in one row, `position_ids` restarting at 0 for each example and no
+    attention mask: transformers then keeps attention inside each example, provided the forward runs with
+    use_cache=False. Each example's first label is dropped, as the shift drops it unpacked, so no example is
+    trained to predict its neighbour's first token."""
+    longest = max(sum(len(r["input_ids"]) for r in b) for b in bins)
+    ids = torch.full((len(bins), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), longest), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), longest), dtype=torch.long)
+    for i, b in enumerate(bins):
+        at = 0
+        for r in b:
+            n = len(r["input_ids"])
+            ids[i, at : at + n] = torch.tensor(r["input_ids"])
+            labels[i, at + 1 : at + n] = torch.tensor(r["labels"][1:])
+            positions[i, at : at + n] = torch.arange(n)
+            at += n
+        positions[i, at:] = torch.arange(longest - at)  # the padding tail is one more "example", never trained
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def forward_batches(rows: Sequence[dict], pad_id: int, max_tokens: int, packing: bool = False,
+                    width: int = 512) -> list[dict[str, torch.Tensor]]:
+    """One optimizer step's examples as forward passes of at most `max_tokens` tokens each, padding included (a
+    longer single example gets a pass of its own). The loss is a sum over labelled tokens divided by the step's
+    label count, so the split changes the gradient only by rounding; it trades memory for fewer, larger matmuls.
+
+    Unpacked: longest first, each pass right-padded to its longest example. Packed: rows of at most `width`
+    tokens (pack_rows), max_tokens // width rows per pass."""
+    if packing:
+        bins = pack_rows(rows, width)
+        per_pass = max(1, max_tokens // width)
+        return [collate_packed(bins[i : i + per_pass], pad_id) for i in range(0, len(bins), per_pass)]
+    passes: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        if passes and (len(passes[-1]) + 1) * len(passes[-1][0]["input_ids"]) <= max_tokens:
+            passes[-1].append(r)
+        else:
+            passes.append([r])
+    return [collate(p, pad_id) for p in passes]

@@ -7,6 +7,7 @@ chat_format's job; this module only moves ids through the model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -29,7 +30,7 @@ from collegeadvisor.generate import generate
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model
 from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
 from collegeadvisor.train import checkpoint
-from collegeadvisor.train.batching import collate, epoch_batches
+from collegeadvisor.train.batching import epoch_batches, forward_batches
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -46,13 +47,18 @@ class LabelLoss(torch.nn.Module):
         self.decoder = causal.get_decoder() if plain and hasattr(causal, "get_decoder") else None
         self.head = causal.get_output_embeddings() if self.decoder is not None else None
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """Packed rows (batching.collate_packed) come with position_ids and no attention_mask; use_cache=False
+        is what keeps their examples apart."""
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
         if self.decoder is None:  # models that post-process logits: full forward
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+            logits = self.model(**inputs).logits[:, :-1]
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.decoder(**inputs).last_hidden_state
         logits = self.head(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
@@ -74,6 +80,31 @@ def autocast_for(device: str, dtype: torch.dtype, setting: str):
     if device.startswith("cuda") and (setting == "on" or torch.cuda.is_bf16_supported()):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def keep_base_in_bf16(model) -> None:
+    """Frozen base weights stored in bf16 (half the memory, and autocast no longer re-casts every fp32 weight on
+    every pass); LoRA weights stay fp32. Under autocast, peft is told not to up-cast each LoRA input to fp32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
+
+
+def adapter_digest(model) -> str:
+    """sha256 of the trainable weights, in name order: equal on every rank of a healthy data-parallel run."""
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def passes_for(rows: list[dict], pad_id: int, cfg: Config) -> list[dict]:
+    return forward_batches(rows, pad_id, cfg.batch_tokens or cfg.batch_size * cfg.max_length, cfg.packing,
+                           cfg.max_length)
 
 
 # ----------------------------------------------------------------------------------------------- guards
@@ -140,6 +171,8 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
             raise AdvisorError(f"{run_dir} already holds a run; pick another run_name or --resume {run_dir}")
         manifest = {}
     device = pick_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     accelerator = Accelerator(cpu=device == "cpu")
     device = str(accelerator.device) if device != "mps" else device
     main = accelerator.is_main_process
@@ -173,6 +206,11 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # LoRA weights train in fp32 even over a bf16 base
+    autocast = autocast_for(device, dtype, cfg.autocast_bf16)
+    base_bf16 = dtype == torch.float32 and (cfg.base_bf16 == "on" or (
+        cfg.base_bf16 == "auto" and autocast is not contextlib.nullcontext))
+    if base_bf16:
+        keep_base_in_bf16(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
@@ -185,8 +223,10 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    loss_module = accelerator.prepare(LabelLoss(model))
-    autocast = autocast_for(device, dtype, cfg.autocast_bf16)
+    label_loss = LabelLoss(model)
+    if cfg.compile:
+        (label_loss.decoder or label_loss.model).compile(dynamic=True)
+    loss_module = accelerator.prepare(label_loss)
 
     # --- manifest (status running) and resume
     step, tokens_seen, last_ckpt = 0, 0, None
@@ -206,7 +246,9 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
                  "trainable_params": n_trainable},
         "data": data_info, "versions": package_versions(),
         "device": device, "dtype": str(dtype).replace("torch.", ""), "world_size": world,
-        "autocast_bf16": autocast is not contextlib.nullcontext,
+        "autocast_bf16": autocast is not contextlib.nullcontext, "base_bf16": base_bf16,
+        "forward_passes": {"packing": cfg.packing, "max_tokens": cfg.batch_tokens or cfg.batch_size * cfg.max_length,
+                           "compile": cfg.compile, "threads": torch.get_num_threads()},
         "schedule": {"total_steps": total_steps, "micro_batches_per_epoch": micro_per_epoch,
                      "effective_batch": cfg.batch_size * cfg.grad_accum * world},
     })
@@ -227,8 +269,8 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
             return None
         total, count = 0.0, 0
         with torch.no_grad(), autocast():
-            for b in range(0, len(val_rows), cfg.batch_size):
-                batch = {k: v.to(device) for k, v in collate(val_rows[b : b + cfg.batch_size], tokenizer.pad_token_id).items()}
+            for batch in passes_for(val_rows, tokenizer.pad_token_id, cfg):
+                batch = {k: v.to(device) for k, v in batch.items()}
                 total += loss_module(**batch).item()
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return total / max(count, 1)
@@ -238,8 +280,9 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         if not chosen:
             return
         prompts = [conversation(ex)[:-1] for ex in chosen]
-        replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens,
-                           batch_size=cfg.eval_batch_size)
+        with autocast():
+            replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens,
+                               batch_size=cfg.eval_batch_size)
         rows = [{"step": at_step, "question": p[-1]["content"], "reference": ex["messages"][-1]["content"],
                  "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"]}
                 for p, ex, r in zip(prompts, chosen, replies)]
@@ -269,9 +312,10 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     last_val = None
     try:
         while step < total_steps:
-            group = [next(stream) for _ in range(cfg.grad_accum)]
-            batches = [collate([train_rows[i] for i in b], tokenizer.pad_token_id) for _, b in group]
+            group = [train_rows[i] for _ in range(cfg.grad_accum) for i in next(stream)[1]]
+            batches = passes_for(group, tokenizer.pad_token_id, cfg)
             n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            n_tokens = sum(len(r["input_ids"]) for r in group)
             loss_sum = 0.0
             for j, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -282,7 +326,6 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
                     check_finite(part.item(), "loss", step + 1, last_ckpt, cfg)
                     accelerator.backward(part / max(n_labels, 1))
                 loss_sum += part.item()
-                window_tokens += int(batch["attention_mask"].sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
             check_finite(grad_norm, "gradient norm", step + 1, last_ckpt, cfg)
             loss = loss_sum / max(n_labels, 1)
@@ -291,7 +334,8 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens_seen += n_tokens
+            window_tokens += n_tokens
             now_epoch = (step * cfg.grad_accum) // micro_per_epoch
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
@@ -333,6 +377,15 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         bar.close()
 
     # --- final adapter and manifest
+    if world > 1:  # data parallel: every rank must end with the same adapter
+        from accelerate.utils import gather_object
+
+        digests = gather_object([adapter_digest(model)])
+        manifest["ranks"] = {"world_size": world, "adapter_sha256": digests}
+        if len(set(digests)) > 1:
+            exc = TrainingError(f"the {world} ranks ended with different adapter weights: {digests}")
+            fail(exc)
+            raise exc
     if main:
         final = run_dir / "adapter"
         stage = staging_dir(final)
