@@ -1,0 +1,107 @@
+"""`collegeadvisor serve`: an OpenAI-compatible HTTP server and web chat page for a trained run."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from collegeadvisor.errors import AdvisorError
+
+API_KEY_ENV = "COLLEGEADVISOR_API_KEY"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one clear line when the port is taken (uvicorn then serves on it)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise AdvisorError(f"--host {host}: cannot resolve this address ({exc.strerror})") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AdvisorError(f"port {port} on {host} is already in use; stop what runs there or pass --port") from exc
+        raise AdvisorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
+@contextmanager
+def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a background thread (port 0: a free one); yields the base URL."""
+    import uvicorn
+
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise AdvisorError(f"the server on {host}:{sock.getsockname()[1]} did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from collegeadvisor import kb
+    from collegeadvisor.runs import find_run, load_run
+    from collegeadvisor.serve.app import create_app
+
+    sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        run = find_run(args.run, args.output_dir)
+        retriever = kb.retriever(args.k, args.kb_path, args.kb_url) if args.rag else None
+        model, tok, manifest = load_run(run, device=args.device)
+        app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
+                         default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
+                         batch_size=args.batch_size)
+        if not api_key and not _is_loopback(args.host):
+            print(f"warning: serving on {args.host} without an API key (set --api-key or {API_KEY_ENV})",
+                  file=sys.stderr)
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving run {run} at http://{where}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def register(sub) -> None:
+    """Add the `serve` subcommand to the CLI's subparsers."""
+    from collegeadvisor.cli import _run_options
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a trained run")
+    _run_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--batch-size", type=int, default=8, help="non-streaming requests generated together")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,404 @@
+"""The FastAPI app: OpenAI-compatible chat completions (batched, or streamed as server-sent events), the model
+list, a health check and the web chat page.
+
+All model work runs on one worker thread, in arrival order, so the event loop never blocks and the model never
+runs twice at once. Non-streaming requests that arrive within `batch_wait_ms` of each other and share sampling
+settings go through one batched `generate` call. Prompts render through chat_format only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
+from collegeadvisor.errors import TemplateError
+from collegeadvisor.generate import _gen_kwargs, generate
+
+Retriever = Callable[[str], Sequence[dict]]
+SNIPPET_CHARS = 240
+UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")
+
+
+# ------------------------------------------------------------------------------------------ request schema
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat completion request this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+# ------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = []
+    for part in first.get("loc", ())[1:]:  # after "body"
+        if UNION_TAG.search(str(part)):  # pydantic names the union member it tried: content.str
+            break
+        loc.append(str(part))
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+# ------------------------------------------------------------------------------------------ generation
+class _Cancel(StoppingCriteria):
+    """Ends generation when the client went away or a stop string appeared."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _PieceStreamer(BaseStreamer):
+    """Receives token ids from `model.generate` and emits decoded text as it becomes printable."""
+
+    def __init__(self, tokenizer, stops: Sequence[int], emit: Callable[[str], None]):
+        self.tokenizer, self.stops, self.emit = tokenizer, set(stops), emit
+        self.ids: list[int] = []
+        self.stopped = self._prompt_seen = False
+        self._printed = 0
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            if self.stopped:
+                return
+            if t in self.stops:
+                self.stopped = True
+                return
+            self.ids.append(t)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.emit(text[self._printed:])
+            self._printed = len(text)
+
+    def end(self):
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self._printed:
+            self.emit(text[self._printed:])
+            self._printed = len(text)
+
+
+def _stream_ids(model, tokenizer, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                cancel: threading.Event, emit: Callable[[str], None]) -> dict:
+    """Generate one reply on the calling thread, emitting text pieces; returns {'stopped', 'n_tokens'}."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    streamer = _PieceStreamer(tokenizer, stop_token_ids(tokenizer), emit)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                       stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+                       **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+    return {"stopped": streamer.stopped, "n_tokens": len(streamer.ids)}
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [text.index(s) for s in stops if s in text]
+    return min(found) if found else None
+
+
+# ------------------------------------------------------------------------------------------ the app
+def source_of(hit: dict) -> dict[str, Any]:
+    """What a response says about one retrieved passage."""
+    meta = hit.get("metadata") or {}
+    doc = " ".join(str(hit.get("document", "")).split())
+    return {
+        "id": str(hit.get("id", "")),
+        "school": meta.get("school") or meta.get("source"),
+        "program": meta.get("program"),
+        "credential": meta.get("credential"),
+        "snippet": doc if len(doc) <= SNIPPET_CHARS else doc[: SNIPPET_CHARS - 1].rstrip() + "…",
+    }
+
+
+def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = None, api_key: str | None = None, *,
+               model_name: str | None = None, default_max_tokens: int = 256, max_tokens_limit: int = 1024,
+               max_prompt_tokens: int | None = None, batch_size: int = 8, batch_wait_ms: float = 10.0) -> FastAPI:
+    """The OpenAI-compatible app for one loaded run.
+
+    `retriever(question)` returns hits {'id', 'document', 'metadata'}; with one, every answer is grounded on
+    the hits for the last user message and lists them as `sources`. A prompt longer than `max_prompt_tokens`,
+    or one that with max_tokens overflows the model's context, is refused with code context_length_exceeded.
+    """
+    name = model_name or Path(manifest.get("run_dir") or "collegeadvisor").name
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    max_prompt = max_prompt_tokens if max_prompt_tokens is not None else context - 1
+    default_max_tokens = min(default_max_tokens, max_tokens_limit)
+    created = int(time.time())
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["worker"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collegeadvisor-model")
+        state["queue"] = asyncio.Queue()
+        batcher = asyncio.create_task(_batcher())
+        try:
+            yield
+        finally:
+            batcher.cancel()
+            state["worker"].shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="collegeadvisor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.served = {"model": model, "tokenizer": tokenizer, "manifest": manifest, "name": name}
+    _install_error_handlers(app)
+
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def _batcher() -> None:
+        queue: asyncio.Queue = state["queue"]
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + batch_wait_ms / 1000
+            while len(batch) < batch_size:
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0)))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple, list] = {}
+            for job in batch:
+                groups.setdefault(job["key"], []).append(job)
+            for (max_tokens, temperature, top_p, stops), jobs in groups.items():
+                jobs = [j for j in jobs if not j["future"].done()]  # the client went away
+                if not jobs:
+                    continue
+                run = partial(generate, model, tokenizer, [j["conversation"] for j in jobs], max_tokens,
+                              temperature, top_p, len(jobs), stops)
+                try:
+                    results = await loop.run_in_executor(state["worker"], run)
+                except Exception as exc:  # surfaced to each waiting request
+                    results = [exc] * len(jobs)
+                for job, result in zip(jobs, results):
+                    if job["future"].done():
+                        continue
+                    if isinstance(result, Exception):
+                        job["future"].set_exception(result)
+                    else:
+                        job["future"].set_result(result)
+
+    async def _prepare(req: ChatRequest) -> tuple[list[dict], list[int], list[dict], int, float]:
+        messages = [m.plain() for m in req.messages]
+        max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}",
+                           param="max_tokens")
+        if messages[-1]["role"] == "assistant":
+            raise APIError(400, "the last message must come from the user, not the assistant", param="messages")
+        hits: list[dict] = []
+        if retriever is not None:
+            question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
+        conversation = with_context(messages, [h["document"] for h in hits])
+        try:
+            prompt = encode_prompt(tokenizer, conversation)
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        if len(prompt) > max_prompt:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this server accepts at most {max_prompt}",
+                           param="messages", code="context_length_exceeded")
+        if len(prompt) + max_tokens > context:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the "
+                                f"model's context of {context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        temperature = float(req.temperature or 0.0)
+        return conversation, prompt, [source_of(h) for h in hits], max_tokens, temperature
+
+    def _envelope(kind: str, cid: str) -> dict:
+        return {"id": cid, "object": kind, "created": int(time.time()), "model": name}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "rag": retriever is not None}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "collegeadvisor"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return resources.files("collegeadvisor.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(req: ChatRequest):
+        conversation, prompt, sources, max_tokens, temperature = await _prepare(req)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        extra = {"sources": sources} if retriever is not None else {}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(cid, prompt, max_tokens, temperature, req.top_p, req.stop, extra, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        future = asyncio.get_running_loop().create_future()
+        await state["queue"].put({"key": (max_tokens, temperature, req.top_p, tuple(req.stop)),
+                                  "conversation": conversation, "future": future})
+        result = await future
+        return {
+            **_envelope("chat.completion", cid),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "logprobs": None, "finish_reason": "stop" if result["stopped"] else "length"}],
+            "usage": _usage(len(prompt), result["n_tokens"]),
+            **extra,
+        }
+
+    async def _sse(cid, prompt, max_tokens, temperature, top_p, stops, extra, include_usage):
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+
+        def work() -> None:
+            try:
+                info = _stream_ids(model, tokenizer, prompt, max_tokens, temperature, top_p, cancel, emit)
+                loop.call_soon_threadsafe(pieces.put_nowait, ("end", info))
+            except Exception as exc:  # reported in the stream
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+
+        def chunk(delta: dict, finish: str | None = None, **more) -> str:
+            body = {**_envelope("chat.completion.chunk", cid),
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
+        text, sent, cut = "", 0, None
+        loop.run_in_executor(state["worker"], work)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await pieces.get()
+                if kind == "error":
+                    yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
+                    return
+                if kind == "piece":
+                    # the same text as the batched path: stripped, cut at the first stop string
+                    text = (text + value) if sent else (text + value).lstrip()
+                    cut = _cut_at_stop(text, stops)
+                    if cut is not None:
+                        cancel.set()
+                    shown = text[:cut] if cut is not None else text[: max(len(text) - hold, 0)]
+                    upto = len(shown.rstrip())  # trailing spaces wait: the reply may end there
+                    if upto > sent:
+                        yield chunk({"content": text[sent:upto]})
+                        sent = upto
+                    continue
+                final = (text[:cut] if cut is not None else text).rstrip()
+                if len(final) > sent:
+                    yield chunk({"content": final[sent:]})
+                yield chunk({}, "stop" if value["stopped"] or cut is not None else "length", **extra)
+                if include_usage:
+                    body = {**_envelope("chat.completion.chunk", cid), "choices": [],
+                            "usage": _usage(len(prompt), value["n_tokens"])}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            cancel.set()  # the client went away: free the model at the next token
+
+    return app
