@@ -54,20 +54,13 @@ def cmd_train(args) -> int:
     if args.resume:
         train(cfg, resume=args.resume)
         return 0
-    _preflight(cfg, args)
+    from collegeadvisor.check import preflight
+
+    # check.preflight(cfg, force=False): run_checks(cfg) + print_findings; raises AdvisorError on errors unless
+    # force (the quickstart calls it too)
+    preflight(cfg, force=args.force)
     train(cfg)
     return 0
-
-
-def _preflight(cfg, args) -> None:
-    try:
-        from collegeadvisor.check import run_checks, print_findings
-    except ImportError:  # the preflight module is optional while it is being built
-        return
-    findings = run_checks(cfg)
-    print_findings(findings)
-    if any(f.level == "error" for f in findings) and not args.force:
-        raise AdvisorError("the preflight found errors (above); fix them or pass --force")
 
 
 def cmd_data_scorecard(args) -> int:
@@ -122,9 +115,11 @@ def cmd_chat(args) -> int:
 
 
 def _retriever(args):
-    from collegeadvisor.kb import passages_for
+    """question -> passage texts from the knowledge base (opened once; an empty store is a clear error)."""
+    from collegeadvisor.kb import retriever
 
-    return lambda question: passages_for(question, k=args.k, path=args.kb_path, url=args.kb_url)
+    hits_for = retriever(k=args.k, path=args.kb_path, url=args.kb_url)
+    return lambda question: [h["document"] for h in hits_for(question)]
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -133,7 +128,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--rag", action="store_true", help="answer from passages retrieved from the knowledge base")
-    p.add_argument("--k", type=int, default=5, help="passages retrieved per question")
+    p.add_argument("--k", type=int, default=3, help="passages retrieved per question [default: 3, as in training]")
     p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
     p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")
 
@@ -178,7 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_chat)
+
+    # stages that add their own subcommands (each module owns its options)
+    import importlib
+
+    import importlib.util  # TEMPORARY-DEV
+    for module in PLUGINS:
+        if importlib.util.find_spec(module) is None: continue  # TEMPORARY-DEV
+        importlib.import_module(module).register(sub)
+    if importlib.util.find_spec("collegeadvisor.data.preview"):  # TEMPORARY-DEV
+        importlib.import_module("collegeadvisor.data.preview").register(data)
     return parser
+
+
+PLUGINS = ("collegeadvisor.check", "collegeadvisor.kb.cli", "collegeadvisor.serve", "collegeadvisor.export")
 
 
 def main(argv: list[str] | None = None) -> int:

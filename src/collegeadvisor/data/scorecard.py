@@ -112,7 +112,7 @@ NO_DATA_MIX = {"earnings": 0.40, "debt": 0.25, "premium": 0.20, "debt_to_earning
 COMPARE_MIX = {"schools": 0.5, "programs": 0.5}
 PREMIUM_MIX = {"passes": 2 / 3, "fails": 1 / 3}  # ~9% of rows fail; oversampled so "No" is learned and measured
 NOT_COVERED_SHARE = 0.15  # of retrieval-grounded training examples: the true row is left out of the context
-DISTRACTORS = (2, 4)  # passages besides the true row(s), inclusive
+DISTRACTORS = (1, 2)  # passages besides the true row(s), inclusive: 2-3 passages fit max_length 512 with room
 NEEDED = [  # by the builder and row_document
     "unitid", "inst_name", "state", "control", "cip_code", "cip_desc", "credential_level", "credential_desc",
     "completers_count", "earnings", "earnings_horizon", "earnings_threshold_state", "earnings_premium_state",

@@ -103,13 +103,15 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
         systems.insert(0, ("base", False, None))
     if retriever is not None:
         systems.append(("tuned+rag", True, retriever))
-    results, samples = {}, {}
+    results, samples, ppl_of = {}, {}, {}  # perplexity depends on the weights only: once per adapter state
     for name, adapter_on, retr in systems:
         log(f"eval: {name} on {len(questions)} questions from {questions_path}")
         ctx = model.disable_adapter() if not adapter_on else contextlib.nullcontext()
         with ctx:
             replies, timing = answer(model, tokenizer, questions, max_new_tokens, batch_size, retr)
-            ppl = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None
+            if adapter_on not in ppl_of:
+                ppl_of[adapter_on] = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None
+            ppl = ppl_of[adapter_on]
         scores = [score_reply(q, r["text"], r["stopped"], r["n_tokens"]) for q, r in zip(questions, replies)]
         results[name] = aggregate(scores, {"perplexity": ppl, **timing})
         samples[name] = [{"question": q["question"], "reference": q["answer"], "kind": q["kind"], "reply": r["text"],
