@@ -1,0 +1,171 @@
+"""Serving benchmark: requests/s and p50/p95 latency at 1, 4 and 16 concurrent clients against a real uvicorn
+server on loopback, for batched (non-streaming) and streaming requests. Bounded: a fixed number of requests per
+level, then it stops. Prints a table and writes the `## Serving` section of BENCHMARKS.md.
+
+    python bench/serve_bench.py --run latest --requests 16 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from collegeadvisor.fsutil import atomic_write_text
+from collegeadvisor.runs import find_run, load_run
+from collegeadvisor.serve import serving
+from collegeadvisor.serve.app import create_app
+
+QUESTIONS = [
+    "What do graduates of the Bachelor's Degree in Registered Nursing at Ohio State University earn?",
+    "Is an Associate's Degree in Business Administration at Miami Dade College worth it?",
+    "What is the median debt for a Master's Degree in Social Work at the University of Michigan?",
+    "Does a certificate in Cosmetology pay more than a high-school diploma in Texas?",
+]
+SECTION = "## Serving"
+WARMUP = 6  # requests before measuring
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool) -> dict:
+    body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": max_tokens,
+            "stream": stream}
+    t0 = time.perf_counter()
+    if not stream:
+        r = http.post("/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return {"latency": time.perf_counter() - t0, "tokens": r.json()["usage"]["completion_tokens"], "ttft": None}
+    first, tokens = None, 0
+    body["stream_options"] = {"include_usage": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - t0, "tokens": tokens, "ttft": first}
+
+
+def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool) -> dict:
+    """`clients` threads share `n_requests` requests; each thread sends its next one when the last returns."""
+    results: list[dict] = []
+    errors: list[str] = []
+    counter = iter(range(n_requests))
+    lock = threading.Lock()
+
+    def client():
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                try:
+                    results.append(one_request(http, i, max_tokens, stream))
+                except httpx.HTTPError as exc:
+                    errors.append(str(exc))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    return {"mode": "stream" if stream else "batched", "clients": clients, "requests": len(results),
+            "errors": len(errors), "req_s": len(results) / wall, "tok_s": sum(r["tokens"] for r in results) / wall,
+            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * percentile(lat, 0.95),
+            "ttft_p50_ms": 1000 * statistics.median(ttft) if ttft else None}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | clients | requests | req/s | completion tok/s | p50 latency ms | p95 latency ms "
+             "| p50 first token ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ttft = f"{r['ttft_p50_ms']:.0f}" if r["ttft_p50_ms"] is not None else "-"
+        lines.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
+                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {ttft} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) only the `## Serving` section; other sections belong to other benchmarks."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    atomic_write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="latest")
+    p.add_argument("--output-dir", default="runs")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--modes", default="batched,stream")
+    p.add_argument("--out", default="BENCHMARKS.md", help="file whose '## Serving' section is rewritten ('' to skip)")
+    args = p.parse_args(argv)
+
+    run = find_run(args.run, args.output_dir)
+    model, tok, manifest = load_run(run, device="cpu")
+    app = create_app(model, tok, manifest, batch_size=args.batch_size)
+    rows = []
+    with serving(app) as url:
+        with httpx.Client(base_url=url, timeout=600) as http:  # warm-up: the first generate calls run slow
+            for i in range(WARMUP):
+                one_request(http, i, args.max_tokens, stream=i % 2 == 1)
+        for mode in args.modes.split(","):
+            for clients in (int(c) for c in args.levels.split(",")):
+                rows.append(level(url, clients, args.requests, args.max_tokens, mode == "stream"))
+                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.out:
+        import torch
+
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        body = (
+            f"`python bench/serve_bench.py --run {args.run} --requests {args.requests} --levels {args.levels} "
+            f"--max-tokens {args.max_tokens}` ({when}). Run `{run.name}` on base model "
+            f"`{manifest['base_model']['spec']}`, served by `collegeadvisor serve`'s app (uvicorn, loopback, CPU, "
+            f"fp32, greedy, batch size {args.batch_size}); {platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads. After {WARMUP} warm-up requests, "
+            f"each level sends {args.requests} requests from the given number of concurrent clients, each client "
+            "sending its next request when the last one returns. `batched`: non-streaming requests, grouped by "
+            "the server into one `generate` call; `stream`: server-sent events, generated one at a time on the model worker.\n\n"
+            f"{table(rows)}\n\n"
+            "The machine is shared with other developers' jobs, so the numbers are noisy; compare levels within "
+            "one run, not across runs."
+        )
+        write_section(Path(args.out), body)
+        print(f"wrote the '{SECTION}' section of {args.out}", file=sys.stderr)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
