@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 
 from collegeadvisor.data.scorecard import load_table, program_name
@@ -151,6 +152,17 @@ def test_embeddings_are_unit_length_and_semantic():
     assert v.shape == (3, 384)
     assert abs(float((v[0] ** 2).sum()) - 1.0) < 1e-3
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_query_embedding_on_one_thread_gives_the_same_vector_and_restores_threads():
+    import torch
+
+    texts = ["What do nurses earn at Ohio State University?"]
+    before = torch.get_num_threads()
+    one = embed(texts)  # a query: one thread
+    assert torch.get_num_threads() == before
+    batch = embed(texts + [f"filler question {i}" for i in range(12)])  # a batch: all threads
+    assert np.allclose(one[0], batch[0], atol=2e-2)
 
 
 def test_missing_packages_give_the_install_hint(monkeypatch, tmp_path):

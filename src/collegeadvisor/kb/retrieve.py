@@ -7,11 +7,14 @@ so a wrong or partial parse costs precision, never the answer.
 from __future__ import annotations
 
 import re
+import time
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from collegeadvisor.kb.embed import embed
-from collegeadvisor.kb.store import DOCUMENT_KIND, open_store
+from collegeadvisor.kb.store import DOCUMENT_KIND, HAS_DOCUMENTS, open_store
 
 # Spelling variants folded together before names and questions are compared.
 TOKEN_EQUIV = {"saint": "st", "mount": "mt", "fort": "ft", "&": "and"}
@@ -57,6 +60,9 @@ RELAXATIONS = [
     ("program", "credential_level", "state"), ("program", "credential_level"), ("credential_level", "state"), (),
 ]
 
+GET_LIMIT = 512  # candidate sets up to this size are fetched by id and ranked here
+OVERFETCH = 256  # nearest neighbours fetched unfiltered: passages, and candidates from broad filters
+DOCUMENTS_TTL = 30.0  # seconds between checks for newly ingested passages
 # "School-Campus" names: a question naming only the school means its main campus, or else all campuses.
 MAIN_CAMPUS = {"main campus", "main"}
 SCHOOL_WORDS = {"university", "college", "institute", "school", "academy", "seminary", "conservatory"}
@@ -159,23 +165,63 @@ def parse_question(question: str) -> dict[str, list[str]]:
     return {field: sorted(values) for field, values in parsed.items()}
 
 
-def _relaxations(parsed: dict[str, list[str]]) -> list[dict | None]:
-    """Where-filters from most to least specific, ending with None (pure vector search)."""
-    wheres: list[dict | None] = []
+@lru_cache(maxsize=1)
+def _row_index() -> dict[str, dict[str, frozenset[str]]]:
+    """field -> value -> row ids, from the Scorecard table: filtering in memory takes microseconds, where
+    Chroma's metadata filters scan every row (100-250 ms a query on the whole table)."""
+    from collegeadvisor.data.scorecard import load_table, row_metadata
+
+    index: dict[str, dict[str, set[str]]] = {field: {} for field in FIELDS}
+    for row in load_table().to_dict("records"):
+        meta = row_metadata(row)
+        for field in FIELDS:
+            index[field].setdefault(meta[field], set()).add(meta["row_id"])
+    return {field: {v: frozenset(ids) for v, ids in values.items()} for field, values in index.items()}
+
+
+def _candidates(parsed: dict[str, list[str]]):
+    """Row-id sets from most to least specific (RELAXATIONS), ending with None (pure vector search); lazily,
+    since most questions stop at the first, and intersecting from the smallest set keeps each one cheap."""
+    index, tried = _row_index(), []
     for fields in RELAXATIONS:
-        clauses = [{f: {"$in": parsed[f]}} for f in fields if parsed[f]]
-        where = None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
-        if where not in wheres:
-            wheres.append(where)
-    return wheres
+        named = [f for f in fields if parsed[f]]
+        if not named:
+            ids = None
+        else:
+            per_field = sorted(([index[f].get(v, frozenset()) for v in parsed[f]] for f in named),
+                               key=lambda sets: sum(map(len, sets)))
+            ids = frozenset(i for first in per_field[0] for i in first
+                            if all(any(i in s for s in sets) for sets in per_field[1:]))
+        if ids not in tried and (ids is None or ids):
+            tried.append(ids)
+            yield ids
+    if None not in tried:
+        yield None
 
 
-def _hits(result: dict) -> list[dict]:
-    return [
-        {"id": i, "document": d, "metadata": m, "distance": dist}
-        for i, d, m, dist in zip(result["ids"][0], result["documents"][0], result["metadatas"][0],
-                                 result["distances"][0])
-    ]
+def _hits(ids, documents, metadatas, distances) -> list[dict]:
+    return [{"id": i, "document": d, "metadata": m, "distance": float(dist)}
+            for i, d, m, dist in zip(ids, documents, metadatas, distances)]
+
+
+def _rank(collection, ids: frozenset[str], query: np.ndarray, n: int) -> list[dict]:
+    """The n rows of `ids` nearest the query: fetched by id (fast in Chroma), ranked here by cosine distance."""
+    got = collection.get(ids=sorted(ids), include=["documents", "metadatas", "embeddings"])
+    if not got["ids"]:
+        return []
+    vectors = np.asarray(got["embeddings"], dtype=np.float32)
+    distance = 1.0 - vectors @ query / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+    order = np.argsort(distance, kind="stable")[:n]
+    return _hits(*([got[key][i] for i in order] for key in ("ids", "documents", "metadatas")), distance[order])
+
+
+def _has_documents(collection) -> bool:
+    """Whether the store holds ingested passages, re-checked at most every DOCUMENTS_TTL seconds."""
+    checked, has = HAS_DOCUMENTS.get(id(collection), (float("-inf"), False))
+    if time.monotonic() - checked > DOCUMENTS_TTL:
+        has = bool(collection.get(where={"kind": DOCUMENT_KIND}, limit=1, include=[])["ids"])
+        HAS_DOCUMENTS[id(collection)] = (time.monotonic(), has)
+    return has
 
 
 def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = None,
@@ -183,27 +229,49 @@ def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = N
     """Top-k Scorecard rows (and passages of ingested documents) for a question, best first.
 
     Each hit is {"id", "document", "metadata", "distance"}. Rows matching the school, program, credential
-    and state named in the question come first; passages of ingested documents closer than the farthest
-    row take up to half of the places, each placed before the first row it is closer than.
+    and state named in the question come first (filters relaxed step by step, RELAXATIONS, applied here in
+    memory: Chroma's metadata filters scan every row, 100-250 ms a query on the whole table); passages of
+    ingested documents among the nearest neighbours that are closer than the farthest row take up to half of
+    the places, each placed before the first row it is closer than.
     """
     collection = collection if collection is not None else open_store(path=path, url=url)
-    query = embed([question])[0].tolist()
-    include = ["documents", "metadatas", "distances"]
+    query = embed([question])[0]
+    near_cache: list[list[dict]] = []
+
+    def near() -> list[dict]:  # nearest neighbours of the whole store, without filters, fetched once
+        if not near_cache:
+            r = collection.query(query_embeddings=[query.tolist()], n_results=max(OVERFETCH, k),
+                                 include=["metadatas", "distances"])
+            near_cache.append(_hits(r["ids"][0], [None] * len(r["ids"][0]), r["metadatas"][0], r["distances"][0]))
+        return near_cache[0]
+
     hits: list[dict] = []
-    for where in _relaxations(parse_question(question)):
+    for ids in _candidates(parse_question(question)):
         if len(hits) >= k:
             break
         seen = {h["id"] for h in hits}
-        result = collection.query(query_embeddings=[query], n_results=k, where=where, include=include)
-        hits += [h for h in _hits(result) if h["id"] not in seen][: k - len(hits)]
-    result = collection.query(query_embeddings=[query], n_results=k, where={"kind": DOCUMENT_KIND}, include=include)
-    worst = max((h["distance"] for h in hits), default=float("inf"))
-    passages = [h for h in _hits(result) if h["distance"] < worst and h["id"] not in {x["id"] for x in hits}]
-    passages = passages[: k // 2] if hits else passages
+        if ids is None:
+            found = [h for h in near() if h["metadata"].get("kind") != DOCUMENT_KIND]
+        elif len(ids) <= GET_LIMIT:
+            found = _rank(collection, ids - seen, query, k - len(hits))
+        else:  # a broad filter (a credential level, a common program): the nearest neighbours that pass it
+            found = [h for h in near() if h["id"] in ids]
+        hits += [h for h in found if h["id"] not in seen][: k - len(hits)]
+    passages = []
+    if _has_documents(collection):
+        worst = max((h["distance"] for h in hits), default=float("inf"))
+        passages = [h for h in near() if h["metadata"].get("kind") == DOCUMENT_KIND and h["distance"] < worst]
+        passages = passages[: k // 2] if hits else passages[:k]
     hits = hits[: k - len(passages)]
     for passage in passages:  # before the first row it is closer than
         at = next((i for i, h in enumerate(hits) if h["distance"] > passage["distance"]), len(hits))
         hits.insert(at, passage)
+    missing = [h["id"] for h in hits if h["document"] is None]
+    if missing:
+        got = collection.get(ids=missing, include=["documents"])
+        documents = dict(zip(got["ids"], got["documents"]))
+        for h in hits:
+            h["document"] = documents.get(h["id"], h["document"]) if h["document"] is None else h["document"]
     return hits
 
 

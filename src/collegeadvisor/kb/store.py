@@ -21,6 +21,7 @@ from collegeadvisor.kb.embed import MODEL_NAME, embed
 DEFAULT_PATH = "kb_store"
 DEFAULT_COLLECTION = "scorecard"
 DOCUMENT_KIND = "document"  # metadata "kind" of ingested passages; Scorecard rows carry none
+HAS_DOCUMENTS: dict[int, tuple[float, bool]] = {}  # retrieval's cache: id(collection) -> (checked at, has passages)
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
 
 
@@ -163,4 +164,5 @@ def ingest_documents(paths: list[Path], path: str | Path | None = None, url: str
             metadatas=[{"source": file.name, "kind": DOCUMENT_KIND, "chunk": i} for i in range(len(passages))],
         )
         total += len(passages)
+    HAS_DOCUMENTS.clear()  # retrieval in this process sees the new passages at once
     return {"files": len(texts), "passages": total, "count": store.count()}
