@@ -11,13 +11,14 @@ from pathlib import Path
 
 from collegeadvisor.check import preflight
 from collegeadvisor.config import load_config
+from collegeadvisor.data.scorecard import MAX_PASSAGES
 from collegeadvisor.eval.run import evaluate, load_questions
 from collegeadvisor.generate import generate
 from collegeadvisor.runs import load_run
 
 SAMPLE_KINDS = ("earnings", "no_data", "premium")
 RAG_FRACTION = 0.3  # share of training examples answered from retrieved passages
-RAG_K = 3  # passages retrieved per question, as in training (2-3 passages)
+RAG_K = MAX_PASSAGES  # passages retrieved per question, as many as training contexts hold
 
 
 def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_store"):

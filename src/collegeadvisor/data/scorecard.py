@@ -68,39 +68,31 @@ def row_metadata(row) -> dict[str, Any]:
 
 
 def row_document(row) -> str:
-    """Every field of one school x program x credential row, in plain sentences."""
+    """Every field of one school x program x credential row, in short plain sentences (three fit in a 512-token
+    example with the question and answer: numbers cost a token a digit in these tokenizers)."""
     school, program, cred = row["inst_name"], program_name(row), row["credential_desc"]
     state = None if _missing(row["state"]) else row["state"]
     where = ", ".join(x for x in (state, str(row["control"]).lower()) if x)
-    parts = [f"{school} ({where}): {cred} in {program} (CIP {row['cip_code']})."]
+    parts = [f"{school} ({where}): {cred} in {program}."]
     if not _missing(row["completers_count"]):
-        parts.append(f"Completers in the cohort: {int(row['completers_count'])}.")
+        parts.append(f"Completers: {int(row['completers_count'])}.")
     if _missing(row["earnings"]):
-        parts.append("Median earnings after completion: no data (suppressed for privacy or too few graduates).")
+        parts.append("Median earnings: no data (suppressed).")
     else:
         horizon = HORIZON.get(row["earnings_horizon"], "some years")
         parts.append(f"Median earnings {horizon} after completion: {money(row['earnings'])}.")
     if not _missing(row["earnings_threshold_state"]):
-        parts.append(
-            f"Typical high-school graduate earnings in {state or 'the state'}: {money(row['earnings_threshold_state'])}."
-        )
+        parts.append(f"High-school graduate earnings in {state or 'the state'}: {money(row['earnings_threshold_state'])}.")
     if _missing(row["earnings_premium_state"]):
-        parts.append("Earnings premium over a high-school graduate: no data.")
+        parts.append("Earnings premium: no data.")
     else:
         prem = row["earnings_premium_state"]
-        verdict = "passes" if prem >= 0 else "fails"
-        parts.append(
-            f"Earnings premium over a typical high-school graduate in the state: {money(prem)} "
-            f"({verdict} the earnings-premium test)."
-        )
-    if _missing(row["debt_median"]):
-        parts.append("Median debt: no data.")
-    else:
-        parts.append(f"Median debt at graduation: {money(row['debt_median'])}.")
+        parts.append(f"Earnings premium: {money(prem)} ({'passes' if prem >= 0 else 'fails'} the test).")
+    parts.append("Median debt: no data." if _missing(row["debt_median"]) else f"Median debt: {money(row['debt_median'])}.")
     if not _missing(row["debt_to_earnings_ratio"]):
-        parts.append(f"Debt-to-earnings ratio: {row['debt_to_earnings_ratio']:.2f}.")
+        parts.append(f"Debt-to-earnings: {row['debt_to_earnings_ratio']:.2f}.")
     if not _missing(row["debt_payback_years"]):
-        parts.append(f"Estimated debt payback: {row['debt_payback_years']:.1f} years.")
+        parts.append(f"Payback: {row['debt_payback_years']:.1f} years.")
     return " ".join(parts)
 
 
@@ -112,7 +104,8 @@ NO_DATA_MIX = {"earnings": 0.40, "debt": 0.25, "premium": 0.20, "debt_to_earning
 COMPARE_MIX = {"schools": 0.5, "programs": 0.5}
 PREMIUM_MIX = {"passes": 2 / 3, "fails": 1 / 3}  # ~9% of rows fail; oversampled so "No" is learned and measured
 NOT_COVERED_SHARE = 0.15  # of retrieval-grounded training examples: the true row is left out of the context
-DISTRACTORS = (1, 2)  # passages besides the true row(s), inclusive: 2-3 passages fit max_length 512 with room
+DISTRACTORS = (1, 2)  # passages besides the true row(s), inclusive
+MAX_PASSAGES = 3  # passages in a context, as retrieval gives at inference (RAG_K): they fit max_length 512
 NEEDED = [  # by the builder and row_document
     "unitid", "inst_name", "state", "control", "cip_code", "cip_desc", "credential_level", "credential_desc",
     "completers_count", "earnings", "earnings_horizon", "earnings_threshold_state", "earnings_premium_state",
@@ -496,6 +489,7 @@ def _context_rows(rng, rows: tuple[int, ...], covered: bool, keys, groups, allow
     """Rows whose documents make up a context: the asked-about rows (unless not covered) among distractors,
     other programs at the same school and the same program at other schools, shuffled."""
     k = int(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1)) + (0 if covered else len(rows))
+    k = min(k, MAX_PASSAGES - (len(rows) if covered else 0))  # a compare question: its two rows and one more
     names = keys["name"][list(rows)]
     near = []
     for key, group in zip(("school", "program"), groups):
