@@ -177,12 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     # stages that add their own subcommands (each module owns its options)
     import importlib
 
-    import importlib.util  # TEMPORARY-DEV
     for module in PLUGINS:
-        if importlib.util.find_spec(module) is None: continue  # TEMPORARY-DEV
         importlib.import_module(module).register(sub)
-    if importlib.util.find_spec("collegeadvisor.data.preview"):  # TEMPORARY-DEV
-        importlib.import_module("collegeadvisor.data.preview").register(data)
+    importlib.import_module("collegeadvisor.data.preview").register(data)
     return parser
 
 
