@@ -102,6 +102,15 @@ def adapter_digest(model) -> str:
     return h.hexdigest()
 
 
+def check_parallelism(distributed_type) -> None:
+    """Data parallel (DDP, one full copy of the base per process) is what this loop implements. Sharding engines
+    need the optimizer prepared with the model and gathered weights for saving, which it does not do yet."""
+    name = str(getattr(distributed_type, "value", distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise AdvisorError(f"accelerate config: {name} is not supported by the training recipe yet; use data "
+                           "parallel (configs/accelerate/ddp.yaml or torchrun), see docs/scaling.md")
+
+
 def passes_for(rows: list[dict], pad_id: int, cfg: Config) -> list[dict]:
     return forward_batches(rows, pad_id, cfg.batch_tokens or cfg.batch_size * cfg.max_length, cfg.packing,
                            cfg.max_length)
@@ -166,16 +175,24 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         cfg = Config(**manifest["config"])
         cfg.stop_after_steps = stop_after
     else:
-        run_dir = Path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
-        if (run_dir / "manifest.json").exists():
-            raise AdvisorError(f"{run_dir} already holds a run; pick another run_name or --resume {run_dir}")
-        manifest = {}
+        run_dir, manifest = None, {}  # named below, once every rank can agree on the name
     device = pick_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     accelerator = Accelerator(cpu=device == "cpu")
     device = str(accelerator.device) if device != "mps" else device
+    check_parallelism(accelerator.distributed_type)
     main = accelerator.is_main_process
+    if run_dir is None:
+        name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+        if accelerator.num_processes > 1:  # rank 0's name: ranks may start in different seconds
+            from accelerate.utils import broadcast_object_list
+
+            name = broadcast_object_list([name])[0]
+        run_dir = Path(cfg.output_dir) / name
+        if (run_dir / "manifest.json").exists():
+            raise AdvisorError(f"{run_dir} already holds a run; pick another run_name or --resume {run_dir}")
+        accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes this run's manifest
     say = log if main else (lambda *_: None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
