@@ -47,7 +47,7 @@ def _show(title: str, questions: list[dict], replies: list[dict]) -> None:
         print(f"Q: {q['question']}\nA: {r['text'] or '(empty)'}{end}\n   reference: {q['answer']}")
 
 
-def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 48) -> Path:
+def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 24) -> Path:
     from collegeadvisor.data.scorecard import build_scorecard_dataset
     from collegeadvisor.train import train
 
