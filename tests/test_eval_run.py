@@ -54,6 +54,23 @@ def test_batched_greedy_text_equals_one_at_a_time(trained_run):
     assert [b["text"] for b in batched] == [s["text"] for s in single]
 
 
+def test_merged_adapter_gives_the_same_text_and_base_comes_back(trained_run):
+    model, tok, _ = load_run(trained_run)
+    convs = [[{"role": "user", "content": q}] for q in ["What do graduates earn?", "Debt at Ohio State University?"]]
+    lora = generate(model, tok, convs, max_new_tokens=12)
+    with model.disable_adapter():
+        base = generate(model, tok, convs, max_new_tokens=12)
+    assert [r["ids"] for r in lora] != [r["ids"] for r in base]  # the adapter matters, so the checks below bite
+    with eval_run.adapter_state(model, True):
+        assert generate(model, tok, convs, max_new_tokens=12) == lora
+        # the merge changed the base weights; the base context must undo it
+        with eval_run.adapter_state(model, False):
+            assert generate(model, tok, convs, max_new_tokens=12) == base
+    merged_model, _, _ = load_run(trained_run, merge=True)
+    assert generate(merged_model, tok, convs, max_new_tokens=12) == lora
+    assert any(getattr(m, "merged", False) for m in merged_model.modules())
+
+
 def test_compare_writes_both_reports_with_every_metric(trained_run, tmp_path):
     report_json, report_html = eval_run.evaluate(trained_run, out_dir=tmp_path / "ev", compare=True, max_new_tokens=8)
     data = json.loads(report_json.read_text())

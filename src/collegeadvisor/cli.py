@@ -108,7 +108,7 @@ def cmd_chat(args) -> int:
     from collegeadvisor.chat import chat_loop
     from collegeadvisor.runs import find_run, load_run
 
-    model, tok, _ = load_run(find_run(args.run, args.output_dir), device=args.device)
+    model, tok, _ = load_run(find_run(args.run, args.output_dir), device=args.device, merge=True)
     chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               retriever=_retriever(args) if args.rag else None)
     return 0

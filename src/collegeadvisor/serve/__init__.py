@@ -77,7 +77,7 @@ def cmd_serve(args) -> int:
     try:
         run = find_run(args.run, args.output_dir)
         retriever = kb.retriever(args.k, args.kb_path, args.kb_url) if args.rag else None
-        model, tok, manifest = load_run(run, device=args.device)
+        model, tok, manifest = load_run(run, device=args.device, merge=True)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
                          batch_size=args.batch_size)
