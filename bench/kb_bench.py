@@ -86,7 +86,9 @@ def main() -> None:
         "How: each row's vector is the normalized sum of two embeddings, its school (with state) and its credential "
         "+ program, so the full table needs ~8k embeddings, not 221k; Chroma stores the full row text as the document. "
         "A query parses the school, program, credential and state it names into metadata filters, relaxed step by "
-        "step down to pure vector search.",
+        "step; the filters run on an in-memory index of the rows' metadata (Chroma's `where` filters scan every row, "
+        "100-250 ms a query at this size), the matching rows' vectors come from Chroma by id and are ranked by cosine, "
+        "and broad or empty filters fall back to Chroma's HNSW vector search.",
     ])
     write_section("Knowledge base", body)
     print(body)

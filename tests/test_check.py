@@ -312,7 +312,7 @@ def test_run_of_another_base_model_and_template(tmp_path, smol_tiny_model, tinyl
     same = write_run(tmp_path / "b", smol_tiny_model)
     findings = check.run_checks(cfg, run=same, measure=False)
     assert not [f for f in findings if f.check == "runs" and f.level != "info"]
-    assert "learning_rate 0.001 -> 0.0004" in only(findings, "run-settings").message
+    assert f"learning_rate 0.001 -> {cfg.learning_rate:g}" in only(findings, "run-settings").message
 
 
 @pytest.mark.parametrize("status, level", [("failed", "error"), ("paused", "warning"), ("running", "warning")])

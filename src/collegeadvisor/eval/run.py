@@ -82,7 +82,8 @@ def adapter_state(model, on: bool):
     try:
         yield
     finally:
-        model.unmerge_adapter()
+        if any(getattr(m, "merged", False) for m in model.modules()):  # a base context inside may have unmerged
+            model.unmerge_adapter()
 
 
 def answer(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
