@@ -73,6 +73,25 @@ def test_merged_loads_in_plain_transformers_and_answers_the_same(trained_run, tm
     assert model.generation_config.eos_token_id == manifest["format"]["stop_token_ids"]
 
 
+def test_verify_reads_the_export_back_and_catches_a_tampered_one(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from collegeadvisor.export import verify_export
+
+    out = export_merged(trained_run, tmp_path / "merged")
+    report = verify_export(trained_run, "merged", out, n=2, max_new_tokens=8)
+    assert report == {"kind": "merged", "prompts": 2, "identical_text": 2}
+    weights = load_file(out / "model.safetensors")  # an export whose weights are not the run's: refused
+    for k in weights:
+        weights[k] = torch.randn_like(weights[k]) if weights[k].dim() == 2 else weights[k]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="greedy text differs"):
+        verify_export(trained_run, "merged", out, n=2, max_new_tokens=8)
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ModelError, match="chat template differs"):
+        verify_export(trained_run, "merged", out, n=2, max_new_tokens=8)
+
+
 # ------------------------------------------------------------------------------------------ gguf
 def read_gguf(path):
     import gguf
@@ -269,10 +288,13 @@ def test_export_ollama_cli(smol_run, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", "--run", str(smol_run), "--to", "ollama", "--out", str(tmp_path / "ol"),
-                              "--gguf-type", "f16"])
+                              "--gguf-type", "f16", "--verify", "2"])
     assert args.func(args) == 0
     mf_path = tmp_path / "ol" / "Modelfile"
-    assert str(mf_path) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(mf_path) in printed
+    assert "Ollama TEMPLATE renders as chat_format" in printed
+    assert re.search(r"identical to base \+ adapter on [0-2]/2 prompts", printed)
     mf = parse_modelfile(mf_path.read_text())
     gguf_file = (mf_path.parent / mf["FROM"]).resolve()
     assert gguf_file.is_file() and gguf_file.name == "model-f16.gguf"

@@ -193,6 +193,69 @@ def export_ollama(run_dir: str | Path, out: str | Path, gguf_type: str = "q8_0",
     return out / "Modelfile"
 
 
+# ------------------------------------------------------------------------------------------ verify
+VERIFY_PROMPTS = [
+    [{"role": "user", "content": "What do graduates of a Bachelor's Degree in Registered Nursing earn?"}],
+    [{"role": "user", "content": "Is an Associate's Degree in Business Administration worth it compared to high school?"}],
+]
+
+
+def verify_prompts(manifest: dict, n: int) -> list[list[dict]]:
+    """Held-out questions beside the run's data (as eval uses them), else a few built-in advisor questions."""
+    from collegeadvisor.eval.run import default_questions, load_questions
+
+    try:
+        questions = load_questions(default_questions(manifest), limit=n)
+    except AdvisorError:
+        return VERIFY_PROMPTS[:n]
+    return [[{"role": "user", "content": q["question"]}] for q in questions]
+
+
+def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max_new_tokens: int = 48) -> dict:
+    """Load what `export` wrote, the way its users would, and compare it with the run (base + adapter):
+    the chat template, the prompt tokens, and greedy text on `n` held-out questions. Merged and f32 GGUF must give
+    identical text; a quantized GGUF reports how many texts stayed identical. Raises ModelError on a mismatch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from collegeadvisor.chat_format import encode_prompt
+    from collegeadvisor.generate import generate
+    from collegeadvisor.runs import load_run
+
+    ref_model, ref_tok, manifest = load_run(run_dir, device="cpu")
+    convs = verify_prompts(manifest, n)
+    out = Path(out)
+    report = {"kind": to, "prompts": len(convs)}
+    if to == "merged":
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(out)
+        exact = True
+    else:
+        info = json.loads((out / "collegeadvisor-export.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=info["file"], dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(out, gguf_file=info["file"])
+        exact = info["gguf_type"] == "f32"
+        report["gguf_type"] = info["gguf_type"]
+    if (tok.chat_template or "") != manifest["format"]["chat_template"]:
+        raise ModelError(f"{out}: the exported chat template differs from run {Path(run_dir).name}'s")
+    if any(encode_prompt(tok, c) != encode_prompt(ref_tok, c) for c in convs):
+        raise ModelError(f"{out}: the exported tokenizer encodes prompts differently from run {Path(run_dir).name}")
+    if to == "ollama":
+        pieces = template_pieces(ref_tok)
+        if f'TEMPLATE """{ollama_template(pieces)}"""' not in (out / "Modelfile").read_text():
+            raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE is not the one chat_format's template gives")
+        if any(render_pieces(pieces, c) != render_text(ref_tok, c, add_generation_prompt=True) for c in convs):
+            raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE renders a held-out prompt differently")
+        report["ollama_template_matches"] = True
+    ref = [r["text"] for r in generate(ref_model, ref_tok, convs, max_new_tokens=max_new_tokens)]
+    got = [r["text"] for r in generate(model.eval(), tok, convs, max_new_tokens=max_new_tokens)]
+    report["identical_text"] = sum(a == b for a, b in zip(ref, got))
+    if exact and report["identical_text"] != len(convs):
+        raise ModelError(f"{out}: greedy text differs from base + adapter on "
+                         f"{len(convs) - report['identical_text']} of {len(convs)} prompts")
+    return report
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_export(args) -> int:
     from collegeadvisor.runs import find_run
@@ -208,6 +271,12 @@ def cmd_export(args) -> int:
     print(f"{args.to}: {done}")
     if args.to == "ollama":
         print(f"import it with: ollama create collegeadvisor -f {done}")
+    if args.verify:
+        r = verify_export(run, args.to, out, n=args.verify)
+        extra = " (quantized: small drift is expected)" if r.get("gguf_type") in ("f16", "q8_0") else ""
+        print(f"verified: chat template and prompt tokens match the run"
+              f"{', Ollama TEMPLATE renders as chat_format' if r.get('ollama_template_matches') else ''}; "
+              f"greedy text identical to base + adapter on {r['identical_text']}/{r['prompts']} prompts{extra}")
     return 0
 
 
@@ -220,4 +289,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default: RUN/export/<to>)")
     p.add_argument("--gguf-type", default="q8_0", choices=GGUF_TYPES, help="GGUF weight type [default: q8_0]")
     p.add_argument("--device", default="cpu", help="where the merge runs [default: cpu]")
+    p.add_argument("--verify", type=int, nargs="?", const=8, default=0, metavar="N",
+                   help="load the export back and compare its template, prompt tokens and greedy text with the run "
+                        "on N held-out questions [default N: 8]")
     p.set_defaults(func=cmd_export)
