@@ -1,6 +1,6 @@
 """Advice quality on the held-out file for base, tuned and tuned+retrieval, against issue 4's goals.
 
-    python bench/advice_quality.py --run latest --output-dir out/quickstart/runs [--kb-path kb_store] [--limit N]
+    python bench/advice_quality.py --run latest [--kb-path kb_store] [--limit N]
 
 Runs `collegeadvisor eval --compare --rag` (the same `evaluate`) and writes the `## Advice quality` section of
 BENCHMARKS.md from its report.json.
@@ -36,7 +36,7 @@ def fmt(name: str, value) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="latest")
-    ap.add_argument("--output-dir", default="out/quickstart/runs")
+    ap.add_argument("--output-dir", default="runs")
     ap.add_argument("--questions", default=None)
     ap.add_argument("--kb-path", default="kb_store")
     ap.add_argument("--k", type=int, default=3)

@@ -51,7 +51,7 @@ def main() -> None:
     if args.run:
         from collegeadvisor.runs import find_run, load_run
 
-        model, tok, _ = load_run(find_run(args.run, "out/quickstart/runs"), merge=True)  # as eval generates
+        model, tok, _ = load_run(find_run(args.run, "runs"), merge=True)  # as eval generates
         label = f"run {args.run}"
     else:
         from collegeadvisor.models import load_model, load_tokenizer, resolve_base_model

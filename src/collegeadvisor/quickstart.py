@@ -53,7 +53,7 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
 
     t0 = time.time()
     out = Path(out)
-    cfg = load_config(config, {"output_dir": str(out / "runs")})
+    cfg = load_config(config, {})  # the run goes to output_dir (default runs/), where `--run latest` looks
     if not cfg.data:
         data_dir = out / "data"
         if not (data_dir / "scorecard.jsonl").is_file():
@@ -84,4 +84,7 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
     report_json, report_html = evaluate(run, heldout, compare=True, limit=eval_questions,
                                         retriever=lambda q: [h["document"] for h in hits_for(q)])
     print(f"[4/4] done in {time.time() - t0:.0f} s. Run: {run}\n      report: {report_html}\n      data: {report_json}")
+    latest = "" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}"
+    print(f"next: collegeadvisor chat --run latest{latest} | eval --run latest{latest} --compare | "
+          f"serve --run latest{latest} | export --run latest{latest} --to ollama --verify")
     return run
