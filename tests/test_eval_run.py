@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from collegeadvisor.errors import ManifestError
 from collegeadvisor.eval import run as eval_run

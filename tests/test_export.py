@@ -13,7 +13,7 @@ import torch
 from collegeadvisor.chat_format import encode_prompt, render_text
 from collegeadvisor.errors import ModelError, TemplateError
 from collegeadvisor.export import (
-    export_merged, export_ollama, merged_model, modelfile, ollama_template, register, template_pieces, write_gguf,
+    export_merged, merged_model, modelfile, ollama_template, register, template_pieces, write_gguf,
 )
 from collegeadvisor.generate import generate
 

@@ -250,6 +250,42 @@ def test_concurrent_requests_are_batched_off_the_event_loop(served, monkeypatch,
     assert [r["choices"][0]["message"]["content"] for r in results] == [reference["text"]] * 4
 
 
+def test_concurrent_streams_share_one_batch_and_each_equals_generate(served, monkeypatch):
+    """Streams of different prompts (so left padding differs) that arrive together run as one batched generate;
+    each client gets its own reply, the same text `generate` gives for its prompt alone."""
+    model, tok, _ = served
+    asks = [ASK, [{"role": "user", "content": "Is program 5 at school 5 worth it compared to high school?"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Median debt at school 2?"}]]
+    expected = [generate(model, tok, [a], max_new_tokens=24)[0] for a in asks]
+    assert len({e["text"] for e in expected}) > 1
+    sizes, real = [], serve_app._stream_batch
+
+    def counted(*args, **kwargs):
+        sizes.append(len(args[2]))
+        time.sleep(0.3)  # let the others queue up behind the first
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_app, "_stream_batch", counted)
+    app = create_app(*served, batch_wait_ms=100)
+    texts, finals = [None] * len(asks), [None] * len(asks)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def ask(i):
+            body = {"messages": asks[i], "max_tokens": 24, "stream": True}
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                events = sse_events(list(r.iter_lines()))
+            texts[i] = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+            finals[i] = events[-1]["choices"][0]["finish_reason"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert sum(sizes) == len(asks) and max(sizes) > 1, sizes
+    assert texts == [e["text"] for e in expected]
+    assert finals == ["stop" if e["stopped"] else "length" for e in expected]
+
+
 def test_taken_port_is_one_clear_error(trained_run, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -22,7 +22,6 @@ import contextlib
 import gc
 import math
 import os
-import random
 import resource
 import shutil
 import sys
@@ -140,7 +139,7 @@ def group(findings: Sequence[Finding]) -> list[Finding]:
 def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict], list[Finding]]:
     """The examples `train` would use, as train/prepare_data picks them: ({split: (file, examples)}, every loaded
     example (for text scans), findings for unreadable records)."""
-    from collegeadvisor.data.loaders import dedupe, load_examples, split
+    from collegeadvisor.data.loaders import load_examples, train_val
 
     findings: list[Finding] = []
 
@@ -160,15 +159,9 @@ def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict],
 
     examples = load(cfg.data)
     everything = [dict(e, file=cfg.data) for e in examples]
-    examples, _ = dedupe(examples)
-    if cfg.val_data:
-        val = load(cfg.val_data)
-        everything += [dict(e, file=cfg.val_data) for e in val]
-        train_ex, val_ex = examples, val
-    else:
-        train_ex, val_ex = split(examples, cfg.val_fraction, cfg.seed)
-    if cfg.max_examples and len(train_ex) > cfg.max_examples:
-        train_ex = random.Random(cfg.seed).sample(train_ex, cfg.max_examples)
+    val = load(cfg.val_data) if cfg.val_data else None
+    everything += [dict(e, file=cfg.val_data) for e in val or []]
+    train_ex, val_ex, _ = train_val(examples, val, cfg.val_fraction, cfg.seed, cfg.max_examples)
     return {"train": (cfg.data, train_ex), "val": (cfg.val_data or cfg.data, val_ex)}, everything, findings
 
 

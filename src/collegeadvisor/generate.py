@@ -40,6 +40,17 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every prompt right-aligned: new tokens follow each prompt directly."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = ()) -> list[dict]:
@@ -55,13 +66,8 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
     try:
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
+            ids, mask = left_pad([prompts[i] for i in idx], pad)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             for row, i in enumerate(idx):

@@ -194,6 +194,21 @@ def split(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[di
     return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
 
 
+def train_val(examples: list[dict], val_examples: list[dict] | None, val_fraction: float, seed: int,
+              max_examples: int | None = None) -> tuple[list[dict], list[dict], int]:
+    """The one rule for which examples train and which validate (train and check both use it): dedupe; the given
+    validation examples, else a seeded split; then at most max_examples training examples, a seeded sample.
+    Returns (train, val, duplicates dropped)."""
+    examples, n_dupes = dedupe(examples)
+    if val_examples is not None:
+        train, val = examples, list(val_examples)
+    else:
+        train, val = split(examples, val_fraction, seed)
+    if max_examples and len(train) > max_examples:
+        train = random.Random(seed).sample(train, max_examples)
+    return train, val, n_dupes
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

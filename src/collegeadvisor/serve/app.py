@@ -2,8 +2,9 @@
 list, a health check and the web chat page.
 
 All model work runs on one worker thread, in arrival order, so the event loop never blocks and the model never
-runs twice at once. Non-streaming requests that arrive within `batch_wait_ms` of each other and share sampling
-settings go through one batched `generate` call. Prompts render through chat_format only.
+runs twice at once. Requests that arrive within `batch_wait_ms` of each other and share sampling settings go
+through one batched `generate` call: non-streaming ones together, streaming ones together (each row's tokens go to
+its own client as they come). Prompts render through chat_format only.
 """
 
 from __future__ import annotations
@@ -132,58 +133,85 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # ------------------------------------------------------------------------------------------ generation
 class _Cancel(StoppingCriteria):
-    """Ends generation when the client went away or a stop string appeared."""
+    """Ends a row's generation when its client went away or a stop string appeared in it."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
 
 
-class _PieceStreamer(BaseStreamer):
-    """Receives token ids from `model.generate` and emits decoded text as it becomes printable."""
+class _PieceStreamer:
+    """One reply's token ids in, decoded text out as it becomes printable; ends at the first end-of-turn id."""
 
     def __init__(self, tokenizer, stops: Sequence[int], emit: Callable[[str], None]):
         self.tokenizer, self.stops, self.emit = tokenizer, set(stops), emit
         self.ids: list[int] = []
-        self.stopped = self._prompt_seen = False
+        self.stopped = False
         self._printed = 0
 
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first passes the prompt
-            self._prompt_seen = True
+    def add(self, token: int) -> None:
+        if self.stopped:
             return
-        for t in value.reshape(-1).tolist():
-            if self.stopped:
-                return
-            if t in self.stops:
-                self.stopped = True
-                return
-            self.ids.append(t)
+        if token in self.stops:
+            self.stopped = True
+            return
+        self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             self.emit(text[self._printed:])
             self._printed = len(text)
 
-    def end(self):
+    def end(self) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if len(text) > self._printed:
             self.emit(text[self._printed:])
             self._printed = len(text)
 
 
+class _RowsStreamer(BaseStreamer):
+    """Receives each step's tokens of a batched `model.generate` and hands every row's token to that row's
+    streamer; a row whose client went away, or whose text reached a stop string, takes no more."""
+
+    def __init__(self, rows: Sequence[_PieceStreamer], cancels: Sequence[threading.Event]):
+        self.rows, self.cancels = list(rows), list(cancels)
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first passes the prompts
+            self._prompt_seen = True
+            return
+        for row, cancel, token in zip(self.rows, self.cancels, value.reshape(-1).tolist()):
+            if not cancel.is_set():
+                row.add(token)
+
+    def end(self):
+        for row in self.rows:
+            row.end()
+
+
+def _stream_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                  top_p: float, cancels: Sequence[threading.Event], emits: Sequence[Callable[[str], None]]) -> list[dict]:
+    """Generate several replies in one left-padded batch on the calling thread, emitting each row's text pieces
+    to its own `emit` as they come; returns [{'stopped', 'n_tokens'}] per row. Greedy text equals `generate`'s."""
+    from collegeadvisor.generate import left_pad
+
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer)
+    rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=_RowsStreamer(rows, cancels),
+                       stopping_criteria=StoppingCriteriaList([_Cancel(cancels)]),
+                       **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+    return [{"stopped": r.stopped, "n_tokens": len(r.ids)} for r in rows]
+
+
 def _stream_ids(model, tokenizer, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float,
                 cancel: threading.Event, emit: Callable[[str], None]) -> dict:
-    """Generate one reply on the calling thread, emitting text pieces; returns {'stopped', 'n_tokens'}."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    streamer = _PieceStreamer(tokenizer, stop_token_ids(tokenizer), emit)
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                       stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
-                       **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
-    return {"stopped": streamer.stopped, "n_tokens": len(streamer.ids)}
+    """One reply, streamed: `_stream_batch` of one."""
+    return _stream_batch(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, [cancel], [emit])[0]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -263,7 +291,11 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
             groups: dict[tuple, list] = {}
             for job in batch:
                 groups.setdefault(job["key"], []).append(job)
-            for (max_tokens, temperature, top_p, stops), jobs in groups.items():
+            for key, jobs in groups.items():
+                if key[0] == "stream":
+                    await _run_streams(loop, key, [j for j in jobs if not j["cancel"].is_set()])
+                    continue
+                max_tokens, temperature, top_p, stops = key
                 jobs = [j for j in jobs if not j["future"].done()]  # the client went away
                 if not jobs:
                     continue
@@ -280,6 +312,20 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
                         job["future"].set_exception(result)
                     else:
                         job["future"].set_result(result)
+
+    async def _run_streams(loop, key: tuple, jobs: list[dict]) -> None:
+        """Streaming requests that arrived together: one batched generate, each row's pieces to its own client."""
+        if not jobs:
+            return
+        _, max_tokens, temperature, top_p = key
+        run = partial(_stream_batch, model, tokenizer, [j["prompt"] for j in jobs], max_tokens, temperature, top_p,
+                      [j["cancel"] for j in jobs], [j["emit"] for j in jobs])
+        try:
+            infos = await loop.run_in_executor(state["worker"], run)
+        except Exception as exc:  # reported in each stream
+            infos = [exc] * len(jobs)
+        for job, info in zip(jobs, infos):
+            job["pieces"].put_nowait(("error", info) if isinstance(info, Exception) else ("end", info))
 
     async def _prepare(req: ChatRequest) -> tuple[list[dict], list[int], list[dict], int, float]:
         messages = [m.plain() for m in req.messages]
@@ -351,15 +397,8 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
         pieces: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
-        def emit(piece: str) -> None:
+        def emit(piece: str) -> None:  # called on the model's thread
             loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-
-        def work() -> None:
-            try:
-                info = _stream_ids(model, tokenizer, prompt, max_tokens, temperature, top_p, cancel, emit)
-                loop.call_soon_threadsafe(pieces.put_nowait, ("end", info))
-            except Exception as exc:  # reported in the stream
-                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
 
         def chunk(delta: dict, finish: str | None = None, **more) -> str:
             body = {**_envelope("chat.completion.chunk", cid),
@@ -368,7 +407,8 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
 
         hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
         text, sent, cut = "", 0, None
-        loop.run_in_executor(state["worker"], work)
+        await state["queue"].put({"key": ("stream", max_tokens, temperature, top_p), "prompt": prompt,
+                                  "emit": emit, "cancel": cancel, "pieces": pieces})
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
-from collegeadvisor.data.loaders import dedupe, file_sha256, load_examples, split
+from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
 from collegeadvisor.data.prepare import conversation, encode_examples
 from collegeadvisor.errors import AdvisorError, TrainingError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_jsonl, staging_dir
@@ -138,13 +138,8 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[dict], lis
     if not cfg.data:
         raise AdvisorError("setting 'data': no training data given (--data FILE, or `collegeadvisor data scorecard`)")
     examples, _ = load_examples(cfg.data)
-    examples, n_dupes = dedupe(examples)
-    if cfg.val_data:
-        train_ex, (val_ex, _) = examples, load_examples(cfg.val_data)
-    else:
-        train_ex, val_ex = split(examples, cfg.val_fraction, cfg.seed)
-    if cfg.max_examples and len(train_ex) > cfg.max_examples:
-        train_ex = random.Random(cfg.seed).sample(train_ex, cfg.max_examples)
+    val_given = load_examples(cfg.val_data)[0] if cfg.val_data else None
+    train_ex, val_ex, n_dupes = train_val(examples, val_given, cfg.val_fraction, cfg.seed, cfg.max_examples)
     train_rows, train_stats = encode_examples(tokenizer, train_ex, cfg.max_length, cfg.truncation, cfg.data)
     val_rows, val_stats = encode_examples(tokenizer, val_ex, cfg.max_length, "truncate", cfg.val_data or cfg.data)
     if not train_rows:
@@ -384,7 +379,7 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
                     write_manifest(run_dir, manifest)
                 say(f"paused at step {step}; continue with: collegeadvisor train --resume {run_dir}")
                 return run_dir
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         fail(AdvisorError(f"interrupted at step {step}; resume from {last_ckpt}" if last_ckpt else "interrupted"))
         raise
     except BaseException as exc:
