@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--section", default="Advice quality", help="BENCHMARKS.md section to (re)write")
     args = ap.parse_args()
 
     run = find_run(args.run, args.output_dir)
@@ -69,7 +70,7 @@ def main() -> None:
         f"retrieval k={args.k} from `{args.kb_path}`, greedy. Report: `{report_html}`.",
         "", *rows,
     ])
-    write_section("Advice quality", body)
+    write_section(args.section, body)
     print(body)
 
 

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads. After {WARMUP} warm-up requests, "
             f"each level sends {args.requests} requests from the given number of concurrent clients, each client "
             "sending its next request when the last one returns. `batched`: non-streaming requests, grouped by "
-            "the server into one `generate` call; `stream`: server-sent events, generated one at a time on the model worker.\n\n"
+            "the server into one `generate` call; `stream`: server-sent events, likewise grouped into one batched `generate` call, each row's tokens sent to its own client as they come.\n\n"
             f"{table(rows)}\n\n"
             "The machine is shared with other developers' jobs, so the numbers are noisy; compare levels within "
             "one run, not across runs."
