@@ -209,3 +209,36 @@ def test_bf16_training_run_follows_fp32_and_records_it(tmp_path, tinyllama_tiny_
     assert (m32["autocast_bf16"], m32["base_bf16"]) == (False, False)
     assert (m16["autocast_bf16"], m16["base_bf16"]) == (True, True)
     assert m16["dtype"] == "float32"  # master (LoRA) weights stay fp32; only the frozen base is bf16
+
+
+def test_lora_dropout_draws_four_positions_per_random_number_with_dropouts_distribution():
+    drop = recipe.LoraDropout(0.05)
+    x = torch.randn(4, 128, 576, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    zeroed = (y == 0)
+    assert abs(zeroed.float().mean().item() - 0.05) < 0.003  # 294,912 draws: the rate is p
+    kept = ~zeroed
+    assert torch.allclose(y[kept], x[kept] / 0.95)  # survivors scaled by 1/(1-p): the expectation is x
+    assert zeroed.float().mean(dim=(0, 1)).std() < 0.02  # no position is favoured (16-bit words are uniform)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.95)  # gradient flows through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(drop(x) == 0, zeroed)  # the global generator: seeded runs and resume repeat their masks
+    assert not torch.equal(drop(x) == 0, zeroed)
+    drop.eval()
+    assert drop(x) is x and recipe.LoraDropout(0.0)(x) is x
+
+
+def test_train_and_check_put_lora_dropout_on_every_lora_layer(tinyllama_tiny_model):
+    from collegeadvisor.models import load_model
+
+    cfg = load_config(None, dict(base_model=str(tinyllama_tiny_model), lora_dropout=0.1))
+    model = recipe.lora_model(load_model(str(tinyllama_tiny_model), dtype=torch.float32), cfg)
+    drops = [m for m in model.modules() if isinstance(m, recipe.LoraDropout)]
+    layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    assert drops and len(drops) == len(layers) and all(d.p == 0.1 for d in drops)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    off = recipe.lora_model(load_model(str(tinyllama_tiny_model), dtype=torch.float32),
+                            load_config(None, dict(base_model=str(tinyllama_tiny_model), lora_dropout=0.0)))
+    assert not any(isinstance(m, recipe.LoraDropout) for m in off.modules())

@@ -710,10 +710,9 @@ def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], device: st
     micro-batch of typical length: a warm-up on a sliver, a timed forward + backward of one example, then of the
     whole micro-batch when that is predicted to take under MEASURE_BUDGET_S (a slow machine keeps the preflight short)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from collegeadvisor.models import load_model
-    from collegeadvisor.train.recipe import LabelLoss, autocast_for, keep_base_in_bf16, passes_for
+    from collegeadvisor.train.recipe import LabelLoss, autocast_for, keep_base_in_bf16, lora_model, passes_for
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -723,13 +722,7 @@ def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], device: st
     rss_before = _peak_rss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(resolved, dtype=prec["dtype"], device=device)
-        targets = "all-linear" if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+        model = lora_model(load_model(resolved, dtype=prec["dtype"], device=device), cfg)
     if prec["base_bf16"]:
         keep_base_in_bf16(model)
     model.train()
