@@ -217,7 +217,7 @@ def test_cancel_stops_generation(served):
         pieces.append(piece)
         cancel.set()
 
-    info = serve_app._stream_ids(model, tok, encode_prompt(tok, ASK), 200, 0.0, 1.0, cancel, emit)
+    info = serve_app._stream_batch(model, tok, [encode_prompt(tok, ASK)], 200, 0.0, 1.0, [cancel], [emit])[0]
     assert info["n_tokens"] <= 2 and not info["stopped"] and pieces
 
 

@@ -205,10 +205,10 @@ def verify_prompts(manifest: dict, n: int) -> list[list[dict]]:
     from collegeadvisor.eval.run import default_questions, load_questions
 
     try:
-        questions = load_questions(default_questions(manifest), limit=n)
-    except AdvisorError:
+        path = default_questions(manifest)
+    except AdvisorError:  # no held-out file beside the data (a user's own dataset)
         return VERIFY_PROMPTS[:n]
-    return [[{"role": "user", "content": q["question"]}] for q in questions]
+    return [[{"role": "user", "content": q["question"]}] for q in load_questions(path, limit=n)]
 
 
 def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max_new_tokens: int = 48) -> dict:

@@ -34,7 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
 from collegeadvisor.errors import TemplateError
-from collegeadvisor.generate import _gen_kwargs, generate
+from collegeadvisor.generate import _gen_kwargs, generate, left_pad
 
 Retriever = Callable[[str], Sequence[dict]]
 SNIPPET_CHARS = 240
@@ -195,8 +195,6 @@ def _stream_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens
                   top_p: float, cancels: Sequence[threading.Event], emits: Sequence[Callable[[str], None]]) -> list[dict]:
     """Generate several replies in one left-padded batch on the calling thread, emitting each row's text pieces
     to its own `emit` as they come; returns [{'stopped', 'n_tokens'}] per row. Greedy text equals `generate`'s."""
-    from collegeadvisor.generate import left_pad
-
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]
@@ -206,12 +204,6 @@ def _stream_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens
                        stopping_criteria=StoppingCriteriaList([_Cancel(cancels)]),
                        **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
     return [{"stopped": r.stopped, "n_tokens": len(r.ids)} for r in rows]
-
-
-def _stream_ids(model, tokenizer, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                cancel: threading.Event, emit: Callable[[str], None]) -> dict:
-    """One reply, streamed: `_stream_batch` of one."""
-    return _stream_batch(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, [cancel], [emit])[0]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
