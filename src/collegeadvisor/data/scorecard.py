@@ -96,6 +96,26 @@ def row_document(row) -> str:
     return " ".join(parts)
 
 
+# Two probe rows (every field present; every field suppressed) whose documents fingerprint the row format.
+_FORMAT_PROBES = [
+    {"inst_name": "Probe College", "state": "OH", "control": "Public", "cip_desc": "Probe Studies.",
+     "credential_desc": "Bachelor's Degree", "completers_count": 12.0, "earnings": 54321.0,
+     "earnings_horizon": "4yr_after_completion", "earnings_threshold_state": 32100.0,
+     "earnings_premium_state": -1234.0, "debt_median": 23456.0, "debt_to_earnings_ratio": 0.43,
+     "debt_payback_years": 4.5},
+    {"inst_name": "Probe College", "state": None, "control": "Private", "cip_desc": "Probe Studies",
+     "credential_desc": "Master's Degree", "completers_count": None, "earnings": None, "earnings_horizon": None,
+     "earnings_threshold_state": None, "earnings_premium_state": None, "debt_median": None,
+     "debt_to_earnings_ratio": None, "debt_payback_years": None},
+]
+
+
+def row_format_id() -> str:
+    """A fingerprint of how rows become text (`row_document`): the run manifest and the knowledge base record it,
+    so a model is never served rows written in another format than the one it was trained to read."""
+    text = "\n".join(row_document(r) for r in _FORMAT_PROBES)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
 # --------------------------------------------------------------------------------------------------
 # Instruction dataset: questions a student asks, answers the Scorecard gives.
 
