@@ -8,19 +8,19 @@ import time
 
 import pytest
 
-from collegeadvisor.data.scorecard import (
-    DISTRACTORS,
-    MAX_PASSAGES,
+from collegeadvisor.data.scorecard import load_table, row_document, row_values
+from collegeadvisor.data.scorecard_qa import (
+    FIRST_SHARE,
     KIND_MIX,
+    MAX_PASSAGES,
     build_scorecard_dataset,
-    load_table,
-    money,
-    row_document,
+    retrieval_spec,
 )
 from collegeadvisor.errors import AdvisorError, DataError
+from collegeadvisor.grounding import check
 
 N, HELD = 400, 60
-HELDOUT_KEYS = {"question", "answer", "numeric", "kind", "source", "context"}
+HELDOUT_KEYS = {"question", "answer", "numeric", "kind", "source", "context", "context_ids"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def table():
 @pytest.fixture(scope="module")
 def built(table, tmp_path_factory):
     out = tmp_path_factory.mktemp("scorecard")
-    stats = build_scorecard_dataset(out, n_examples=N, n_heldout=HELD, seed=0, rag_fraction=0.5, table=table)
+    stats = build_scorecard_dataset(out, n_examples=N, n_heldout=HELD, seed=0, table=table)
     return stats, read(out / "scorecard.jsonl"), read(out / "heldout.jsonl")
 
 
@@ -43,68 +43,74 @@ def read(path):
 
 
 def row_ids(source):
-    return {source["row_id"]} | ({source["compare_with"]["row_id"]} if "compare_with" in source else set())
+    ids = {source["row_id"]} | ({source["compare_with"]["row_id"]} if "compare_with" in source else set())
+    return ids | {r["row_id"] for r in source.get("rows", [])}
 
 
-def check_answer(kind, answer, source):
-    """The answer carries its source row's figure as money() writes it (or, for no_data, no figure at all)."""
+def by_id(table):
+    return {r["row_id"]: r for r in table.to_dict("records")}
+
+
+def check_answer(kind, answer, source, context, rows):
+    """The answer cites its rows and carries each figure as the row's document writes it."""
+    if kind in ("not_in_context", "no_context"):
+        assert "[" not in answer and "$" not in answer
+        assert ("don't cover" in answer) if kind == "not_in_context" else ("Name a school" in answer)
+        return
+    docs = [row_document(rows[r]) for r in sorted(row_ids(source))]
+    for doc in docs:
+        assert f"[{context.index(doc) + 1}]" in answer  # every asked row is cited by its place in the context
+    vals = row_values(rows[source["row_id"]])
     if kind == "earnings":
-        assert money(source["earnings"]) in answer
-        assert ("four years" if source["earnings_horizon"].startswith("4yr") else "one year") in answer
+        assert f"after completion: {vals['earnings']}." in answer
     elif kind == "debt":
-        assert money(source["debt_median"]) in answer
+        assert f"Median debt: {vals['debt']}." in answer
     elif kind == "debt_to_earnings":
-        assert f"{source['debt_to_earnings_ratio']:.2f}" in answer
-        assert money(source["debt_median"]) in answer and money(source["earnings"]) in answer
+        assert f"Debt-to-earnings ratio: {vals['ratio']}" in answer and vals["debt"] in answer
     elif kind == "premium":
-        prem = source["earnings_premium_state"]
-        assert answer.startswith("Yes." if prem > 0 else "No.")
-        assert money(abs(prem)) in answer and money(source["earnings_threshold_state"]) in answer
+        assert answer.split(" ", 1)[1].startswith("Yes." if not vals["premium"].startswith("-") else "No.")
+        assert f"Earnings premium: {vals['premium']}," in answer and vals["hs_earnings"] in answer
     elif kind == "compare":
-        other = source["compare_with"]
-        assert source["earnings"] > other["earnings"]
-        assert money(source["earnings"]) in answer and money(other["earnings"]) in answer
-        assert answer.index(money(source["earnings"])) < answer.index(money(other["earnings"]))
+        other = row_values(rows[source["compare_with"]["row_id"]])
+        assert vals["earnings"] in answer and other["earnings"] in answer
     elif kind == "no_data":
-        assert "$" not in answer and "no " in answer and "suppressed" in answer
-    elif kind == "not_in_context":
-        assert "$" not in answer and "don't cover" in answer
+        assert "$" not in answer and ": no data (" in answer
+    elif kind == "open":
+        assert len(row_ids(source)) >= 2
     else:
         raise AssertionError(kind)
-    for src in (source, source.get("compare_with", source)):
-        assert src["school"] in answer and src["program"] in answer and src["credential"] in answer
-    assert answer.endswith("(College Scorecard).") or kind in ("no_data", "not_in_context")
+    assert check(answer, context)["status"] == "verified"
 
 
-def test_training_examples_answer_with_their_rows_figures(built):
+def test_training_examples_cite_their_rows(built, table):
     stats, train, _ = built
+    rows = by_id(table)
     assert len(train) == stats["examples"] == N
     counts = stats["kinds"]
-    assert sum(counts.values()) == N and set(counts) == set(KIND_MIX) | {"not_in_context"}
-    # not_in_context examples are taken out of the single-row kinds; compare keeps its exact share
-    assert counts["compare"] == round(N * KIND_MIX["compare"])
-    assert counts["earnings"] >= 0.8 * N * KIND_MIX["earnings"]
+    assert sum(counts.values()) == N and set(counts) == set(KIND_MIX) | {"not_in_context", "no_context"}
+    assert counts["compare"] == round(N * KIND_MIX["compare"]) and counts["open"] == round(N * KIND_MIX["open"])
     for ex in train:
         user, assistant = ex["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert ex["source"]["school"] in user["content"]
-        check_answer(ex["kind"], assistant["content"], ex["source"])
-    premium = [ex for ex in train if ex["kind"] == "premium"]
-    assert any(ex["messages"][1]["content"].startswith("No.") for ex in premium)
+        check_answer(ex["kind"], assistant["content"], ex["source"], ex["context"], rows)
+    premium = [ex["messages"][1]["content"] for ex in train if ex["kind"] == "premium"]
+    assert any("] No." in a for a in premium) and any("] Yes." in a for a in premium)
     assert len({ex["messages"][0]["content"] for ex in train}) == N  # no question twice
+    assert stats["retrieval"] == retrieval_spec()
 
 
 def test_heldout_schema_and_disjoint_rows(built, table):
     stats, train, heldout = built
+    rows = by_id(table)
     assert len(heldout) == stats["heldout"] == HELD
     assert {ex["kind"] for ex in heldout} == set(KIND_MIX)
     trained = set().union(*(row_ids(ex["source"]) for ex in train))
-    docs = {row_document(r): r["row_id"] for r in table.to_dict("records")}
     held_rows = set()
     for ex in heldout:
-        assert set(ex) == HELDOUT_KEYS | ({"yes"} if ex["kind"] == "premium" else set())
-        assert isinstance(ex["question"], str) and isinstance(ex["answer"], str)
-        check_answer(ex["kind"], ex["answer"], ex["source"])
+        extra = {"yes"} if ex["kind"] == "premium" else {"values"} if ex["kind"] == "open" else set()
+        assert set(ex) == HELDOUT_KEYS | extra
+        check_answer(ex["kind"], ex["answer"], ex["source"], ex["context"], rows)
         src = ex["source"]
         expected = {
             "earnings": src.get("earnings"),
@@ -113,41 +119,58 @@ def test_heldout_schema_and_disjoint_rows(built, table):
             "premium": src.get("earnings_premium_state"),
             "compare": src.get("earnings"),
             "no_data": None,
+            "open": None,
         }[ex["kind"]]
         assert ex["numeric"] == expected
         if ex["kind"] == "premium":
             assert ex["yes"] is (ex["numeric"] > 0)
-        # every held-out record carries a context holding its row(s), so eval can run with or without it
-        assert row_ids(src) <= {docs[p] for p in ex["context"]}
+        if ex["kind"] == "open":
+            assert ex["values"] and all(v in [rows[r]["earnings"] for r in row_ids(src)] for v in ex["values"])
+        assert row_ids(src) <= set(ex["context_ids"])
         held_rows |= row_ids(src)
     assert held_rows and not held_rows & trained
     # nor does any training context show a held-out row
-    shown = {docs[p] for ex in train for p in ex.get("context", [])}
+    docs = {row_document(r): r["row_id"] for r in table.to_dict("records")}
+    shown = {docs[p] for ex in train for p in ex["context"]}
     assert not shown & held_rows
 
 
-def test_retrieval_grounded_contexts(built, table):
-    stats, train, _ = built
-    docs = {r["row_id"]: row_document(r) for r in table.to_dict("records")}
-    grounded = [ex for ex in train if "context" in ex]
-    assert len(grounded) == stats["retrieval_grounded"] == N // 2
-    not_covered = [ex for ex in grounded if ex["kind"] == "not_in_context"]
-    assert not_covered and all("context" in ex for ex in train if ex["kind"] == "not_in_context")
-    for ex in grounded:
-        ctx, answer = ex["context"], ex["messages"][1]["content"]
+def test_contexts_are_built_as_raft_builds_them(built, table):
+    """The right row among hard distractors, mostly first; missing in some; none at all in a few."""
+    _, train, _ = built
+    rows = by_id(table)
+    docs = {r: row_document(rows[r]) for r in rows}
+    first = single = 0
+    hard = total = 0
+    for ex in train:
+        ctx = ex["context"]
+        assert len(set(ctx)) == len(ctx) <= MAX_PASSAGES
         truth = [docs[r] for r in row_ids(ex["source"])]
-        assert len(set(ctx)) == len(ctx)
+        if ex["kind"] == "no_context":
+            assert ctx == []
+            continue
         if ex["kind"] == "not_in_context":
-            assert not set(truth) & set(ctx) and DISTRACTORS[0] + len(truth) <= len(ctx) <= MAX_PASSAGES
-        else:
-            assert set(truth) <= set(ctx) and len(truth) + 1 <= len(ctx) <= min(MAX_PASSAGES, DISTRACTORS[1] + len(truth))
-            # the answer is derivable from the context: each of its figures is written there
-            for figure in (tok.rstrip(",.") for tok in answer.split() if tok.startswith("$")):
-                assert any(figure in doc for doc in truth), (figure, answer)
+            assert not set(truth) & set(ctx) and len(ctx) == MAX_PASSAGES
+            continue
+        assert set(truth) <= set(ctx)
+        if len(truth) == 1:
+            single += 1
+            first += ctx[0] == truth[0]
+        asked = rows[ex["source"]["row_id"]]
+        for doc in set(ctx) - set(truth):
+            total += 1
+            other = next(r for r in rows.values() if row_document(r) == doc) if total < 200 else None
+            if other is not None:
+                hard += other["unitid"] == asked["unitid"] or other["cip_code"] == asked["cip_code"]
+    assert abs(first / single - FIRST_SHARE) < 0.1 and first < single
+    assert hard >= 0.8 * min(total, 199)
+    no_data = [ex for ex in train if ex["kind"] == "no_data"]
+    with_figures = sum(any("$" in d for d in ex["context"] if d not in [docs[ex["source"]["row_id"]]]) for ex in no_data)
+    assert with_figures >= 0.7 * len(no_data)  # suppressed right row, distractors that carry figures
 
 
 def test_deterministic_for_a_seed(table, tmp_path):
-    args = dict(n_examples=150, n_heldout=20, rag_fraction=0.3, table=table)
+    args = dict(n_examples=150, n_heldout=20, table=table)
     build_scorecard_dataset(tmp_path / "a", seed=3, **args)
     build_scorecard_dataset(tmp_path / "b", seed=3, **args)
     build_scorecard_dataset(tmp_path / "c", seed=4, **args)
@@ -157,8 +180,8 @@ def test_deterministic_for_a_seed(table, tmp_path):
 
 
 def test_bad_settings_and_tables(table, tmp_path):
-    with pytest.raises(AdvisorError, match="rag_fraction"):
-        build_scorecard_dataset(tmp_path, n_examples=10, rag_fraction=1.5, table=table)
+    with pytest.raises(AdvisorError, match="n_examples"):
+        build_scorecard_dataset(tmp_path, n_examples=0, table=table)
     with pytest.raises(DataError, match="debt_median"):
         build_scorecard_dataset(tmp_path, n_examples=10, table=table.drop(columns=["debt_median"]))
     with pytest.raises(DataError, match="too few"):
@@ -177,9 +200,9 @@ def test_full_table_default_scale(tmp_path):
     stats = build_scorecard_dataset(tmp_path)
     assert time.perf_counter() - start < 60
     assert stats["examples"] == 8000 and stats["heldout"] == 500
-    for kind, share in KIND_MIX.items():
-        assert stats["kinds"][kind] == round(8000 * share)
+    for kind in ("compare", "open"):
+        assert stats["kinds"][kind] == round(8000 * KIND_MIX[kind])
     train = read(tmp_path / "scorecard.jsonl")
     assert len({ex["messages"][0]["content"] for ex in train}) == 8000
-    assert not any("context" in ex for ex in train)
-    assert all("context" in ex for ex in read(tmp_path / "heldout.jsonl"))
+    assert sum(1 for ex in train if ex["context"]) == stats["retrieval_grounded"] >= 0.95 * 8000
+    assert all(ex["context"] for ex in read(tmp_path / "heldout.jsonl"))

@@ -4,17 +4,44 @@ Reads piped stdin too (one question per line). Renders through chat_format from 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Callable, Sequence, TextIO
 
-from collegeadvisor.chat_format import with_context
-from collegeadvisor.generate import stream
+from collegeadvisor.generate import answer, stream_batch
 
 HELP = "commands: /reset (forget the conversation), /exit"
 
 
+def _stream_reply(model, tokenizer, history: list[dict], out: TextIO, max_new_tokens: int, temperature: float) -> str:
+    def emit(piece: str) -> None:
+        print(piece, end="", file=out, flush=True)
+
+    result = stream_batch(model, tokenizer, [history], max_new_tokens, temperature, 1.0, [threading.Event()], [emit])
+    return result[0]["text"].strip()
+
+
+def _grounded_reply(model, tokenizer, history: list[dict], hits: Sequence[dict], out: TextIO, max_new_tokens: int,
+                    temperature: float) -> str:
+    """The answer from the retrieved rows, checked (and retried) before it is shown, then the rows it cites."""
+    passages = [h["document"] for h in hits]
+    result = answer(model, tokenizer, [history], [passages], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+    reply, verdict = result["text"], result["grounding"]
+    print(reply, end="", file=out)
+    note = {"verified": "checked against the cited row", "no_claims": "no figures to check",
+            "unverified": "NOT verified"}[verdict["status"]]
+    if verdict.get("fallback"):
+        note = "the model's answer failed the check; this is the row itself"
+    print(f"\n   ({note})", end="", file=out)
+    for n in verdict["cited"]:
+        if 1 <= n <= len(hits):
+            print(f"\n   [{n}] {' '.join(passages[n - 1].split())[:160]}", end="", file=out)
+    return reply
+
+
 def chat_loop(model, tokenizer, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, max_new_tokens: int = 256,
-              temperature: float = 0.0, retriever: Callable[[str], Sequence[str]] | None = None) -> int:
-    """Answer each line of `inp`; returns the number of answers given."""
+              temperature: float = 0.0, retriever: Callable[[str], Sequence[dict]] | None = None) -> int:
+    """Answer each line of `inp`; returns the number of answers given. With a retriever, each answer comes from
+    the rows retrieved for its question (checked before it is shown); otherwise replies stream as generated."""
     interactive = inp.isatty()
     history: list[dict] = []
     answered = 0
@@ -39,13 +66,11 @@ def chat_loop(model, tokenizer, inp: TextIO = sys.stdin, out: TextIO = sys.stdou
             print(HELP, file=out, flush=True)
             continue
         history.append({"role": "user", "content": text})
-        convo = with_context(history, retriever(text)) if retriever else history
         print("advisor> ", end="", file=out, flush=True)
-        pieces = []
-        for piece in stream(model, tokenizer, convo, max_new_tokens=max_new_tokens, temperature=temperature):
-            pieces.append(piece)
-            print(piece, end="", file=out, flush=True)
-        reply = "".join(pieces).strip()
+        if retriever is not None:
+            reply = _grounded_reply(model, tokenizer, history, retriever(text), out, max_new_tokens, temperature)
+        else:
+            reply = _stream_reply(model, tokenizer, history, out, max_new_tokens, temperature)
         if not reply:
             print("(no answer: the model produced an empty reply)", end="", file=out)
         print(file=out, flush=True)

@@ -64,10 +64,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_scorecard(args) -> int:
-    from collegeadvisor.data.scorecard import build_scorecard_dataset
+    from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
 
-    stats = build_scorecard_dataset(Path(args.out), n_examples=args.n, n_heldout=args.heldout, seed=args.seed,
-                                    rag_fraction=args.rag_fraction)
+    stats = build_scorecard_dataset(Path(args.out), n_examples=args.n, n_heldout=args.heldout, seed=args.seed)
     for k, v in stats.items():
         print(f"{k}: {v}")
     return 0
@@ -96,10 +95,10 @@ def cmd_eval(args) -> int:
     from collegeadvisor.runs import find_run
 
     run = find_run(args.run, args.output_dir)
-    retriever = _retriever(args) if args.rag else None
-    report_json, report_html = evaluate(run, args.questions, args.out, compare=args.compare, retriever=retriever,
-                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        limit=args.limit, device=args.device)
+    report_json, report_html = evaluate(run, args.questions, args.out, compare=args.compare,
+                                        retriever=run_retriever(args, run), max_new_tokens=args.max_new_tokens,
+                                        batch_size=args.batch_size, limit=args.limit, device=args.device,
+                                        base_max_new_tokens=args.base_max_new_tokens)
     print(f"report: {report_html}\ndata:   {report_json}")
     return 0
 
@@ -108,18 +107,17 @@ def cmd_chat(args) -> int:
     from collegeadvisor.chat import chat_loop
     from collegeadvisor.runs import find_run, load_run
 
-    model, tok, _ = load_run(find_run(args.run, args.output_dir), device=args.device, merge=True)
-    chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              retriever=_retriever(args) if args.rag else None)
+    run = find_run(args.run, args.output_dir)
+    retriever = run_retriever(args, run)
+    model, tok, _ = load_run(run, device=args.device, merge=True)
+    chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, retriever=retriever)
     return 0
 
 
-def _retriever(args):
-    """question -> passage texts from the knowledge base (opened once; an empty store is a clear error)."""
-    from collegeadvisor.kb import retriever
+def run_retriever(args, run):
+    from collegeadvisor.runs import run_retriever as make
 
-    hits_for = retriever(k=args.k, path=args.kb_path, url=args.kb_url)
-    return lambda question: [h["document"] for h in hits_for(question)]
+    return make(run, args.rag, args.k, args.kb_path, args.kb_url)
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -127,8 +125,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--rag", action="store_true", help="answer from passages retrieved from the knowledge base")
-    p.add_argument("--k", type=int, default=3, help="passages retrieved per question [default: 3, as in training]")
+    p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer from rows retrieved from the knowledge base [default: on when the run was trained "
+                        "on retrieved rows]")
+    p.add_argument("--k", type=int, default=None, help="rows retrieved per question [default: the run's, as in training]")
     p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
     p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")
 
@@ -149,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8000, help="training examples")
     p.add_argument("--heldout", type=int, default=500, help="held-out questions about unseen rows")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rag-fraction", type=float, default=0.0, help="share of examples with retrieved context")
     p.set_defaults(func=cmd_data_scorecard)
     p = data.add_parser("validate", help="check a JSON/JSONL/CSV dataset and list every problem with file:line")
     p.add_argument("file")
@@ -167,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run the base model without the adapter")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--base-max-new-tokens", type=int, default=None,
+                   help="generation budget of the base model with --compare [default: --max-new-tokens]")
     p.set_defaults(func=cmd_eval, max_new_tokens=128)
 
     p = sub.add_parser("chat", help="interactive chat with a trained run (reads piped stdin too)")

@@ -1,30 +1,131 @@
 """Generation for every stage (training samples, eval, chat, serve): prompts come from chat_format only.
 
-Batched greedy generation uses left padding and the KV cache and stops at the template's end-of-turn token.
+Batched greedy or sampled generation uses left padding and the KV cache and stops at the template's end-of-turn
+token. A conversation answered from retrieved rows is rendered with them (`chat_format.with_context`) and decoded
+under `GroundedDecoding`: a figure, yes/no or "no data" that its cited row contradicts can't be written (the
+rules are `grounding.Rules`). `answer` adds the check: a reply that fails it is generated again with the offending
+claim forbidden, at most twice, and otherwise replaced by the cited row's own facts. `stream_batch` is the one
+streaming path: several replies in one batch, each row's text to its own callback as it comes.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Iterator, Sequence
+from functools import lru_cache
+from typing import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from collegeadvisor.chat_format import encode_prompt, stop_token_ids
+from collegeadvisor import grounding
+from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
+
+RETRIES = 2  # generations after a failed check, before answering with the row itself
 
 
-def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-    kw = dict(
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+def gen_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+              pad_token_id=tokenizer.pad_token_id, use_cache=True)
     if temperature and temperature > 0:
         kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kw
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every prompt right-aligned: new tokens follow each prompt directly."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------ the constraint
+@lru_cache(maxsize=8)
+def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], str]]]]:
+    """The tokens the grounding rules can object to, grouped by what the rules see of them
+    (`grounding.signature` -> (ids, a representative text)): those with a digit, "$" or "%" (a figure), those that
+    go on a figure ("," "."), and yes/no and the words that start a "no data"."""
+    groups: dict[str, dict[tuple, tuple[list[int], str]]] = {"figure": {}, "cont": {}, "word": {}}
+    words = set(grounding.YES_NO) | grounding.NO_WORDS
+    for token, i in tokenizer.get_vocab().items():
+        text = tokenizer.convert_tokens_to_string([token])
+        if token.startswith("\u2581") and not text.startswith(" "):  # SentencePiece's word-start marker
+            text = " " + text
+        if any(c.isdigit() or c in "$%" for c in text):
+            kind = "figure"
+        elif text[:1] in (",", "."):
+            kind = "cont"
+        elif text.strip().lower() in words:
+            kind = "word"
+        else:
+            continue
+        groups[kind].setdefault(grounding.signature(text), ([], text))[0].append(i)
+    return {kind: list(found.items()) for kind, found in groups.items()}
+
+
+class GroundedDecoding(LogitsProcessor):
+    """Masks, for each row with passages, every token that `grounding.Rules` would not admit after the text so far.
+    Inside a figure only its valid continuations remain (and the figure may end only where it is complete)."""
+
+    def __init__(self, tokenizer, rules: Sequence[grounding.Rules | None], prompt_width: int):
+        self.tokenizer, self.rules, self.width = tokenizer, list(rules), prompt_width
+        self.classes = _token_classes(tokenizer)
+        self.stops = set(stop_token_ids(tokenizer))
+        self.cache: dict = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, rules in enumerate(self.rules):
+            if rules is None:
+                continue
+            new = input_ids[row, self.width:].tolist()
+            if self.stops.intersection(new):
+                continue
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            self._mask(rules, text, scores[row])
+        return scores
+
+    def _mask(self, rules: grounding.Rules, text: str, row_scores: torch.Tensor) -> None:
+        key = rules.decision_key(text)
+        decided = self.cache.get(key) if key is not None else None
+        if decided is None:
+            decided = self._decide(rules, text)
+            if key is not None:
+                self.cache[key] = decided
+        banned, keep = decided
+        if keep is not None:
+            if torch.isfinite(row_scores[keep]).any():
+                allowed = torch.zeros_like(row_scores, dtype=torch.bool)
+                allowed[keep] = True
+                row_scores.masked_fill_(~allowed, float("-inf"))
+        elif banned:
+            row_scores[banned] = float("-inf")
+
+    def _decide(self, rules: grounding.Rules, text: str) -> tuple[list[int], list[int] | None]:
+        """(banned ids, or the only ids kept inside a figure that can't end yet). Tokens that the rules can't tell
+        apart (same `grounding.signature`) are asked about once."""
+        open_figure = rules.open_figure(text)
+        groups = self.classes["figure"] + self.classes["word"]
+        if open_figure is not None:
+            groups = groups + self.classes["cont"]
+        admitted = {sig: rules.admits(text, ids_piece[1]) for sig, ids_piece in groups}
+        if open_figure is not None and not rules.complete(open_figure.group(), text[:open_figure.start()]):
+            keep = [i for sig, (ids, _) in groups if admitted[sig] for i in ids]
+            return [], keep or [groups[0][1][0][0]]
+        return [i for sig, (ids, _) in groups if not admitted[sig] for i in ids], None
+
+
+def _processors(tokenizer, passages, width: int, forbid=None) -> LogitsProcessorList:
+    if not passages or not any(passages):
+        return LogitsProcessorList()
+    forbid = forbid or [None] * len(passages)
+    rules = [grounding.Rules(p, f) if p else None for p, f in zip(passages, forbid)]
+    return LogitsProcessorList([GroundedDecoding(tokenizer, rules, width)])
 
 
 def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Sequence[str] = ()) -> dict:
@@ -40,36 +141,37 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with every prompt right-aligned: new tokens follow each prompt directly."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    return ids, mask
+def conversation(messages: Sequence[dict], passages: Sequence[str] | None) -> list[dict]:
+    return with_context(messages, passages or [])
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = ()) -> list[dict]:
-    """Replies for many conversations: [{'text', 'ids', 'stopped' (ended at end-of-turn), 'n_tokens'}]."""
-    prompts = [encode_prompt(tokenizer, c) for c in conversations]
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = (),
+             passages: Sequence[Sequence[str] | None] | None = None, forbid: Sequence[dict | None] | None = None,
+             grounded: bool = True) -> list[dict]:
+    """Replies for many conversations: [{'text', 'ids', 'stopped' (ended at end-of-turn), 'n_tokens'}].
+
+    passages[i]: the rows conversation i is answered from; they are rendered into its prompt and, with `grounded`,
+    constrain its decoding (forbid[i]: what a failed check found)."""
+    passages = list(passages) if passages is not None else [None] * len(conversations)
+    forbid = list(forbid) if forbid is not None else [None] * len(conversations)
+    prompts = [encode_prompt(tokenizer, conversation(c, p)) for c, p in zip(conversations, passages)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict] = [{} for _ in prompts]
     stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            ids, mask = left_pad([prompts[i] for i in idx], pad)
+            ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
             width = ids.shape[1]
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+            procs = _processors(tokenizer, [passages[i] for i in idx], width, [forbid[i] for i in idx]) if grounded \
+                else LogitsProcessorList()
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=procs,
+                                 **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             for row, i in enumerate(idx):
                 out[i] = _finish(tokenizer, gen[row, width:].tolist(), stops, stop)
     finally:
@@ -77,29 +179,119 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
     return out
 
 
-def stream(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0) -> Iterator[str]:
-    """Text pieces of one reply as they are generated (a background thread runs generate)."""
-    from transformers import TextIteratorStreamer
+def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], passages: Sequence[Sequence[str] | None],
+           max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16,
+           stop: Sequence[str] = (), grounded: bool = True, retries: int = RETRIES) -> list[dict]:
+    """Replies checked against their rows: generate's fields plus 'grounding' (the check's verdict, with
+    'attempts' and 'fallback'), 'raw' (the first reply's text) and 'raw_grounding' (its verdict). A reply whose
+    check fails is generated again with the offending claims forbidden, at most `retries` times; then the answer is
+    the cited row's own facts, said to be that."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, stop=stop,
+              grounded=grounded)
+    out = generate(model, tokenizer, conversations, passages=passages, **kw)
+    forbid: list[dict | None] = [None] * len(out)
+    for i, r in enumerate(out):
+        r["raw"] = r["text"]
+        r["grounding"] = r["raw_grounding"] = grounding.check(r["text"], passages[i] or []) if passages[i] else None
+    for attempt in range(1, retries + 1):
+        todo = [i for i, r in enumerate(out) if r["grounding"] and r["grounding"]["status"] == "unverified"]
+        if not todo:
+            break
+        for i in todo:
+            forbid[i] = grounding.forbidden(out[i]["grounding"], forbid[i])
+        again = generate(model, tokenizer, [conversations[i] for i in todo], passages=[passages[i] for i in todo],
+                         forbid=[forbid[i] for i in todo], **kw)
+        for i, r in zip(todo, again):
+            out[i].update(r, grounding=grounding.check(r["text"], passages[i]) | {"attempts": attempt + 1})
+    for i, r in enumerate(out):
+        if r["grounding"] and r["grounding"]["status"] == "unverified":
+            text = grounding.fallback_answer(passages[i], r["grounding"]["cited"])
+            r.update(text=text, grounding=grounding.check(text, passages[i]) | {"fallback": True,
+                                                                                 "attempts": retries + 1})
+    return out
 
-    prompt = torch.tensor([encode_prompt(tokenizer, messages)], device=next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
-                  **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
-    errors: list[BaseException] = []
 
-    def run():
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as exc:  # surfaced to the consumer below
-            errors.append(exc)
-            streamer.end()
+# ------------------------------------------------------------------------------------------ streaming
+class _Cancel(StoppingCriteria):
+    """Ends a row's generation when its client went away or a stop string appeared in it."""
 
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
+
+
+class _PieceStreamer:
+    """One reply's token ids in, decoded text out as it becomes printable; ends at the first end-of-turn id."""
+
+    def __init__(self, tokenizer, stops: Sequence[int], emit: Callable[[str], None]):
+        self.tokenizer, self.stops, self.emit = tokenizer, set(stops), emit
+        self.ids: list[int] = []
+        self.stopped = False
+        self._printed = 0
+
+    def add(self, token: int) -> None:
+        if self.stopped:
+            return
+        if token in self.stops:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.emit(text[self._printed:])
+            self._printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self._printed:
+            self.emit(text[self._printed:])
+            self._printed = len(text)
+
+
+class _RowsStreamer(BaseStreamer):
+    """Receives each step's tokens of a batched `model.generate` and hands every row's token to that row's
+    streamer; a row whose client went away, or whose text reached a stop string, takes no more."""
+
+    def __init__(self, rows: Sequence[_PieceStreamer], cancels: Sequence[threading.Event]):
+        self.rows, self.cancels = list(rows), list(cancels)
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first passes the prompts
+            self._prompt_seen = True
+            return
+        for row, cancel, token in zip(self.rows, self.cancels, value.reshape(-1).tolist()):
+            if not cancel.is_set():
+                row.add(token)
+
+    def end(self):
+        for row in self.rows:
+            row.end()
+
+
+@torch.inference_mode()
+def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int, temperature: float,
+                 top_p: float, cancels: Sequence[threading.Event], emits: Sequence[Callable[[str], None]],
+                 passages: Sequence[Sequence[str] | None] | None = None) -> list[dict]:
+    """Several replies in one left-padded batch on the calling thread, each row's text pieces to its own `emit` as
+    they come (under the same grounding constraint as `generate`); returns [{'stopped', 'n_tokens'}] per row.
+    Greedy text equals `generate`'s."""
+    passages = list(passages) if passages is not None else [None] * len(conversations)
+    prompts = [encode_prompt(tokenizer, conversation(c, p)) for c, p in zip(conversations, passages)]
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer)
+    rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    was_training = model.training
     model.eval()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if errors:
-        raise errors[0]
+    try:
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=_RowsStreamer(rows, cancels),
+                       stopping_criteria=StoppingCriteriaList([_Cancel(cancels)]),
+                       logits_processor=_processors(tokenizer, passages, ids.shape[1]),
+                       **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+    finally:
+        model.train(was_training)
+    return [{"stopped": r.stopped, "n_tokens": len(r.ids), "text": tokenizer.decode(r.ids, skip_special_tokens=True)}
+            for r in rows]

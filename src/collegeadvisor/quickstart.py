@@ -1,8 +1,9 @@
 """`collegeadvisor quickstart`: the whole job end to end on the embedded model, on a budget for 2 CPU cores.
 
-Builds the Scorecard dataset (part of it grounded in retrieved passages), trains, shows answers before and after
-training, builds a knowledge base for the evaluated questions (or uses the full one at kb_store), and evaluates
-base, tuned and tuned+retrieval into a report."""
+Builds the Scorecard dataset (every example answered from retrieved rows, as RAFT builds them), trains, builds a
+knowledge base for the evaluated questions (or uses the full one at kb_store), shows answers before and after
+training through the retrieval path with the rows they used, and evaluates base and tuned models with retrieval
+into a report (raw answers, and answers as served after the check)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ from pathlib import Path
 
 from collegeadvisor.check import preflight
 from collegeadvisor.config import load_config
-from collegeadvisor.data.scorecard import MAX_PASSAGES
-from collegeadvisor.eval.run import evaluate, load_questions
-from collegeadvisor.generate import generate
+from collegeadvisor.eval.run import adapter_state, evaluate, load_questions
+from collegeadvisor.generate import answer
 from collegeadvisor.runs import load_run
 
-SAMPLE_KINDS = ("earnings", "no_data", "premium")
-RAG_FRACTION = 0.3  # share of training examples answered from retrieved passages
-RAG_K = MAX_PASSAGES  # passages retrieved per question, as many as training contexts hold
+SAMPLE_KINDS = ("earnings", "no_data", "premium", "open")
+BASE_MAX_NEW_TOKENS = 64  # the untuned model rarely stops on its own: cap what it may spend
 
 
 def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_store"):
@@ -40,15 +39,23 @@ def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_stor
     return open_store(kb_dir)
 
 
-def _show(title: str, questions: list[dict], replies: list[dict]) -> None:
-    print(f"\n== {title}")
-    for q, r in zip(questions, replies):
-        end = "" if r["stopped"] else "  [did not stop at end-of-turn]"
-        print(f"Q: {q['question']}\nA: {r['text'] or '(empty)'}{end}\n   reference: {q['answer']}")
+def _show(questions: list[dict], hits: list[list[dict]], before: list[dict], after: list[dict]) -> None:
+    print("\n== before and after training, answering from the retrieved rows")
+    for q, hs, b, a in zip(questions, hits, before, after):
+        print(f"Q: {q['question']}")
+        for i, h in enumerate(hs, 1):
+            m = h.get("metadata") or {}
+            print(f"   [{i}] {m.get('school')}: {m.get('credential')} in {m.get('program')}")
+        for label, r in (("base ", b), ("tuned", a)):
+            status = (r.get("raw_grounding") or {}).get("status", "-")
+            end = "" if r["stopped"] else " [did not stop at end-of-turn]"
+            print(f"   {label}: {r['raw'] or '(empty)'}{end}  <{status}>")
+        print(f"   reference: {q['answer']}")
 
 
-def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 24) -> Path:
-    from collegeadvisor.data.scorecard import build_scorecard_dataset
+def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 300) -> Path:
+    from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
+    from collegeadvisor.kb import retriever
     from collegeadvisor.train import train
 
     t0 = time.time()
@@ -58,32 +65,35 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
         data_dir = out / "data"
         if not (data_dir / "scorecard.jsonl").is_file():
             print(f"[1/4] building the College Scorecard dataset in {data_dir}")
-            stats = build_scorecard_dataset(data_dir, rag_fraction=RAG_FRACTION)
+            stats = build_scorecard_dataset(data_dir)
             print(f"      {stats['examples']} examples, {stats['heldout']} held-out questions: {stats['kinds']}")
         cfg.data = str(data_dir / "scorecard.jsonl")
     heldout = Path(cfg.data).with_name("heldout.jsonl")
-    questions = load_questions(heldout)
-    picked = [next(q for q in questions if q["kind"] == k) for k in SAMPLE_KINDS]
+    questions = load_questions(heldout)[:eval_questions]
+    picked = [next(q for q in questions if q["kind"] == k) for k in SAMPLE_KINDS if any(q["kind"] == k for q in questions)]
 
     print("[2/4] training (preflight, then LoRA)")
     preflight(cfg)
     run = train(cfg)
+
+    print("[3/4] knowledge base for the held-out questions")
+    hits_for = retriever(3, collection=quickstart_kb(questions, out / "kb"))
     model, tok, manifest = load_run(run)
+    hits = [hits_for(q["question"]) for q in picked]
     convs = [[{"role": "user", "content": q["question"]}] for q in picked]
-    with model.disable_adapter():
-        before = generate(model, tok, convs, max_new_tokens=cfg.sample_max_new_tokens)
-    after = generate(model, tok, convs, max_new_tokens=cfg.sample_max_new_tokens)
-    _show("before training (base model)", picked, before)
-    _show("after training (tuned)", picked, after)
+    passages = [[h["document"] for h in hs] for hs in hits]
+    with adapter_state(model, False):
+        before = answer(model, tok, convs, passages, max_new_tokens=BASE_MAX_NEW_TOKENS, retries=0)
+    with adapter_state(model, True):
+        after = answer(model, tok, convs, passages, max_new_tokens=cfg.sample_max_new_tokens, retries=0)
+    _show(picked, hits, before, after)
     del model
 
-    from collegeadvisor.kb import retriever
-
-    print(f"\n[3/4] evaluating base, tuned and tuned+retrieval on {eval_questions} held-out questions")
-    hits_for = retriever(RAG_K, collection=quickstart_kb(questions[:eval_questions], out / "kb"))
-    report_json, report_html = evaluate(run, heldout, compare=True, limit=eval_questions,
-                                        retriever=lambda q: [h["document"] for h in hits_for(q)])
-    print(f"[4/4] done in {time.time() - t0:.0f} s. Run: {run}\n      report: {report_html}\n      data: {report_json}")
+    print(f"\n[4/4] evaluating base and tuned, with retrieval, on {len(questions)} held-out questions")
+    report_json, report_html = evaluate(run, heldout, compare=True, limit=len(questions), retriever=hits_for,
+                                        max_new_tokens=cfg.sample_max_new_tokens,
+                                        base_max_new_tokens=BASE_MAX_NEW_TOKENS)
+    print(f"done in {time.time() - t0:.0f} s. Run: {run}\n      report: {report_html}\n      data: {report_json}")
     latest = "" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}"
     print(f"next: collegeadvisor chat --run latest{latest} | eval --run latest{latest} --compare | "
           f"serve --run latest{latest} | export --run latest{latest} --to ollama --verify")

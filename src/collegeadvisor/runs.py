@@ -130,3 +130,15 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
             model.merge_adapter()
     model.eval()
     return model, tok, m
+
+
+def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = None, kb_path: str | None = None,
+                  kb_url: str | None = None):
+    """question -> hits from the knowledge base when the run was trained to read retrieved rows (rag None) or
+    rag is True; None when rag is False or the run reads none. k as in training unless given."""
+    trained = read_manifest(run_dir).get("retrieval") or {}
+    if not (rag if rag is not None else bool(trained)):
+        return None
+    from collegeadvisor.kb import retriever
+
+    return retriever(k=k or trained.get("k") or 3, path=kb_path, url=kb_url)

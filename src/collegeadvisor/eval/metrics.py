@@ -11,9 +11,12 @@ import math
 import numbers
 import re
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from collegeadvisor.grounding import CITATION, check, figures, plain, same_value, says_no_data
+from collegeadvisor.kb.retrieve import source_row_ids
 
 # Headline metrics in report order: key in an aggregate dict -> label, direction, shown as a percentage.
 METRICS: dict[str, dict[str, Any]] = {
@@ -21,6 +24,10 @@ METRICS: dict[str, dict[str, Any]] = {
     "yes_no_accuracy": {"label": "Yes/no accuracy (premium)", "higher_is_better": True, "percent": True},
     "no_data_recall": {"label": "No-data recall", "higher_is_better": True, "percent": True},
     "rouge_l": {"label": "ROUGE-L F1", "higher_is_better": True, "percent": True},
+    "grounded_rate": {"label": "Grounded (every claim agrees with its cited row)", "higher_is_better": True,
+                      "percent": True},
+    "outside_context_rate": {"label": "Figures not in the retrieved rows", "higher_is_better": False,
+                             "percent": True},
     "empty_rate": {"label": "Empty replies", "higher_is_better": False, "percent": True},
     "stopped_at_eos_rate": {"label": "Stopped at EOS", "higher_is_better": True, "percent": True},
     "perplexity": {"label": "Perplexity (held-out answers)", "higher_is_better": False, "percent": False},
@@ -38,37 +45,18 @@ _RATES = {
     "yes_no_correct": "yes_no_accuracy",
     "no_data_correct": "no_data_recall",
     "rouge_l": "rouge_l",
+    "grounded": "grounded_rate",
+    "outside_context": "outside_context_rate",
 }
 
-_SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mil": 1e6, "mn": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
-_NUMBER = re.compile(
-    r"(?<![\w.,$])(?P<neg>[-\u2212\u2013]?)(?P<cur>\$?)\s?(?P<neg2>-?)"
-    r"(?>(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+))"
-    r"(?:\s?(?P<suf>thousand|million|billion|mil|mn|bn|[kKmM])\b|(?![\w.]\d|\w))"
-    r"(?P<pct>\s?%|\s(?:per\s?cent)\b)?(?P<usd>\s?(?:dollars|usd)\b)?",
-    re.IGNORECASE,
-)
-_CIP = re.compile(r"\bCIP(?:\s*code)?\s*[:#]?\s*\d[\d.]*", re.IGNORECASE)
-_YEAR = re.compile(r"(?:19|20)\d\d")
+
+
 _ROUGE_MAX_CHARS = 20_000  # LCS is quadratic: a runaway reply is scored on its start
 
 
 def _figures(text: str) -> list[tuple[float, bool, bool]]:
     """(value, is_money, is_percent) for every figure in text."""
-    text = _CIP.sub(" ", text or "")
-    out = []
-    for m in _NUMBER.finditer(text):
-        num, suf = m["num"], (m["suf"] or "").lower()
-        if _YEAR.fullmatch(num) and not (m["cur"] or suf or m["pct"] or m["usd"]):
-            continue
-        value = float(num.replace(",", "")) * _SCALE.get(suf, 1.0)
-        if not math.isfinite(value):  # a runaway string of digits
-            continue
-        if m["neg"] or m["neg2"]:
-            value = -value
-        money = bool(m["cur"] or m["usd"] or suf) or (abs(value) >= 1000 and not m["pct"])
-        out.append((round(value, 6), money, bool(m["pct"])))
-    return out
+    return [(f.value, f.money, f.percent) for f in figures(text or "")]
 
 
 def parse_numbers(text: str | None) -> list[float]:
@@ -110,14 +98,9 @@ _PHRASES = [
 ]
 
 
-def _plain(text: str | None) -> str:
-    """Typographic apostrophes as ASCII, so "doesn’t" reads as "doesn't"."""
-    return (text or "").replace("\u2019", "'").replace("\u2018", "'")
-
-
 def yes_no(reply: str | None) -> bool | None:
     """The reply's yes/no answer to "do graduates earn more than high-school graduates?"; None when unclear."""
-    text = _plain(reply)
+    text = CITATION.sub(" ", plain(reply))
     for pattern, verdict in _LEADING:
         if pattern.search(text):
             return verdict
@@ -127,23 +110,6 @@ def yes_no(reply: str | None) -> bool | None:
             verdicts.add(verdict)
             text = pattern.sub(" ", text)
     return verdicts.pop() if len(verdicts) == 1 else None
-
-
-_NO_DATA = re.compile(
-    r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
-    r"|\b(?:not|isn't|aren't|wasn't|weren't)\s+(?:\w+\s+)?(?:available|reported|published|disclosed)\b"
-    r"|\bunavailable\b|\bsuppress(?:ed|ion)\b|\bwithheld\b"
-    r"|\b(?:doesn't|does\s+not|don't|do\s+not)\s+(?:have|include|report|list)\s+(?:any\s+)?(?:\w+\s+){0,2}"
-    r"(?:data|information|figures?)\b"
-    r"|\b(?:insufficient|not\s+enough|too\s+little|lacks?)\s+(?:\w+\s+)?(?:data|information)\b"
-    r"|\btoo\s+few\s+(?:graduates|completers|students)\b|\bcan(?:'t|not)\s+tell\b",
-    re.IGNORECASE,
-)
-
-
-def says_no_data(reply: str | None) -> bool:
-    """Whether the reply says the Scorecard has no (or suppressed) data."""
-    return bool(_NO_DATA.search(_plain(reply)))
 
 
 def no_data_correct(reply: str | None) -> bool:
@@ -170,25 +136,56 @@ def _expected_yes(record: dict) -> bool | None:
     return value > 0 if isinstance(value, (int, float)) else None
 
 
-def score_reply(record: dict, reply: str | None, stopped_at_eos: bool, n_tokens: int) -> dict[str, Any]:
-    """Scores of one reply to a held-out record; a score that does not apply to the record's kind is None."""
+def _outside(reply: str, passages: Sequence[str]) -> bool:
+    """Whether the reply states a figure that no retrieved passage holds."""
+    held = [f.text.strip() for p in passages for f in figures(p) if f.counts]
+    return any(not any(same_value(f.value, h) for h in held) for f in figures(reply) if f.counts)
+
+
+def attribution(record: dict, reply: str, hit_ids: Sequence[str] | None) -> str:
+    """Why an answer is wrong: the right row was not retrieved (retrieval_miss), the answer abstained wrongly or
+    failed to (abstention_error), or it read another row or field than the right one in front of it
+    (reading_error)."""
+    wanted = set(source_row_ids(record))
+    if record.get("kind") == "open":
+        wanted = {r for r in wanted if r in set(hit_ids or ())} or wanted
+    if hit_ids is not None and wanted and not wanted <= set(hit_ids):
+        return "retrieval_miss"
+    if record.get("kind") == "no_data" or says_no_data(reply):
+        return "abstention_error"
+    return "reading_error"
+
+
+def score_reply(record: dict, reply: str | None, stopped_at_eos: bool, n_tokens: int,
+                passages: Sequence[str] | None = None, hit_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Scores of one reply to a held-out record; a score that does not apply to the record's kind is None. With
+    the passages it was answered from: whether it is grounded, states a figure outside them, and, when wrong, why
+    (`attribution`, given the retrieved row ids)."""
     reply = reply if isinstance(reply, str) else ""
     kind = record.get("kind") or "unknown"
     ref_value = record.get("numeric")
     has_figure = kind not in ("premium", "no_data") and isinstance(ref_value, (int, float)) and math.isfinite(ref_value)
     expected_yes = _expected_yes(record) if kind == "premium" else None
     said = yes_no(reply) if kind == "premium" else None
-    return {
+    numeric = numeric_correct(reply, float(ref_value)) if has_figure else None
+    if kind == "open" and record.get("values"):
+        numeric = any(numeric_correct(reply, float(v)) for v in record["values"])
+    out = {
         "kind": kind,
         "empty": reply.strip() == "",
         "stopped_at_eos": bool(stopped_at_eos),
         "n_tokens": int(n_tokens),
-        "numeric_correct": numeric_correct(reply, float(ref_value)) if has_figure else None,
+        "numeric_correct": numeric,
         "yes_no": said,
         "yes_no_correct": None if expected_yes is None else said == expected_yes,
         "no_data_correct": no_data_correct(reply) if kind == "no_data" else None,
         "rouge_l": rouge_l(reply, record.get("answer") or ""),
+        "grounded": None if passages is None else check(reply, passages)["status"] != "unverified",
+        "outside_context": None if passages is None else _outside(reply, passages),
     }
+    graded = [out[k] for k in ("numeric_correct", "yes_no_correct", "no_data_correct") if out[k] is not None]
+    out["attribution"] = None if not graded or all(graded) else attribution(record, reply, hit_ids)
+    return out
 
 
 def _finite(values: Iterable) -> list[float]:
@@ -231,6 +228,8 @@ def aggregate(scores: list[dict], extra: dict[str, Any] | None = None) -> dict[s
     out |= _core(scores)
     kinds = sorted({s.get("kind") or "unknown" for s in scores})
     out["by_kind"] = {k: _core([s for s in scores if (s.get("kind") or "unknown") == k]) for k in kinds}
+    out["attribution"] = {a: sum(1 for s in scores if s.get("attribution") == a)
+                          for a in ("retrieval_miss", "reading_error", "abstention_error")}
     for name, value in (extra or {}).items():
         out |= _summarize(name, value)
     return out

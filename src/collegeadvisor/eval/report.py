@@ -256,6 +256,22 @@ def _kinds_table(results: dict[str, dict]) -> str:
     return f"<table><tr><th>kind: metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
+ATTRIBUTION = {"retrieval_miss": "retrieval miss (the right row was not retrieved)",
+               "reading_error": "reading error (the right row was there; another row or field was used)",
+               "abstention_error": "abstention error (said no data wrongly, or failed to)"}
+
+
+def _attribution_table(results: dict[str, dict]) -> str:
+    """Wrong answers by cause, per system."""
+    systems = [s for s in results if results[s].get("attribution")]
+    if not systems:
+        return ""
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in systems)
+    rows = [_metric_row(label, [results[s]["attribution"].get(key) for s in systems], False, False)
+            for key, label in ATTRIBUTION.items()]
+    return f"<h2>Why answers were wrong</h2><table><tr><th>cause</th>{head}</tr>{''.join(rows)}</table>"
+
+
 def _show(text: Any, limit: int = REPLY_CHARS) -> str:
     """Escaped display text: control characters made visible, very long text cut."""
     s = "" if text is None else str(text)
@@ -336,6 +352,7 @@ def _html(data: dict) -> str:
     parts.append(_img(chart, "headline metrics per system") if chart else '<p class="note">No metric values.</p>')
     parts += [
         _metrics_table(results) if results else "",
+        _attribution_table(results),
         "<h2>By question kind</h2>",
         _kinds_table(results),
         "<h2>Sample answers</h2>",

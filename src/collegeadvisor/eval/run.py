@@ -11,18 +11,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from collegeadvisor.chat_format import IGNORE_INDEX, with_context
+from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.data.loaders import load_examples
 from collegeadvisor.data.prepare import encode_examples
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.eval.metrics import aggregate, score_reply
 from collegeadvisor.eval.report import write_report
-from collegeadvisor.generate import generate
+from collegeadvisor.generate import answer
 from collegeadvisor.runs import load_run
 from collegeadvisor.train.batching import collate
 
 QUESTION_FIELDS = ("question", "answer", "numeric", "kind")
-Retriever = Callable[[str], Sequence[str]]
+Retriever = Callable[[str], Sequence[dict]]  # question -> hits {'id', 'document', 'metadata'}, best first
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -86,53 +86,73 @@ def adapter_state(model, on: bool):
             model.unmerge_adapter()
 
 
-def answer(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
-           retriever: Retriever | None = None) -> tuple[list[dict], dict]:
-    """Replies, per-question latency (the wall time of the batch it was in) and generated tokens/s."""
-    convs = []
-    for q in questions:
-        msgs = [{"role": "user", "content": q["question"]}]
-        convs.append(with_context(msgs, retriever(q["question"])) if retriever else msgs)
+def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
+                retriever: Retriever | None = None) -> tuple[list[dict], list[list[dict]], dict]:
+    """Answers through `generate.answer` (the one grounded path: constraint, check, retries), the hits each was
+    answered from, per-question latency (the wall time of its batch) and generated tokens/s."""
+    hits = [list(retriever(q["question"])) if retriever else [] for q in questions]
+    convs = [[{"role": "user", "content": q["question"]}] for q in questions]
+    passages = [[h["document"] for h in hs] or None for hs in hits]
     replies, latency = [], []
     start = time.perf_counter()
     for b in range(0, len(convs), batch_size):
         t = time.perf_counter()
-        out = generate(model, tokenizer, convs[b : b + batch_size], max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out = answer(model, tokenizer, convs[b : b + batch_size], passages[b : b + batch_size],
+                     max_new_tokens=max_new_tokens, batch_size=batch_size)
         dt = time.perf_counter() - t
         replies += out
         latency += [dt] * len(out)
     elapsed = time.perf_counter() - start
     tokens = sum(r["n_tokens"] for r in replies)
-    return replies, {"latency_s": latency, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+    return replies, hits, {"latency_s": latency, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+
+def _scored(questions, replies, hits, text_key: str) -> list[dict]:
+    return [score_reply(q, r[text_key], r["stopped"], r["n_tokens"],
+                        passages=[h["document"] for h in hs] if hs else None,
+                        hit_ids=[str(h["id"]) for h in hs] if hs else None)
+            for q, r, hs in zip(questions, replies, hits)]
+
+
+def _sample_rows(questions, replies, hits, scores, text_key: str) -> list[dict]:
+    return [{"question": q["question"], "reference": q["answer"], "kind": q["kind"], "reply": r[text_key],
+             "grounding": (r.get("grounding") or {}).get("status") if text_key == "text" else
+             (r.get("raw_grounding") or {}).get("status"),
+             "rows": [str(h["id"]) for h in hs], "scores": s}
+            for q, r, hs, s in zip(questions, replies, hits, scores)]
 
 
 def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | None = None, compare: bool = False,
              retriever: Retriever | None = None, max_new_tokens: int = 128, batch_size: int = 16,
-             limit: int | None = None, val_limit: int = 200, device: str = "auto", log=print) -> tuple[Path, Path]:
+             limit: int | None = None, val_limit: int = 200, device: str = "auto", log=print,
+             base_max_new_tokens: int | None = None) -> tuple[Path, Path]:
+    """Score the run (and with `compare` its base model) on held-out questions, through retrieval when a retriever
+    is given: the model's raw answers, and the answers as served after the check and its retries."""
     model, tokenizer, manifest = load_run(run_dir, device=device)
     questions_path = Path(questions_path) if questions_path else default_questions(manifest)
     questions = load_questions(questions_path, limit)
     val_path = Path(run_dir) / "data" / "val.jsonl"
     val = load_examples(val_path)[0][:val_limit] if val_path.is_file() and val_path.stat().st_size else []
-    systems: list[tuple[str, bool, Retriever | None]] = [("tuned", True, None)]
+    tag = "+rag" if retriever is not None else ""
+    systems: list[tuple[str, bool]] = [("tuned", True)]
     if compare:
-        systems.insert(0, ("base", False, None))
-    if retriever is not None:
-        systems.append(("tuned+rag", True, retriever))
+        systems.insert(0, ("base", False))
     results, samples, ppl_of = {}, {}, {}  # perplexity depends on the weights only: once per adapter state
-    for name, adapter_on, retr in systems:
-        log(f"eval: {name} on {len(questions)} questions from {questions_path}")
+    for name, adapter_on in systems:
+        log(f"eval: {name}{tag} on {len(questions)} questions from {questions_path}")
+        budget = max_new_tokens if adapter_on else (base_max_new_tokens or max_new_tokens)
         with adapter_state(model, adapter_on):
-            replies, timing = answer(model, tokenizer, questions, max_new_tokens, batch_size, retr)
+            replies, hits, timing = replies_for(model, tokenizer, questions, budget, batch_size, retriever)
             if adapter_on not in ppl_of:
                 ppl_of[adapter_on] = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None
-            ppl = ppl_of[adapter_on]
-        scores = [score_reply(q, r["text"], r["stopped"], r["n_tokens"]) for q, r in zip(questions, replies)]
-        results[name] = aggregate(scores, {"perplexity": ppl, **timing})
-        samples[name] = [{"question": q["question"], "reference": q["answer"], "kind": q["kind"], "reply": r["text"],
-                          "scores": s} for q, r, s in zip(questions, replies, scores)]
+        views = [("raw", "raw")] + ([("served", "text")] if retriever is not None else [])
+        for view, key in views:
+            label = f"{name}{tag}" + (" (served)" if view == "served" else "")
+            scores = _scored(questions, replies, hits, key)
+            results[label] = aggregate(scores, {"perplexity": ppl_of[adapter_on], **timing})
+            samples[label] = _sample_rows(questions, replies, hits, scores, key)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     meta = {"run": str(Path(run_dir).resolve()), "questions": str(questions_path), "base_model": manifest["base_model"]["spec"],
             "template_sha256": manifest["format"]["template_sha256"], "max_new_tokens": max_new_tokens,
-            "n_questions": len(questions)}
+            "n_questions": len(questions), "retrieval": retriever is not None}
     return write_report(out_dir, results, samples, metrics_jsonl=Path(run_dir) / "metrics.jsonl", meta=meta)

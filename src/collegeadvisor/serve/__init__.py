@@ -68,15 +68,14 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from collegeadvisor import kb
-    from collegeadvisor.runs import find_run, load_run
+    from collegeadvisor.runs import find_run, load_run, run_retriever
     from collegeadvisor.serve.app import create_app
 
     sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         run = find_run(args.run, args.output_dir)
-        retriever = kb.retriever(args.k, args.kb_path, args.kb_url) if args.rag else None
+        retriever = run_retriever(run, args.rag, args.k, args.kb_path, args.kb_url)
         model, tok, manifest = load_run(run, device=args.device, merge=True)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,

@@ -23,18 +23,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
+from collegeadvisor.chat_format import encode_prompt
 from collegeadvisor.errors import TemplateError
-from collegeadvisor.generate import _gen_kwargs, generate, left_pad
+from collegeadvisor.generate import answer, conversation, stream_batch
 
 Retriever = Callable[[str], Sequence[dict]]
 SNIPPET_CHARS = 240
@@ -132,80 +129,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # ------------------------------------------------------------------------------------------ generation
-class _Cancel(StoppingCriteria):
-    """Ends a row's generation when its client went away or a stop string appeared in it."""
-
-    def __init__(self, events: Sequence[threading.Event]):
-        self.events = list(events)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
-
-
-class _PieceStreamer:
-    """One reply's token ids in, decoded text out as it becomes printable; ends at the first end-of-turn id."""
-
-    def __init__(self, tokenizer, stops: Sequence[int], emit: Callable[[str], None]):
-        self.tokenizer, self.stops, self.emit = tokenizer, set(stops), emit
-        self.ids: list[int] = []
-        self.stopped = False
-        self._printed = 0
-
-    def add(self, token: int) -> None:
-        if self.stopped:
-            return
-        if token in self.stops:
-            self.stopped = True
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            self.emit(text[self._printed:])
-            self._printed = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self._printed:
-            self.emit(text[self._printed:])
-            self._printed = len(text)
-
-
-class _RowsStreamer(BaseStreamer):
-    """Receives each step's tokens of a batched `model.generate` and hands every row's token to that row's
-    streamer; a row whose client went away, or whose text reached a stop string, takes no more."""
-
-    def __init__(self, rows: Sequence[_PieceStreamer], cancels: Sequence[threading.Event]):
-        self.rows, self.cancels = list(rows), list(cancels)
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first passes the prompts
-            self._prompt_seen = True
-            return
-        for row, cancel, token in zip(self.rows, self.cancels, value.reshape(-1).tolist()):
-            if not cancel.is_set():
-                row.add(token)
-
-    def end(self):
-        for row in self.rows:
-            row.end()
-
-
-def _stream_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
-                  top_p: float, cancels: Sequence[threading.Event], emits: Sequence[Callable[[str], None]]) -> list[dict]:
-    """Generate several replies in one left-padded batch on the calling thread, emitting each row's text pieces
-    to its own `emit` as they come; returns [{'stopped', 'n_tokens'}] per row. Greedy text equals `generate`'s."""
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer)
-    rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    with torch.inference_mode():
-        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=_RowsStreamer(rows, cancels),
-                       stopping_criteria=StoppingCriteriaList([_Cancel(cancels)]),
-                       **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
-    return [{"stopped": r.stopped, "n_tokens": len(r.ids)} for r in rows]
-
-
 def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [text.index(s) for s in stops if s in text]
     return min(found) if found else None
@@ -223,6 +146,20 @@ def source_of(hit: dict) -> dict[str, Any]:
         "credential": meta.get("credential"),
         "snippet": doc if len(doc) <= SNIPPET_CHARS else doc[: SNIPPET_CHARS - 1].rstrip() + "…",
     }
+
+
+def grounded_fields(hits: Sequence[dict], verdict: dict | None) -> dict[str, Any]:
+    """What a response adds beside OpenAI's fields: every retrieved row (`sources`) and the check of the answer
+    against the rows it cites (`grounding`: status verified | unverified | no_claims, cited rows, problems,
+    whether it fell back to the row itself)."""
+    sources = [source_of(h) for h in hits]
+    if verdict is None:
+        return {"sources": sources, "grounding": {"status": "no_rows", "cited": [], "problems": [],
+                                                  "fallback": False}}
+    cited = [{"index": n, **sources[n - 1]} for n in verdict["cited"] if 1 <= n <= len(sources)]
+    return {"sources": sources, "grounding": {"status": verdict["status"], "cited": cited,
+                                              "problems": verdict["problems"],
+                                              "fallback": bool(verdict.get("fallback"))}}
 
 
 def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = None, api_key: str | None = None, *,
@@ -291,8 +228,8 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
                 jobs = [j for j in jobs if not j["future"].done()]  # the client went away
                 if not jobs:
                     continue
-                run = partial(generate, model, tokenizer, [j["conversation"] for j in jobs], max_tokens,
-                              temperature, top_p, len(jobs), stops)
+                run = partial(answer, model, tokenizer, [j["messages"] for j in jobs], [j["passages"] for j in jobs],
+                              max_tokens, temperature, top_p, len(jobs), stops)
                 try:
                     results = await loop.run_in_executor(state["worker"], run)
                 except Exception as exc:  # surfaced to each waiting request
@@ -310,7 +247,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
         if not jobs:
             return
         _, max_tokens, temperature, top_p = key
-        run = partial(_stream_batch, model, tokenizer, [j["prompt"] for j in jobs], max_tokens, temperature, top_p,
+        run = partial(stream_batch, model, tokenizer, [j["messages"] for j in jobs], max_tokens, temperature, top_p,
                       [j["cancel"] for j in jobs], [j["emit"] for j in jobs])
         try:
             infos = await loop.run_in_executor(state["worker"], run)
@@ -319,7 +256,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
         for job, info in zip(jobs, infos):
             job["pieces"].put_nowait(("error", info) if isinstance(info, Exception) else ("end", info))
 
-    async def _prepare(req: ChatRequest) -> tuple[list[dict], list[int], list[dict], int, float]:
+    async def _prepare(req: ChatRequest) -> tuple[list[dict], list[str] | None, list[int], list[dict], int, float]:
         messages = [m.plain() for m in req.messages]
         max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
         if max_tokens > max_tokens_limit:
@@ -331,9 +268,9 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
         if retriever is not None:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
-        conversation = with_context(messages, [h["document"] for h in hits])
+        passages = [h["document"] for h in hits] or None
         try:
-            prompt = encode_prompt(tokenizer, conversation)
+            prompt = encode_prompt(tokenizer, conversation(messages, passages))
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         if len(prompt) > max_prompt:
@@ -344,7 +281,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
                                 f"model's context of {context} tokens", param="max_tokens",
                            code="context_length_exceeded")
         temperature = float(req.temperature or 0.0)
-        return conversation, prompt, [source_of(h) for h in hits], max_tokens, temperature
+        return messages, passages, prompt, hits, max_tokens, temperature
 
     def _envelope(kind: str, cid: str) -> dict:
         return {"id": cid, "object": kind, "created": int(time.time()), "model": name}
@@ -364,27 +301,51 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(req: ChatRequest):
-        conversation, prompt, sources, max_tokens, temperature = await _prepare(req)
+        messages, passages, prompt, hits, max_tokens, temperature = await _prepare(req)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        extra = {"sources": sources} if retriever is not None else {}
-        if req.stream:
+        key = (max_tokens, temperature, req.top_p, tuple(req.stop))
+        if req.stream and passages is None:  # nothing to check: tokens go out as they are generated
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse(cid, prompt, max_tokens, temperature, req.top_p, req.stop, extra, include_usage),
+                _sse(cid, prompt, messages, max_tokens, temperature, req.top_p, req.stop, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         future = asyncio.get_running_loop().create_future()
-        await state["queue"].put({"key": (max_tokens, temperature, req.top_p, tuple(req.stop)),
-                                  "conversation": conversation, "future": future})
+        await state["queue"].put({"key": key, "messages": messages, "passages": passages, "future": future})
         result = await future
+        extra = grounded_fields(hits, result.get("grounding")) if retriever is not None else {}
+        finish = "stop" if result["stopped"] else "length"
+        if req.stream:  # a grounded answer streams once it has passed its check
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse_text(cid, result, len(prompt), finish, extra, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return {
             **_envelope("chat.completion", cid),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "logprobs": None, "finish_reason": "stop" if result["stopped"] else "length"}],
+                         "logprobs": None, "finish_reason": finish}],
             "usage": _usage(len(prompt), result["n_tokens"]),
             **extra,
         }
 
-    async def _sse(cid, prompt, max_tokens, temperature, top_p, stops, extra, include_usage):
+    def _chunk(cid: str, delta: dict, finish: str | None = None, **more) -> str:
+        body = {**_envelope("chat.completion.chunk", cid),
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def _usage_chunk(cid: str, prompt_tokens: int, completion_tokens: int) -> str:
+        body = {**_envelope("chat.completion.chunk", cid), "choices": [],
+                "usage": _usage(prompt_tokens, completion_tokens)}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def _sse_text(cid: str, result: dict, prompt_tokens: int, finish: str, extra: dict, include_usage: bool):
+        yield _chunk(cid, {"role": "assistant", "content": ""})
+        for piece in re.findall(r"\S+\s*", result["text"]):
+            yield _chunk(cid, {"content": piece})
+        yield _chunk(cid, {}, finish, **extra)
+        if include_usage:
+            yield _usage_chunk(cid, prompt_tokens, result["n_tokens"])
+        yield "data: [DONE]\n\n"
+
+    async def _sse(cid, prompt, messages, max_tokens, temperature, top_p, stops, include_usage):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -393,13 +354,11 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
             loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
 
         def chunk(delta: dict, finish: str | None = None, **more) -> str:
-            body = {**_envelope("chat.completion.chunk", cid),
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return _chunk(cid, delta, finish, **more)
 
         hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
         text, sent, cut = "", 0, None
-        await state["queue"].put({"key": ("stream", max_tokens, temperature, top_p), "prompt": prompt,
+        await state["queue"].put({"key": ("stream", max_tokens, temperature, top_p), "messages": messages,
                                   "emit": emit, "cancel": cancel, "pieces": pieces})
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -423,11 +382,9 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
                 final = (text[:cut] if cut is not None else text).rstrip()
                 if len(final) > sent:
                     yield chunk({"content": final[sent:]})
-                yield chunk({}, "stop" if value["stopped"] or cut is not None else "length", **extra)
+                yield chunk({}, "stop" if value["stopped"] or cut is not None else "length")
                 if include_usage:
-                    body = {**_envelope("chat.completion.chunk", cid), "choices": [],
-                            "usage": _usage(len(prompt), value["n_tokens"])}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield _usage_chunk(cid, len(prompt), value["n_tokens"])
                 yield "data: [DONE]\n\n"
                 return
         finally:

@@ -23,10 +23,11 @@ from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
 from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
-from collegeadvisor.data.prepare import conversation, encode_examples
+from collegeadvisor.data.prepare import encode_examples
+from collegeadvisor.data.scorecard_qa import retrieval_spec
 from collegeadvisor.errors import AdvisorError, TrainingError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_jsonl, staging_dir
-from collegeadvisor.generate import generate
+from collegeadvisor.generate import answer
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model
 from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
 from collegeadvisor.train import checkpoint
@@ -192,6 +193,7 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[dict], lis
         "path": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data),
         "val_path": str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
         "duplicates_dropped": n_dupes, "train": train_stats, "val": val_stats,
+        "context_k": max((len(ex.get("context") or []) for ex in train_ex), default=0),
     }
     return train_rows, val_rows, val_ex, info
 
@@ -291,7 +293,7 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         "format": fmt, "max_length": cfg.max_length,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target": cfg.lora_target,
                  "trainable_params": n_trainable},
-        "data": data_info, "versions": package_versions(),
+        "data": data_info, "versions": package_versions(), "retrieval": retrieval_spec(data_info["context_k"]) if data_info["context_k"] else None,
         "device": device, "dtype": str(dtype).replace("torch.", ""), "world_size": world,
         "autocast_bf16": autocast is not contextlib.nullcontext, "base_bf16": base_bf16,
         "forward_passes": {"packing": cfg.packing, "max_tokens": cfg.batch_tokens or cfg.batch_size * cfg.max_length,
@@ -326,12 +328,13 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         chosen = val_ex[: cfg.sample_count]
         if not chosen:
             return
-        prompts = [conversation(ex)[:-1] for ex in chosen]
+        prompts = [ex["messages"][:-1] for ex in chosen]
         with autocast():
-            replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens,
-                               batch_size=cfg.eval_batch_size)
+            replies = answer(model, tokenizer, prompts, [ex.get("context") for ex in chosen], retries=0,
+                             max_new_tokens=cfg.sample_max_new_tokens, batch_size=cfg.eval_batch_size)
         rows = [{"step": at_step, "question": p[-1]["content"], "reference": ex["messages"][-1]["content"],
-                 "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"]}
+                 "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"],
+                 "grounding": (r["grounding"] or {}).get("status")}
                 for p, ex, r in zip(prompts, chosen, replies)]
         with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

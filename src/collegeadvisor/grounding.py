@@ -1,0 +1,403 @@
+"""Claims in an advisor's answer and their check against the rows it cites.
+
+An answer names its row with a citation "[n]" (the n-th retrieved passage) and each of its sentences names the
+field a figure belongs to ("Median debt: $23,456"). Three kinds of claim are read from the text:
+- a figure: a money amount, a number of three or more digits, a ratio or a percentage (1-2 digit integers such as
+  the "4" of "4 years" are not figures); it belongs to the row cited last before it and to the field named last
+  in its clause (FIELD_CUES, most specific first), or the field of the figure before it;
+- a yes/no verdict right after the citation: whether graduates out-earn a typical high-school graduate, i.e. the
+  sign of the row's earnings premium;
+- "no data" for a field: the row must have that field suppressed.
+
+`check` compares every claim with the cited row, field by field, and gives the verdict that eval scores and chat
+and serve act on. `Rules` answers the same questions for a partial answer, one token at a time: generation uses it
+(generate.GroundedDecoding) so that a figure, verdict or "no data" its row contradicts can't be written at all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from collegeadvisor.data.scorecard import read_row
+
+# Figures as metrics and the checker read them: $12,345 / 12345 / 12.3k / $1.2 million / 0.19 / -$3,000 / 41%.
+_SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mil": 1e6, "mn": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
+NUMBER = re.compile(
+    r"(?<![\w.,$])(?P<neg>[-\u2212\u2013]?)(?P<cur>\$?)\s?(?P<neg2>-?)"
+    r"(?>(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+))"
+    r"(?:\s?(?P<suf>thousand|million|billion|mil|mn|bn|[kKmM])\b|(?![\w.]\d|\w))"
+    r"(?P<pct>\s?%|\s(?:per\s?cent)\b)?(?P<usd>\s?(?:dollars|usd)\b)?",
+    re.IGNORECASE,
+)
+_CIP = re.compile(r"\bCIP(?:\s*code)?\s*[:#]?\s*\d[\d.]*", re.IGNORECASE)
+_YEAR = re.compile(r"(?:19|20)\d\d")
+CITATION = re.compile(r"\[(\d{1,2})\]")
+NO_DATA_PHRASE = re.compile(
+    r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
+    r"|\b(?:not|isn't|aren't|wasn't|weren't)\s+(?:\w+\s+)?(?:available|reported|published|disclosed)\b"
+    r"|\bunavailable\b|\bsuppress(?:ed|ion)\b|\bwithheld\b"
+    r"|\b(?:doesn't|does\s+not|don't|do\s+not)\s+(?:have|include|report|list)\s+(?:any\s+)?(?:\w+\s+){0,2}"
+    r"(?:data|information|figures?)\b"
+    r"|\b(?:insufficient|not\s+enough|too\s+little|lacks?)\s+(?:\w+\s+)?(?:data|information)\b"
+    r"|\btoo\s+few\s+(?:graduates|completers|students)\b|\bcan(?:'t|not)\s+tell\b",
+    re.IGNORECASE,
+)
+# The field a clause speaks of, most specific first ("high-school graduate earnings" is not "earnings").
+FIELD_CUES = [
+    ("ratio", re.compile(r"debt[- ]to[- ](?:earnings|income)|\bratio\b", re.I)),
+    ("hs_earnings", re.compile(r"\bhigh[- ]school\b", re.I)),
+    ("premium", re.compile(r"\bpremium\b", re.I)),
+    ("payback", re.compile(r"\bpay ?back\b|\byears to repay\b", re.I)),
+    ("debt", re.compile(r"\bdebt\b|\bowe\b|\bborrow|\bloans?\b", re.I)),
+    ("earnings", re.compile(r"\bearn|\bsalar|\bincome\b|\bpaid\b|\bpay\b|\bmake\b", re.I)),
+    ("completers", re.compile(r"\bcompleters\b|\bgraduates counted\b", re.I)),
+]
+FIELD_NAMES = {"earnings": "median earnings", "hs_earnings": "high-school graduate earnings",
+               "premium": "earnings premium", "debt": "median debt", "ratio": "debt-to-earnings ratio",
+               "payback": "payback years", "completers": "completers"}
+_BOUNDARY = re.compile(r"[.;!?](?=\s)|\n")
+_LEADING_VERDICT = re.compile(r"^\s*\[(\d{1,2})\]\s*(yes|no)\b", re.I)
+YES_NO = {"yes": True, "no": False}
+
+
+@dataclass
+class Figure:
+    value: float
+    money: bool
+    percent: bool
+    start: int
+    end: int
+    text: str
+
+    @property
+    def counts(self) -> bool:
+        """A figure in the sense of the grounding rule (not a 1-2 digit integer such as a citation or "4 years")."""
+        digits = re.sub(r"\D", "", self.text.split(".")[0])
+        return self.money or self.percent or "." in self.text or len(digits) >= 3
+
+
+def figures(text: str) -> list[Figure]:
+    """Every figure in text, in order; a CIP code and a bare year are not figures."""
+    text = _CIP.sub(lambda m: " " * len(m.group()), text or "")
+    out = []
+    for m in NUMBER.finditer(text):
+        num, suf = m["num"], (m["suf"] or "").lower()
+        if _YEAR.fullmatch(num) and not (m["cur"] or suf or m["pct"] or m["usd"]):
+            continue
+        value = float(num.replace(",", "")) * _SCALE.get(suf, 1.0)
+        if not math.isfinite(value):
+            continue
+        if m["neg"] or m["neg2"]:
+            value = -value
+        money = bool(m["cur"] or m["usd"] or suf) or (abs(value) >= 1000 and not m["pct"])
+        out.append(Figure(round(value, 6), money, bool(m["pct"]), m.start(), m.end(), m.group()))
+    return out
+
+
+def says_no_data(text: str | None) -> bool:
+    return bool(NO_DATA_PHRASE.search(plain(text)))
+
+
+def plain(text: str | None) -> str:
+    """Typographic apostrophes as ASCII, so "doesn’t" reads as "doesn't"."""
+    return (text or "").replace("\u2019", "'").replace("\u2018", "'")
+
+
+def value_of(text: str) -> float:
+    """The number a row's value text stands for ("-$1,234" -> -1234.0, "0.43" -> 0.43)."""
+    return float(text.replace("$", "").replace(",", ""))
+
+
+def same_value(figure: float, row_text: str) -> bool:
+    """A figure states a row value: equal to it, or to its absolute value ("$235 less than"), at the row's precision."""
+    v = value_of(row_text)
+    places = len(row_text.split(".")[1]) if "." in row_text else 0
+    return any(round(abs(figure) if sign else figure, places) == round(abs(v) if sign else v, places)
+               for sign in (False, True))
+
+
+def cue_field(text: str) -> str | None:
+    """The most specific field named in a clause, or None."""
+    for name, pattern in FIELD_CUES:
+        if pattern.search(text):
+            return name
+    return None
+
+
+def _counted(text: str) -> list[Figure]:
+    return [f for f in figures(text) if f.counts and not _in_citation(text, f)]
+
+
+def _in_citation(text: str, f: Figure) -> bool:
+    return text[max(0, f.start - 1):f.start] == "[" and text[f.end:f.end + 1] == "]"
+
+
+def field_at(text: str, pos: int | None = None) -> str | None:
+    """The field a figure or "no data" at `pos` belongs to: the most specific cue in its clause (since the last
+    sentence boundary, citation or figure), else the field of the figure before it in the same answer."""
+    pos = len(text) if pos is None else pos
+    before = text[:pos]
+    marks = [m.end() for m in _BOUNDARY.finditer(before)] + [m.end() for m in CITATION.finditer(before)]
+    earlier = [f for f in _counted(before) if f.end <= pos]
+    start = max(marks + [earlier[-1].end if earlier else 0, 0])
+    found = cue_field(before[start:])
+    if found or not earlier:
+        return found
+    return field_at(text, earlier[-1].start)
+
+
+def cited_at(text: str, pos: int) -> int | None:
+    """The row index (1-based) cited last before pos, or None."""
+    found = list(CITATION.finditer(text[:pos]))
+    return int(found[-1].group(1)) if found else None
+
+
+# ------------------------------------------------------------------------------------------ the context
+@dataclass
+class Context:
+    """The retrieved passages of one question, each read back into its row (None for a passage that isn't one)."""
+
+    passages: list[str]
+    rows: list[dict | None] = field(init=False)
+
+    def __post_init__(self):
+        self.rows = [read_row(p) for p in self.passages]
+
+    def row(self, n: int | None) -> dict | None:
+        return self.rows[n - 1] if n is not None and 1 <= n <= len(self.rows) else None
+
+    def values(self, n: int | None, name: str | None) -> list[str] | None:
+        """Value texts a figure under row n and field `name` may state: the one value (empty when suppressed or
+        not in the row), every value of the row when the field is unknown, every figure of the passages when no
+        row is cited; None when row n is not a Scorecard row (its passage's own figures then apply)."""
+        row = self.row(n)
+        if row is None:
+            texts = self.passages if n is None or not 1 <= n <= len(self.passages) else [self.passages[n - 1]]
+            return [f.text.strip() for p in texts for f in figures(p) if f.counts]
+        if name is None:
+            return [v for v in row["values"].values() if v is not None]
+        v = row["values"].get(name)
+        return [] if v is None else [v]
+
+    def premium_passes(self, n: int | None) -> bool | None:
+        row = self.row(n)
+        v = row["values"].get("premium") if row else None
+        return None if v is None else not v.startswith("-")
+
+
+# ------------------------------------------------------------------------------------------ the check
+def claims(answer: str) -> list[dict[str, Any]]:
+    """Claims in an answer: {"type": "figure"|"verdict"|"no_data", "row", "field", "value", "text", "start"}."""
+    out: list[dict[str, Any]] = []
+    lead = _LEADING_VERDICT.match(answer)
+    if lead:
+        out.append({"type": "verdict", "row": int(lead.group(1)), "field": "premium",
+                    "value": YES_NO[lead.group(2).lower()], "text": lead.group(2), "start": lead.start(2)})
+    for f in _counted(answer):
+        out.append({"type": "figure", "row": cited_at(answer, f.start), "field": field_at(answer, f.start),
+                    "value": f.value, "text": f.text.strip(), "start": f.start})
+    for m in NO_DATA_PHRASE.finditer(plain(answer)):
+        out.append({"type": "no_data", "row": cited_at(answer, m.start()), "field": field_at(answer, m.start()),
+                    "value": None, "text": m.group(), "start": m.start()})
+    return sorted(out, key=lambda c: c["start"])
+
+
+def _problem(claim: dict, ctx: Context) -> str | None:
+    """Why the context contradicts a claim, or None."""
+    n, name = claim["row"], claim["field"]
+    label = FIELD_NAMES.get(name, "a figure")
+    if n is not None and not 1 <= n <= len(ctx.passages):
+        return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
+    row = ctx.row(n)
+    if claim["type"] == "verdict":
+        passes = ctx.premium_passes(n)
+        if passes is None:
+            return f"answers {claim['text']!r}, but row [{n}] has no earnings premium"
+        return None if passes == claim["value"] else f"answers {claim['text']!r}, but row [{n}] {'passes' if passes else 'fails'} the test"
+    if claim["type"] == "no_data":
+        if row is None or name is None:
+            return None
+        value = row["values"].get(name)
+        return None if value is None else f"says no data for the {label}, but row [{n}] has {value}"
+    allowed = ctx.values(n, name)
+    if any(same_value(claim["value"], v) for v in allowed or []):
+        return None
+    where = f"row [{n}]'s {label}" if row is not None and name else (f"row [{n}]" if n else "the retrieved rows")
+    if row is not None and name and row["values"].get(name, "absent") is None:
+        return f"states {claim['text']} as {where}, which is suppressed (no data)"
+    return f"states {claim['text']}, which is not {where}" + (f" ({allowed[0]})" if len(allowed or []) == 1 else "")
+
+
+def check(answer: str, passages: Sequence[str] | Context) -> dict[str, Any]:
+    """The verdict on an answer given its passages: status "verified" (every claim agrees with its cited row),
+    "unverified" (each bad claim carries its "problem"), or "no_claims"; with the cited row indices."""
+    ctx = passages if isinstance(passages, Context) else Context(list(passages))
+    found = claims(answer or "")
+    for claim in found:
+        claim["problem"] = _problem(claim, ctx)
+    problems = [c["problem"] for c in found if c["problem"]]
+    cited = sorted({int(m.group(1)) for m in CITATION.finditer(answer or "")})
+    status = "unverified" if problems else ("verified" if found else "no_claims")
+    return {"status": status, "problems": problems, "cited": cited, "claims": found}
+
+
+def forbidden(verdict: dict, before: dict | None = None) -> dict[str, list]:
+    """What a retry must not say again (added to `before`): the offending figures, verdicts, "no data" slots and
+    citations of a failed check."""
+    out = {k: list(v) for k, v in (before or {"figures": [], "verdicts": [], "rows": [], "no_data": []}).items()}
+    for claim in verdict["claims"]:
+        if not claim.get("problem"):
+            continue
+        if claim["type"] == "figure":
+            out["figures"].append(digits(claim["text"]))
+        elif claim["type"] == "verdict":
+            out["verdicts"].append(claim["value"])
+        elif claim["type"] == "no_data":
+            out["no_data"].append(claim["field"])
+        if claim["row"] is not None and claim["problem"].startswith("cites"):
+            out["rows"].append(claim["row"])
+    return out
+
+
+def digits(text: str) -> str:
+    return re.sub(r"\D", "", text.split(".")[0]) + ("." + re.sub(r"\D", "", text.split(".")[1]) if "." in text else "")
+
+
+def fallback_answer(passages: Sequence[str], cited: Sequence[int]) -> str:
+    """The cited row's own facts, said to be that: the answer when generation could not be verified."""
+    n = next((i for i in cited if 1 <= i <= len(passages)), 1 if passages else None)
+    if n is None:
+        return ("I couldn't check an answer against the College Scorecard, so I won't guess. Name a school, a "
+                "program and a credential, and I'll look them up.")
+    return f"I couldn't phrase a checked answer, so here is the College Scorecard row itself: [{n}] {passages[n - 1].strip()}"
+
+
+# ------------------------------------------------------------------------------------------ rules for decoding
+_OPEN = re.compile(r"(?<![\w.,$])(?:-?\$?-?\d[\d,]*(?:\.\d*)?|-?\$)$")
+_AT_VERDICT = re.compile(r"\s*\[(\d{1,2})\]\s*")
+
+_FREE = re.compile(r"\d{1,2}")
+_LEAD = re.compile(r"[-$0-9.,%]*")
+NO_WORDS = {"no", "not", "none", "n", "na", "n/a", "unavailable", "unknown", "suppressed"}
+
+
+def signature(piece: str) -> tuple:
+    """What `Rules.admits` reads of a token's text: two texts with one signature are admitted alike."""
+    word = piece.strip().lower()
+    if word in YES_NO or word in NO_WORDS:
+        return ("word", word, piece[:1] == " ")
+    body = piece.lstrip(" ([")
+    lead = _LEAD.match(body).group()
+    head = _LEAD.match(piece).group()
+    return ("figure", body is piece or body == piece, lead, bool(body[len(lead):]), head, bool(piece[len(head):]),
+            re.match(r"[0-9]+", piece).group() if piece[:1].isdigit() and re.match(r"[0-9]+", piece) else None)
+
+
+def _variants(value: str) -> set[str]:
+    """The ways a row value may be written: "-$1,234" as itself, "$1,234", "1,234", "-1,234"."""
+    forms = {value, value.lstrip("-")}
+    return forms | {f.replace("$", "") for f in forms}
+
+
+class Rules:
+    """What may follow a partial answer, given the passages: `admits(text, piece)` is False when appending
+    `piece` would write a figure that is not the cited row's value for the field being spoken of (or, before any
+    citation, not a figure of the passages), a yes/no that the cited row's premium contradicts, "no data" for a
+    field the row has, or a citation of a row that wasn't retrieved. `forbid` adds what a failed check found."""
+
+    def __init__(self, passages: Sequence[str], forbid: dict | None = None):
+        self.ctx = Context(list(passages))
+        self.forbid = forbid or {}
+        self._allowed: dict[str, tuple[set[str], bool]] = {}
+        self._open: tuple[str | None, re.Match | None] = (None, None)
+
+    def allowed(self, before: str) -> set[str]:
+        """Figure texts admitted at the end of `before`."""
+        return self._at(before)[0]
+
+    def _at(self, before: str) -> tuple[set[str], bool]:
+        """(figure texts admitted at the end of `before`, whether it is a value slot of a cited row's field), cached:
+        every candidate token asks."""
+        got = self._allowed.get(before)
+        if got is None:
+            n, name = cited_at(before, len(before)), field_at(before)
+            values = self.ctx.values(n, name) or []
+            banned = set(self.forbid.get("figures", ()))
+            texts = {v for value in values for v in _variants(value) if digits(v) not in banned}
+            slot = before.rstrip().endswith(":") and name is not None and self.ctx.row(n) is not None
+            if len(self._allowed) > 256:
+                self._allowed.clear()
+            got = self._allowed[before] = (texts, slot)
+        return got
+
+    def open_figure(self, text: str) -> re.Match | None:
+        """The figure being written at the end of text, if any (cached: every candidate token asks about it)."""
+        if self._open[0] != text:
+            self._open = (text, _OPEN.search(text))
+        return self._open[1]
+
+    def _free(self, figure: str, before: str) -> bool:
+        """A 1-2 digit number is no figure ("[1]", "4 years"), except in a field's value slot ("Median debt: ")."""
+        return bool(_FREE.fullmatch(figure)) and not self._at(before)[1]
+
+    def complete(self, figure: str, before: str) -> bool:
+        figure = figure.rstrip(".,")
+        return self._free(figure, before) or figure in self.allowed(before)
+
+    def _prefix(self, figure: str, before: str) -> bool:
+        if self._free(figure, before) or any(a.startswith(figure) for a in self.allowed(before)):
+            return True
+        return figure[-1:] in (".", ",") and self.complete(figure[:-1], before)
+
+    def _words(self, text: str, piece: str) -> bool:
+        """Citations, a leading yes/no and "no data" in a value slot."""
+        index = re.match(r"[0-9]+", piece) if text.endswith("[") else None
+        if index:
+            n = int(index.group())
+            if not 1 <= n <= len(self.ctx.passages) or n in self.forbid.get("rows", ()):
+                return False
+        word = piece.strip().lower()
+        at = _AT_VERDICT.fullmatch(text) if word in YES_NO else None
+        if at:
+            passes = self.ctx.premium_passes(int(at.group(1)))
+            if passes is None or passes != YES_NO[word] or YES_NO[word] in self.forbid.get("verdicts", ()):
+                return False
+        if word in NO_WORDS and text.rstrip().endswith(":"):
+            name, row = field_at(text), self.ctx.row(cited_at(text, len(text)))
+            if name and ((row and row["values"].get(name) is not None) or name in self.forbid.get("no_data", ())):
+                return False
+        return True
+
+    def decision_key(self, text: str):
+        """What `admits(text, piece)` depends on for any piece, hashable; None where it depends on more (right
+        after "[", at the verdict, in a value slot). Decoding caches its token masks under it."""
+        if text.endswith("[") or text.rstrip().endswith(":") or _AT_VERDICT.fullmatch(text):
+            return None
+        open_ = self.open_figure(text)
+        if open_ is not None:
+            return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])))
+        wordy = bool(text[-1:]) and (text[-1].isalnum() or text[-1] in "_.,$")
+        return ("free", wordy, frozenset(self.allowed(text)))
+
+    def admits(self, text: str, piece: str) -> bool:
+        """Whether `piece` may follow `text` (see the class)."""
+        if not self._words(text, piece):
+            return False
+        open_ = self.open_figure(text)
+        if open_ is None:
+            body = piece.lstrip(" ([")
+            lead = _LEAD.match(body).group()
+            if not any(c.isdigit() or c == "$" for c in lead):
+                return True
+            if body is piece and text[-1:] and (text[-1].isalnum() or text[-1] in "_.,$"):
+                return True  # digits inside a word or after a figure's own characters: not a new figure
+            before, figure, rest = text, lead, body[len(lead):]  # what precedes it (" ", "(") names no field
+        else:
+            lead = _LEAD.match(piece).group()
+            before, figure, rest = text[:open_.start()], open_.group() + lead, piece[len(lead):]
+            if not lead:
+                return self.complete(open_.group(), before)
+        return self.complete(figure, before) if rest else self._prefix(figure, before)
