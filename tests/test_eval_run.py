@@ -81,11 +81,73 @@ def test_compare_writes_both_reports_with_every_metric(trained_run, tmp_path):
 
 
 def test_empty_reply_is_scored_not_a_crash(trained_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_run, "generate", lambda model, tok, convs, **kw: [
+    import collegeadvisor.generate as gen
+
+    monkeypatch.setattr(gen, "generate", lambda model, tok, convs, **kw: [
         {"text": "", "ids": [], "stopped": True, "n_tokens": 0} for _ in convs])
     report_json, _ = eval_run.evaluate(trained_run, out_dir=tmp_path / "ev", max_new_tokens=4)
     tuned = json.loads(report_json.read_text())["results"]["tuned"]
     assert tuned["empty_rate"] == 1.0 and tuned["numeric_accuracy"] == 0.0
+
+
+ROWS = [
+    "Test University (OH, public): Bachelor's Degree in Nursing. Completers: 40. Median earnings four years after "
+    "completion: $30,111. High-school graduate earnings in OH: $26,111. Earnings premium: $4,000 (passes the test). "
+    "Median debt: $21,000. Debt-to-earnings: 0.70. Payback: 6.1 years.",
+    "Test University (OH, public): Master's Degree in Nursing. Median earnings: no data (suppressed). High-school "
+    "graduate earnings in OH: $26,111. Earnings premium: no data. Median debt: no data.",
+]
+
+
+def fake_retriever(question: str) -> list[dict]:
+    return [{"id": f"x:{i}:3", "document": d, "metadata": {"school": "Test University"}, "distance": 0.1}
+            for i, d in enumerate(ROWS, 1)]
+
+
+def test_eval_with_retrieval_goes_through_the_constraint_and_reports_raw_and_served(trained_run, tmp_path,
+                                                                                   monkeypatch):
+    import collegeadvisor.generate as gen
+
+    seen = []
+    real = gen.GroundedDecoding
+
+    class Spy(real):
+        def __call__(self, input_ids, scores):
+            seen.append(len(self.rules))
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(gen, "GroundedDecoding", Spy)
+    report_json, report_html = eval_run.evaluate(trained_run, out_dir=tmp_path / "ev", retriever=fake_retriever,
+                                                 max_new_tokens=12)
+    data = json.loads(report_json.read_text())
+    assert seen and set(data["results"]) == {"tuned+rag", "tuned+rag (served)"}
+    raw = data["results"]["tuned+rag"]
+    assert raw["outside_context_rate"] == 0.0  # by construction
+    assert set(raw["attribution"]) == {"retrieval_miss", "reading_error", "abstention_error"}
+    wrong = sum(raw["attribution"].values())
+    graded = [s["scores"] for s in data["samples"]["tuned+rag"]]
+    assert wrong == sum(1 for s in graded if s["attribution"])
+    assert all(s["rows"] == ["x:1:3", "x:2:3"] for s in data["samples"]["tuned+rag"])
+    assert "Why answers were wrong" in report_html.read_text()
+
+
+def test_attribution_sorts_wrong_answers():
+    from collegeadvisor.eval.metrics import score_reply
+
+    rec = {"question": "q", "answer": "a", "numeric": 30111.0, "kind": "earnings", "source": {"row_id": "x:1:3"}}
+    right = "[1] N. Median earnings four years after completion: $30,111."
+    assert score_reply(rec, right, True, 9, ROWS, ["x:1:3", "x:2:3"])["attribution"] is None
+    other_field = "[1] N. Median debt: $21,000."
+    assert score_reply(rec, other_field, True, 9, ROWS, ["x:1:3", "x:2:3"])["attribution"] == "reading_error"
+    assert score_reply(rec, right.replace("30,111", "26,111"), True, 9, ROWS, ["x:9:3"])["attribution"] == \
+        "retrieval_miss"
+    abstained = "[1] N. Median earnings: no data."
+    scored = score_reply(rec, abstained, True, 9, ROWS, ["x:1:3"])
+    assert scored["attribution"] == "abstention_error" and scored["grounded"] is False
+    no_data = {"question": "q", "answer": "a", "numeric": None, "kind": "no_data", "source": {"row_id": "x:2:3"}}
+    assert score_reply(no_data, "[1] N. Median earnings: $30,111.", True, 9, ROWS, ["x:1:3", "x:2:3"])[
+        "attribution"] == "abstention_error"
+    assert score_reply(rec, "[1] N. Median earnings: $99,999.", True, 9, ROWS, ["x:1:3"])["outside_context"]
 
 
 def test_chat_answers_a_piped_question(trained_run):

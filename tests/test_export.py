@@ -308,3 +308,22 @@ def smol_run_template(run):
     import json
 
     return json.loads((run / "manifest.json").read_text())["format"]["chat_template"]
+
+
+def test_chat_endpoints_drop_bos_for_tinyllama_templates_and_completions_keep_it(smol_tokenizer,
+                                                                                 tinyllama_tokenizer):
+    """What docs/serving.md says of vLLM: a chat endpoint tokenizes the rendered template without special tokens
+    (as apply_chat_template(tokenize=True) does), which loses TinyLlama's <s>; the completions path (the rendered text
+    tokenized with the tokenizer's defaults) keeps it, and equals the ids training used. ChatML loses nothing."""
+    from collegeadvisor.chat_format import encode_prompt, render_text
+
+    msgs = [{"role": "user", "content": "What do nurses earn at Test University?"}]
+    for tok, loses_bos in ((tinyllama_tokenizer, True), (smol_tokenizer, False)):
+        trained = encode_prompt(tok, msgs)
+        chat = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        completions = tok(render_text(tok, msgs, add_generation_prompt=True))["input_ids"]
+        assert completions == trained
+        if loses_bos:
+            assert trained[0] == tok.bos_token_id and chat[0] != tok.bos_token_id
+        else:
+            assert chat == trained

@@ -190,3 +190,49 @@ def test_generate_constrains_every_row_of_a_batch(smol_tiny_model, rows):
         for f in grounding.figures(r["text"]):
             assert not f.counts or any(grounding.same_value(f.value, h) for h in held)
     assert claims("[1] Yes. Earnings premium: $5.")[0]["type"] == "verdict"
+
+
+@pytest.fixture
+def decoding_spy(monkeypatch):
+    """Counts the steps GroundedDecoding runs, wherever generation happens."""
+    import collegeadvisor.generate as gen
+
+    steps = []
+
+    class Spy(gen.GroundedDecoding):
+        def __call__(self, input_ids, scores):
+            steps.append(len(self.rules))
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(gen, "GroundedDecoding", Spy)
+    return steps
+
+
+def _hits(docs):
+    return [{"id": f"r{i}", "document": d, "metadata": {"school": "S"}} for i, d in enumerate(docs, 1)]
+
+
+def test_chat_and_serve_go_through_the_constrained_path(smol_tiny_model, rows, decoding_spy):
+    import io
+
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from collegeadvisor.chat import chat_loop
+    from collegeadvisor.serve.app import create_app
+
+    docs, _ = rows
+    tok = AutoTokenizer.from_pretrained(smol_tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(smol_tiny_model).eval()
+    out = io.StringIO()
+    assert chat_loop(model, tok, io.StringIO("How much do graduates earn?\n"), out, max_new_tokens=6,
+                     retriever=lambda q: _hits(docs)) == 1
+    assert decoding_spy and "(" in out.getvalue()  # the verdict line follows the answer
+    chat_steps = len(decoding_spy)
+    manifest = {"run_dir": "/tmp/tiny"}
+    with TestClient(create_app(model, tok, manifest, retriever=lambda q: _hits(docs))) as client:
+        body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Debt?"}],
+                                                         "max_tokens": 6}).json()
+    assert len(decoding_spy) > chat_steps
+    assert body["grounding"]["status"] in ("verified", "no_claims", "unverified")
+    assert [s["id"] for s in body["sources"]] == ["r1", "r2", "r3"]

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import AdvisorError
-from collegeadvisor.generate import generate
+from collegeadvisor.generate import answer, generate, stream_batch
 from collegeadvisor.serve import bind, register, serving
 from collegeadvisor.serve import app as serve_app
 from collegeadvisor.serve.app import create_app
@@ -198,7 +198,12 @@ def test_rag_answers_carry_sources(served):
         events = stream(c, max_tokens=8)
     grounded = with_context(ASK, [h["document"] for h in HITS])
     assert body["usage"]["prompt_tokens"] == len(encode_prompt(tok, grounded))  # the passages went in
-    assert body["choices"][0]["message"]["content"] == generate(model, tok, [grounded], max_new_tokens=8)[0]["text"]
+    expected = answer(model, tok, [ASK], [[h["document"] for h in HITS]], max_new_tokens=8)[0]
+    assert body["choices"][0]["message"]["content"] == expected["text"]
+    assert body["grounding"]["status"] == expected["grounding"]["status"]
+    assert body["grounding"]["fallback"] == bool(expected["grounding"].get("fallback"))
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == expected["text"]
+    assert events[-1]["grounding"] == body["grounding"]
     assert body["sources"] == [
         {"id": "100:5138:3", "school": "Test University", "program": "Nursing", "credential": "Bachelor's Degree",
          "snippet": HITS[0]["document"]},
@@ -217,19 +222,19 @@ def test_cancel_stops_generation(served):
         pieces.append(piece)
         cancel.set()
 
-    info = serve_app._stream_batch(model, tok, [encode_prompt(tok, ASK)], 200, 0.0, 1.0, [cancel], [emit])[0]
+    info = stream_batch(model, tok, [ASK], 200, 0.0, 1.0, [cancel], [emit])[0]
     assert info["n_tokens"] <= 2 and not info["stopped"] and pieces
 
 
 def test_concurrent_requests_are_batched_off_the_event_loop(served, monkeypatch, reference):
     sizes = []
 
-    def slow_generate(*args, **kwargs):
+    def slow_answer(*args, **kwargs):
         sizes.append(len(args[2]))
         time.sleep(0.6)
-        return generate(*args, **kwargs)
+        return answer(*args, **kwargs)
 
-    monkeypatch.setattr(serve_app, "generate", slow_generate)
+    monkeypatch.setattr(serve_app, "answer", slow_answer)
     app = create_app(*served, batch_wait_ms=50)
     results, health_s = [None] * 4, []
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
@@ -258,14 +263,14 @@ def test_concurrent_streams_share_one_batch_and_each_equals_generate(served, mon
             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Median debt at school 2?"}]]
     expected = [generate(model, tok, [a], max_new_tokens=24)[0] for a in asks]
     assert len({e["text"] for e in expected}) > 1
-    sizes, real = [], serve_app._stream_batch
+    sizes, real = [], serve_app.stream_batch
 
     def counted(*args, **kwargs):
         sizes.append(len(args[2]))
         time.sleep(0.3)  # let the others queue up behind the first
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(serve_app, "_stream_batch", counted)
+    monkeypatch.setattr(serve_app, "stream_batch", counted)
     app = create_app(*served, batch_wait_ms=100)
     texts, finals = [None] * len(asks), [None] * len(asks)
     with serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
@@ -309,8 +314,7 @@ def test_openai_client_against_real_server(served, reference):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k-123", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list()] == [served[2]["run_dir"].rsplit("/", 1)[-1]]
         resp = client.chat.completions.create(model="advisor", messages=ASK, max_tokens=8)
-        grounded = with_context(ASK, [h["document"] for h in HITS])
-        expected = generate(served[0], served[1], [grounded], max_new_tokens=8)[0]
+        expected = answer(served[0], served[1], [ASK], [[h["document"] for h in HITS]], max_new_tokens=8)[0]
         assert resp.choices[0].message.content == expected["text"]
         assert resp.choices[0].finish_reason == ("stop" if expected["stopped"] else "length")
         assert resp.usage.completion_tokens == expected["n_tokens"]
@@ -320,6 +324,7 @@ def test_openai_client_against_real_server(served, reference):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
         assert chunks[-1].choices[0].finish_reason == resp.choices[0].finish_reason
         assert [s["id"] for s in chunks[-1].model_extra["sources"]] == [h["id"] for h in HITS]
+        assert chunks[-1].model_extra["grounding"]["status"] == resp.model_extra["grounding"]["status"]
 
         bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0, timeout=30)
         with pytest.raises(openai.AuthenticationError):

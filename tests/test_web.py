@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from collegeadvisor.chat_format import with_context
-from collegeadvisor.generate import generate
+from collegeadvisor.generate import answer
 from collegeadvisor.serve import serving
 from collegeadvisor.serve.app import create_app
 
@@ -48,7 +47,7 @@ def browser():
 
 def expected(served, messages) -> str:
     model, tok, _ = served
-    return generate(model, tok, [with_context(messages, [h["document"] for h in HITS])], max_new_tokens=MAX_TOKENS)[0]["text"]
+    return answer(model, tok, [messages], [[h["document"] for h in HITS]], max_new_tokens=MAX_TOKENS)[0]["text"]
 
 
 def ask(page, question: str, n: int):
@@ -83,6 +82,7 @@ def test_chat_page_streams_answers_with_sources(served, browser):
         assert sources.count() == 2
         assert "Test University: Bachelor's Degree in Nursing" in sources.nth(0).inner_text()
         assert "$65,432" in sources.nth(0).inner_text()
+        assert first.locator(".verdict").get_attribute("data-status") in ("verified", "no_claims", "fallback")
 
         q2 = "And what is the median debt there?"
         second = ask(page, q2, 2)
@@ -112,4 +112,27 @@ def test_chat_page_asks_for_the_api_key(served, browser):
         page.fill("#apikey", "k-web")
         answer = ask(page, "What do graduates of program 3 earn at school 3?", 1)
         assert answer.get_attribute("data-finish") in ("stop", "length")
+        page.close()
+
+
+def test_chat_page_marks_an_unverified_answer_and_its_cited_row(served, browser, monkeypatch):
+    import collegeadvisor.serve.app as serve_app
+
+    def unverified(model, tok, conversations, passages, *args, **kwargs):
+        return [{"text": "[1] Median earnings: $99,999.", "stopped": True, "n_tokens": 9,
+                 "grounding": {"status": "unverified", "cited": [1], "fallback": False,
+                               "problems": ["states $99,999, which is not row [1]'s median earnings ($65,432)"]}}
+                for _ in conversations]
+
+    monkeypatch.setattr(serve_app, "answer", unverified)
+    app = create_app(*served, retriever=lambda q: HITS, default_max_tokens=MAX_TOKENS)
+    with serving(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        reply = ask(page, "What do graduates of program 3 earn at school 3?", 1)
+        badge = reply.locator(".verdict")
+        assert badge.get_attribute("data-status") == "unverified" and "Not verified" in badge.inner_text()
+        assert "$65,432" in badge.get_attribute("title")
+        assert reply.locator(".sources li").nth(0).get_attribute("class") == "cited"
+        assert reply.locator(".sources li").nth(1).get_attribute("class") != "cited"
         page.close()

@@ -121,10 +121,12 @@ class GroundedDecoding(LogitsProcessor):
 
 
 def _processors(tokenizer, passages, width: int, forbid=None) -> LogitsProcessorList:
-    if not passages or not any(passages):
+    """The constraint for rows answered from retrieved passages (an empty list: retrieval found none, so no figure
+    at all); rows with passages None decode freely."""
+    if not passages or all(p is None for p in passages):
         return LogitsProcessorList()
     forbid = forbid or [None] * len(passages)
-    rules = [grounding.Rules(p, f) if p else None for p, f in zip(passages, forbid)]
+    rules = [grounding.Rules(p, f) if p is not None else None for p, f in zip(passages, forbid)]
     return LogitsProcessorList([GroundedDecoding(tokenizer, rules, width)])
 
 
@@ -192,7 +194,8 @@ def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], passages: 
     forbid: list[dict | None] = [None] * len(out)
     for i, r in enumerate(out):
         r["raw"] = r["text"]
-        r["grounding"] = r["raw_grounding"] = grounding.check(r["text"], passages[i] or []) if passages[i] else None
+        verdict = grounding.check(r["text"], passages[i]) if passages[i] is not None else None
+        r["grounding"] = r["raw_grounding"] = verdict
     for attempt in range(1, retries + 1):
         todo = [i for i, r in enumerate(out) if r["grounding"] and r["grounding"]["status"] == "unverified"]
         if not todo:

@@ -92,7 +92,7 @@ def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, ba
     answered from, per-question latency (the wall time of its batch) and generated tokens/s."""
     hits = [list(retriever(q["question"])) if retriever else [] for q in questions]
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
-    passages = [[h["document"] for h in hs] or None for hs in hits]
+    passages = [[h["document"] for h in hs] if retriever else None for hs in hits]
     replies, latency = [], []
     start = time.perf_counter()
     for b in range(0, len(convs), batch_size):
@@ -109,8 +109,8 @@ def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, ba
 
 def _scored(questions, replies, hits, text_key: str) -> list[dict]:
     return [score_reply(q, r[text_key], r["stopped"], r["n_tokens"],
-                        passages=[h["document"] for h in hs] if hs else None,
-                        hit_ids=[str(h["id"]) for h in hs] if hs else None)
+                        passages=[h["document"] for h in hs] if r.get("grounding") else None,
+                        hit_ids=[str(h["id"]) for h in hs] if r.get("grounding") else None)
             for q, r, hs in zip(questions, replies, hits)]
 
 

@@ -268,7 +268,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
         if retriever is not None:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
-        passages = [h["document"] for h in hits] or None
+        passages = [h["document"] for h in hits] if retriever is not None else None
         try:
             prompt = encode_prompt(tokenizer, conversation(messages, passages))
         except TemplateError as exc:
