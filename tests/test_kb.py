@@ -13,6 +13,7 @@ from collegeadvisor.kb import (
     build_kb,
     embed,
     ingest_documents,
+    kb_info,
     load_embedder,
     open_store,
     parse_question,
@@ -53,6 +54,42 @@ def test_interrupted_build_resumes_without_duplicates(store_path, rows):
     again = build_kb(store_path, rows=rows, progress=False)
     assert again["added"] == 0
     assert again["count"] == len(rows) == rows["row_id"].nunique()
+
+
+def test_build_records_embedder_and_row_format_and_kb_info_creates_nothing(store_path, rows, tmp_path):
+    import chromadb
+    from chromadb.config import Settings
+
+    from collegeadvisor.data.scorecard import row_format_id
+    from collegeadvisor.kb.embed import MODEL_NAME
+
+    info = kb_info(store_path)
+    assert info == {"where": str(store_path), "exists": True, "rows": len(rows), "passages": 0,
+                    "embedder": MODEL_NAME, "row_format": row_format_id()}
+    assert not kb_info(tmp_path / "none")["exists"] and not (tmp_path / "none").exists()
+    assert not kb_info(store_path, collection="elsewhere")["exists"]
+    client = chromadb.PersistentClient(path=str(store_path), settings=Settings(anonymized_telemetry=False))
+    names = [c.name for c in client.list_collections()]
+    assert names == ["scorecard"]
+
+
+def test_pysqlite3_replaces_a_sqlite3_chroma_refuses(monkeypatch):
+    import sqlite3
+    import types
+
+    from collegeadvisor.kb.store import use_pysqlite3_if_needed
+
+    monkeypatch.setitem(sys.modules, "sqlite3", sqlite3)
+    use_pysqlite3_if_needed()  # this Python's sqlite3 is new enough: left alone
+    assert sys.modules["sqlite3"] is sqlite3
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setitem(sys.modules, "pysqlite3", None)  # too old, and pysqlite3-binary not installed
+    use_pysqlite3_if_needed()
+    assert sys.modules["sqlite3"] is sqlite3
+    binary = types.ModuleType("pysqlite3")
+    monkeypatch.setitem(sys.modules, "pysqlite3", binary)  # installed: imported in sqlite3's place
+    use_pysqlite3_if_needed()
+    assert sys.modules["sqlite3"] is binary and "pysqlite3" not in sys.modules
 
 
 def test_store_reopens_from_disk_with_a_new_client(store_path, rows):
@@ -217,6 +254,7 @@ def test_ingest_markdown_and_retrieve_a_passage(tmp_path, rows):
     before = store.count()
     stats = ingest_documents([notes], path=store_path)
     assert stats == {"files": 1, "passages": 2, "count": before + 2}
+    assert kb_info(store_path)["rows"] == 20 and kb_info(store_path)["passages"] == 2
     hits = retrieve("When is the housing deposit due and is it refundable?", k=3, collection=store)
     assert hits[0]["id"] == "visit-notes.md:1"
     assert hits[0]["metadata"]["source"] == "visit-notes.md" and "$300" in hits[0]["document"]
