@@ -2,10 +2,9 @@
 
 The question's words are matched, longest phrase first, against name indexes built from the table, in passes
 (`Names.passes`): school names and their usual variants ("The" left out, "University of X" as "X University", a
-campus after a dash, in parentheses or after "at", the main campus for a school named without one); program
-names together with school names that leave out "University" or "College" ("Ohio State", before "Ohio" can read
-as a state); credential and state words; the short forms of program names (the part before the first comma);
-last, one-word school names ("Princeton"). A credential word is paired with the program it qualifies ("a master's in
+campus after a dash, in parentheses or after "at", the main campus for a school named without one, "University"
+or "College" left out: "Ohio State"); then, in one pass, program names and their short forms (the part before
+the first comma), credential and state words; last, one-word school names ("Princeton"). A credential word is paired with the program it qualifies ("a master's in
 X or a bachelor's in Y"). `Parse` keeps how exactly each school and credential was named, so retrieval can rank
 the rows a question means most exactly above those it may mean.
 """
@@ -80,8 +79,8 @@ NOT_PROGRAM_WORDS = {"a", "an", "the", "of", "or", "and", "in", "for", "at", "to
                      "is", "it", "its", "vs", "versus", "than", "do", "does", "high", "school"}
 
 # How exactly a question names a school: its name as written, its name up to spelling, the main campus of the
-# school it names, any other variant.
-AS_WRITTEN, SAME_NAME, MAIN, VARIANT = 3.0, 2.0, 1.5, 1.0
+# school it names, any other variant, another campus of the school it names without campus.
+AS_WRITTEN, SAME_NAME, MAIN, VARIANT, OTHER_CAMPUS = 3.0, 2.0, 1.5, 1.0, 0.5
 # How exactly it names a credential: a word for that level, the plain meaning of a family word, another member.
 EXACT_LEVEL, FAMILY_FIRST, FAMILY_OTHER = 2.0, 1.5, 1.0
 
@@ -132,14 +131,15 @@ def _aliases(name: str) -> set[str]:
     return {f for f in forms if f}
 
 
-def _shortened(form: str) -> str | None:
-    """A school name form with "University"/"College" left out ("ohio state", "north texas"), or None."""
-    words = form.split()
+def _shortened(form: str) -> list[str]:
+    """A school name form with one "University"/"College" left out ("ohio state", "north texas", "great falls
+    college montana state")."""
+    words, out = form.split(), []
     for i, word in enumerate(words):
         if word in SWAPPABLE:
             rest = words[2:] if i == 0 and words[1:2] == ["of"] else words[:i] + words[i + 1:]
-            return " ".join(rest) if rest else None
-    return None
+            out += [" ".join(rest)] if rest else []
+    return out
 
 
 def _preferred(names: set[str], sizes: dict[str, int]) -> set[str]:
@@ -150,10 +150,11 @@ def _preferred(names: set[str], sizes: dict[str, int]) -> set[str]:
     return {max(sorted(names), key=lambda n: sizes.get(n, 0))}
 
 
-def _school_indexes(names, sizes: dict[str, int], taken: set[str]) -> tuple[dict, dict, dict]:
+def _school_indexes(names, sizes: dict[str, int], taken: set[str], common: set[str]) -> tuple[dict, dict, dict]:
     """(names and variants, names with "University"/"College" left out) -> ("school", names), and key ->
     preferred names. Exact names beat variants; an explicit main campus stands for its school; a shortened form
-    that is a program, credential or state word (`taken`) is kept apart, under its key prefixed "?"."""
+    that is a program, credential or state word (`taken`) is kept apart, under its key prefixed "?"; one made of
+    `common` words only ("business and technology", "american") is dropped: it reads as something else."""
     canonical: dict[str, set[str]] = {}
     for name in names:
         canonical.setdefault(" ".join(normalize(name)), set()).add(name)
@@ -163,9 +164,9 @@ def _school_indexes(names, sizes: dict[str, int], taken: set[str]) -> tuple[dict
         for alias in _aliases(name):
             if alias not in canonical:
                 index.setdefault(alias, set()).add(name)
-            short = _shortened(alias)
-            if short:
-                weak.setdefault(f"?{short}" if short in taken else short, set()).add(name)
+            for short in _shortened(alias):
+                if not set(short.split()) <= common:
+                    weak.setdefault(f"?{short}" if short in taken else short, set()).add(name)
     preferred = {}
     for table in (index, weak):
         for key, found in table.items():
@@ -217,14 +218,18 @@ def names() -> Names:
     programs = sorted({str(p).rstrip(".") for p in table["cip_desc"].dropna().unique()})
     sizes = table["inst_name"].value_counts().to_dict()
     (program_index, short_programs), phrases = _program_indexes(programs), _phrase_index()
-    strong, weak, preferred = _school_indexes(table["inst_name"].dropna().unique(), sizes,
-                                              set(program_index) | set(short_programs) | set(phrases))
-    # program names and shortened school names of two words or more compete in one pass, longest first
-    # ("California College of the Law" over "Law"); a shortened name never takes a program's key
-    shortened = {k: v for k, v in weak.items() if len(k.split()) > 1}
-    passes = [("school", strong), ("program", shortened | program_index), ("phrase", phrases),
-              ("program", short_programs), ("school-one-word", weak)]
     words = {p: set(normalize(p)) for p in programs}
+    common = set().union(*words.values()) | NOT_PROGRAM_WORDS | SCHOOL_WORDS | {"community", "state"}
+    strong, weak, preferred = _school_indexes(table["inst_name"].dropna().unique(), sizes,
+                                              set(program_index) | set(short_programs) | set(phrases), common)
+    # school names, and those of two words or more with "University"/"College" left out, first, longest first
+    # ("Louisiana State University and Agricultural & Mechanical" over "Louisiana State University", "California
+    # College of the Law" before "Law" is read, "Ohio State" before "Ohio"); then program names (and their short
+    # forms), credential and state words in one pass, longest first ("Mathematics and Statistics" over
+    # "Mathematics", "bachelor of science" over "Science"; on the same words a program's name wins)
+    shortened = {k: v for k, v in weak.items() if len(k.split()) > 1}
+    passes = [("school", shortened | strong), ("names", short_programs | phrases | program_index),
+              ("school-one-word", weak)]
     counts = Counter(w for ws in words.values() for w in ws)
     word_programs: dict[str, set[str]] = {}
     for program, ws in words.items():
@@ -319,23 +324,26 @@ def _implied_programs(key: str) -> tuple[str, ...]:
     words = DEGREE_FIELDS.get(key)
     if not words:
         return ()
-    for kind, index, _ in names().passes:
-        if kind == "program" and words in index:
-            return index[words][1]
+    for _, index, _ in names().passes:
+        field_, values = index.get(words, ("", ()))
+        if field_ == "program":
+            return values
     return ()
 
 
 def _school_quality(question: str, mention: Mention) -> dict[str, float]:
+    """How exactly the question names each school a mention may mean (AS_WRITTEN ... OTHER_CAMPUS)."""
     raw = " " + " ".join(_raw(question)) + " "
     main = names().preferred.get(mention.key, set())
+    key = mention.key.replace(" at ", " ")
     out = {}
     for name in mention.values:
         if f" {' '.join(_raw(name))} " in raw:
             out[name] = AS_WRITTEN
-        elif " ".join(normalize(name)) == mention.key:
+        elif " ".join(normalize(name)).replace(" at ", " ") == key:  # spelling, dash, "at" or parentheses aside
             out[name] = SAME_NAME
         else:
-            out[name] = MAIN if name in main else VARIANT
+            out[name] = MAIN if name in main else OTHER_CAMPUS if main else VARIANT
     return out
 
 
