@@ -337,6 +337,145 @@ def test_run_name_already_taken(tmp_path, smol_tiny_model):
     assert f.level == "error" and f.where == "run_name"
 
 
+# ------------------------------------------------------------------------------------------------ retrieval
+def kb_rows(n=12):
+    from collegeadvisor.data.scorecard import load_table
+
+    return load_table().head(n)
+
+
+def small_kb(path, n=12):
+    from collegeadvisor.kb import build_kb
+
+    build_kb(path, rows=kb_rows(n), progress=False)
+    return path
+
+
+def trained_on(**changes):
+    """A run manifest's "retrieval" section as train writes it for this version."""
+    from collegeadvisor.data.scorecard import row_format_id
+    from collegeadvisor.kb.embed import MODEL_NAME
+
+    return {"k": 3, "embedder": MODEL_NAME, "row_format": row_format_id()} | changes
+
+
+def test_knowledge_base_built_as_the_run_was_trained_is_one_info_line(tmp_path):
+    kb = small_kb(tmp_path / "kb")
+    findings = check.check_kb(kb, retrieval=trained_on(), table_rows=12)
+    assert [(f.code, f.level) for f in findings] == [("kb", "info")]
+    assert "12 rows" in findings[0].message and "as the run was trained" in findings[0].message
+    assert [f.code for f in check.check_kb(kb, table_rows=12)] == ["kb"]  # --kb-path alone: this version's
+
+
+def test_missing_or_empty_knowledge_base(tmp_path):
+    from collegeadvisor.kb import open_store
+
+    missing = tmp_path / "nowhere"
+    f = only(check.check_kb(missing, retrieval=trained_on(), table_rows=12), "kb-missing")
+    assert f.level == "error" and f.where == str(missing) and "trained on retrieved rows" in f.message
+    assert f.fix == f"build it: collegeadvisor kb build --path {missing}"
+    assert not missing.exists()  # checking creates nothing
+    (tmp_path / "plain").mkdir()  # a folder, but no Chroma store in it
+    only(check.check_kb(tmp_path / "plain", table_rows=12), "kb-missing")
+    assert list((tmp_path / "plain").iterdir()) == []
+    open_store(tmp_path / "empty")  # a store whose collection holds nothing
+    f = only(check.check_kb(tmp_path / "empty", table_rows=12), "kb-empty")
+    assert f.level == "error" and f.fix == f"build it: collegeadvisor kb build --path {tmp_path / 'empty'}"
+
+
+def test_knowledge_base_with_fewer_rows_than_the_table(tmp_path):
+    from collegeadvisor.data.scorecard import load_table
+
+    kb = small_kb(tmp_path / "kb")
+    f = only(check.check_kb(kb, table_rows=20), "kb-rows")
+    assert f.level == "error" and "holds 12 of the table's 20 rows" in f.message
+    assert f.fix.endswith(f"collegeadvisor kb build --path {kb}") and "resume" in f.fix
+    whole = load_table()["row_id"].nunique()  # by default, against the whole Scorecard table
+    assert f"12 of the table's {whole:,} rows" in only(check.check_kb(kb), "kb-rows").message
+
+
+def test_knowledge_base_of_another_embedder_or_row_format(tmp_path):
+    from collegeadvisor.kb import build_kb, open_store
+
+    kb = small_kb(tmp_path / "kb")
+    store = open_store(kb)  # as another version would have built it
+    store.modify(metadata={"embedder": "bge-small-en-v1.5", "row_format": "0123456789abcdef"})
+    findings = check.check_kb(kb, retrieval=trained_on(), table_rows=12)
+    assert codes(findings, "error") == {"kb-embedder", "kb-row-format"}
+    f = only(findings, "kb-embedder")
+    assert "built with embedding model 'bge-small-en-v1.5'; the run was trained with 'all-MiniLM-L6-v2'" in f.message
+    assert f.where == str(kb) and "--kb-path NEW_FOLDER" in f.fix
+    assert "'0123456789abcdef'" in only(findings, "kb-row-format").message
+    with pytest.raises(AdvisorError, match="was built with embedder 'bge-small-en-v1.5'"):
+        build_kb(kb, rows=kb_rows(20), progress=False)  # a build would mix two kinds of rows: it refuses
+    # a run trained with another row format than this version writes: no knowledge base built now fits it
+    f = only(check.check_kb(small_kb(tmp_path / "kb2"), retrieval=trained_on(row_format="fedcba9876543210"),
+                            table_rows=12), "run-row-format")
+    assert f.level == "error" and "retrain" in f.fix
+
+
+def test_knowledge_base_built_before_builds_recorded_their_row_format(tmp_path):
+    from collegeadvisor.kb import build_kb, open_store
+    from collegeadvisor.kb.embed import MODEL_NAME
+
+    kb = small_kb(tmp_path / "kb")
+    open_store(kb).modify(metadata={"embedder": MODEL_NAME})  # what builds recorded before
+    f = only(check.check_kb(kb, table_rows=12), "kb-unrecorded")
+    assert f.level == "warning" and "row format" in f.message
+    build_kb(kb, rows=kb_rows(12), progress=False)  # its documents read as this version writes: stamped
+    assert [f.code for f in check.check_kb(kb, retrieval=trained_on(), table_rows=12)] == ["kb"]
+
+
+def test_a_run_trained_on_retrieval_checks_its_knowledge_base(tmp_path, smol_tiny_model, monkeypatch):
+    cfg = make_cfg(tmp_path, smol_tiny_model)
+    run = write_run(tmp_path, smol_tiny_model)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(manifest | {"retrieval": trained_on()}))
+    monkeypatch.chdir(tmp_path)
+    f = only(check.run_checks(cfg, run=run, measure=False), "kb-missing")  # the default folder, kb_store
+    assert f.where == "kb_store" and f.check == "retrieval"
+    kb = small_kb(tmp_path / "kb")
+    findings = check.run_checks(cfg, run=run, measure=False, kb_path=str(kb))
+    assert "kb-rows" in codes(findings, "error") and "kb-missing" not in codes(findings)
+    assert only(findings, "chromadb").level == "info"
+    plain = write_run(tmp_path / "b", smol_tiny_model)  # no retrieval section, no --kb-path: nothing to check
+    assert not [f for f in check.run_checks(cfg, run=plain, measure=False) if f.check == "retrieval"]
+
+
+def fake_chromadb(tmp_path, init: str) -> str:
+    """A folder to put first on the path, holding a `chromadb` package whose __init__ is `init`."""
+    package = tmp_path / "fake" / "chromadb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    return str(tmp_path / "fake")
+
+
+def test_chromadb_that_fails_on_import_is_not_reported_as_missing(tmp_path):
+    path = fake_chromadb(tmp_path, "raise ImportError(\"cannot import name 'Settings' from 'chromadb.config'\")\n")
+    f = only(check.check_chromadb(pythonpath=path), "chromadb-broken")
+    assert f.level == "error" and f.fix == "pip install --force-reinstall chromadb"
+    assert f"is installed ({path}" in f.message and "not installed" not in f.message
+    assert "fails on import: ImportError: cannot import name 'Settings'" in f.message
+
+
+def test_chromadb_that_refuses_the_sqlite3(tmp_path):
+    path = fake_chromadb(tmp_path, 'raise RuntimeError("\\033[91mYour system has an unsupported version of sqlite3. '
+                                   'Chroma requires sqlite3 >= 3.35.0.\\033[0m")\n')
+    f = only(check.check_chromadb(pythonpath=path), "chromadb-sqlite")
+    assert f.level == "error" and "refuses this Python's sqlite3" in f.message and "\x1b" not in f.message
+    assert "pip install pysqlite3-binary" in f.fix and "3.35 or newer" in f.fix
+
+
+def test_chromadb_import_that_crashes_cannot_take_the_preflight_down(tmp_path):
+    f = only(check.check_chromadb(pythonpath=fake_chromadb(tmp_path, "import os\nos.abort()\n")), "chromadb-broken")
+    assert "crashed (signal" in f.message
+
+
+def test_working_chromadb_is_one_info_line():
+    f = only(check.check_chromadb(), "chromadb")
+    assert f.level == "info" and "imports and opens a client" in f.message
+
+
 # ------------------------------------------------------------------------------------------------ environment
 def test_defect9_chromadb_missing(tmp_path, smol_tiny_model, monkeypatch):
     real = check.find_spec
@@ -420,3 +559,7 @@ def test_cli_check_exits_1_on_a_broken_dataset_and_0_on_a_clean_one(tmp_path, ti
     good = _cli(*common, "--data", str(clean), cwd=tmp_path)
     assert good.returncode == 0, good.stderr + good.stdout
     assert "preflight: 0 errors" in good.stdout
+    nokb = _cli(*common, "--data", str(clean), "--kb-path", str(tmp_path / "nokb"), cwd=tmp_path)
+    assert nokb.returncode == 1 and nokb.stderr.count("\n") == 1 and "Traceback" not in nokb.stderr
+    assert f"{tmp_path / 'nokb'}: no knowledge base here" in nokb.stderr
+    assert f"collegeadvisor kb build --path {tmp_path / 'nokb'}" in nokb.stdout

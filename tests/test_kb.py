@@ -13,6 +13,7 @@ from collegeadvisor.kb import (
     build_kb,
     embed,
     ingest_documents,
+    kb_info,
     load_embedder,
     open_store,
     parse_question,
@@ -20,6 +21,8 @@ from collegeadvisor.kb import (
     retrieve,
     split_passages,
 )
+from collegeadvisor.kb.parse import parse
+from collegeadvisor.kb.retrieve import expected_rows, found_at_k, right_first
 
 SCHOOLS = ["Augusta University", "Columbia College"]  # Columbia College: four schools of that name, four states
 
@@ -51,6 +54,42 @@ def test_interrupted_build_resumes_without_duplicates(store_path, rows):
     again = build_kb(store_path, rows=rows, progress=False)
     assert again["added"] == 0
     assert again["count"] == len(rows) == rows["row_id"].nunique()
+
+
+def test_build_records_embedder_and_row_format_and_kb_info_creates_nothing(store_path, rows, tmp_path):
+    import chromadb
+    from chromadb.config import Settings
+
+    from collegeadvisor.data.scorecard import row_format_id
+    from collegeadvisor.kb.embed import MODEL_NAME
+
+    info = kb_info(store_path)
+    assert info == {"where": str(store_path), "exists": True, "rows": len(rows), "passages": 0,
+                    "embedder": MODEL_NAME, "row_format": row_format_id()}
+    assert not kb_info(tmp_path / "none")["exists"] and not (tmp_path / "none").exists()
+    assert not kb_info(store_path, collection="elsewhere")["exists"]
+    client = chromadb.PersistentClient(path=str(store_path), settings=Settings(anonymized_telemetry=False))
+    names = [c.name for c in client.list_collections()]
+    assert names == ["scorecard"]
+
+
+def test_pysqlite3_replaces_a_sqlite3_chroma_refuses(monkeypatch):
+    import sqlite3
+    import types
+
+    from collegeadvisor.kb.store import use_pysqlite3_if_needed
+
+    monkeypatch.setitem(sys.modules, "sqlite3", sqlite3)
+    use_pysqlite3_if_needed()  # this Python's sqlite3 is new enough: left alone
+    assert sys.modules["sqlite3"] is sqlite3
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setitem(sys.modules, "pysqlite3", None)  # too old, and pysqlite3-binary not installed
+    use_pysqlite3_if_needed()
+    assert sys.modules["sqlite3"] is sqlite3
+    binary = types.ModuleType("pysqlite3")
+    monkeypatch.setitem(sys.modules, "pysqlite3", binary)  # installed: imported in sqlite3's place
+    use_pysqlite3_if_needed()
+    assert sys.modules["sqlite3"] is binary and "pysqlite3" not in sys.modules
 
 
 def test_store_reopens_from_disk_with_a_new_client(store_path, rows):
@@ -112,6 +151,97 @@ def test_parse_question_reads_school_credential_and_state():
     assert not any(parse_question("what should I study?").values())
 
 
+# Campuses of one school, two schools whose names differ only in spelling, a few programs at several levels.
+CAMPUS_SCHOOLS = ["Ohio State University-Main Campus", "Ohio State University-Lima Campus",
+                  "Ohio State University-Newark Campus", "University of Pittsburgh-Pittsburgh Campus",
+                  "University of Pittsburgh-Johnstown", "Mount Saint Mary's University", "Mount St. Mary's University"]
+CAMPUS_PROGRAMS = ["5138", "5202", "5401", "4201", "1107", "4405"]  # nursing, business, history, psychology, ...
+
+
+@pytest.fixture(scope="module")
+def campus_store(tmp_path_factory):
+    df = load_table()
+    rows = df[df["inst_name"].isin(CAMPUS_SCHOOLS) & df["cip_code"].astype(str).isin(CAMPUS_PROGRAMS)]
+    path = tmp_path_factory.mktemp("kb-campus")
+    build_kb(path, rows=rows, progress=False)
+    return open_store(path)
+
+
+def _ids(store, question: str, k: int = 5) -> list[str]:
+    return [h["id"] for h in retrieve(question, k=k, collection=store)]
+
+
+def test_compare_question_puts_each_program_with_its_own_credential_first(campus_store):
+    # both programs exist at both levels there: the cross pairs (master's History, bachelor's Business) must not win
+    q = ("At Ohio State University-Main Campus, which pays more: the master's in History or the bachelor's in "
+         "Business Administration, Management and Operations?")
+    assert set(_ids(campus_store, q)[:2]) == {"204796:5401:5", "204796:5202:3"}
+    q = "Do Ohio State University-Main Campus grads earn more with a BSN or a master's in History?"
+    assert set(_ids(campus_store, q)[:2]) == {"204796:5138:3", "204796:5401:5"}
+
+
+def test_school_named_as_written_beats_the_same_name_spelled_otherwise(campus_store):
+    assert _ids(campus_store, "What do bachelor's in History grads from Mount Saint Mary's University earn?")[0] \
+        == "119173:5401:3"
+    assert _ids(campus_store, "What do bachelor's in History grads from Mount St. Mary's University earn?")[0] \
+        == "163462:5401:3"
+
+
+def test_a_school_named_without_campus_means_its_main_campus(campus_store):
+    # "Main Campus" in the name, or else the campus with the most rows; the other campuses offer the same row
+    assert _ids(campus_store, "What do bachelor's in History graduates of Ohio State University earn?")[0] \
+        == "204796:5401:3"
+    assert _ids(campus_store, "Is a bachelor's in Computer Science at University of Pittsburgh worth it?")[0] \
+        == "215293:1107:3"
+    johnstown = "Is a bachelor's in Computer Science at University of Pittsburgh-Johnstown worth it?"
+    assert _ids(campus_store, johnstown)[0] == "215284:1107:3"
+
+
+def test_loose_wording_finds_the_row(campus_store):
+    assert _ids(campus_store, "how much debt for a bsn at ohio state?")[0] == "204796:5138:3"
+    assert _ids(campus_store, "What does an MBA from Mount Saint Mary's earn?")[0] == "119173:5202:5"
+    assert _ids(campus_store, "psychology bachelors, university of pittsburgh (pittsburgh campus)?")[0] \
+        == "215293:4201:3"
+
+
+def test_a_family_credential_word_means_its_plain_level_and_an_exact_word_its_own(campus_store):
+    q = "Median earnings for a {} in Business Administration at University of Pittsburgh-Pittsburgh Campus?"
+    assert _ids(campus_store, q.format("certificate"))[0] == "215293:5202:1"
+    assert _ids(campus_store, q.format("graduate certificate"))[0] == "215293:5202:8"
+
+
+def test_an_open_question_counts_when_any_row_it_means_comes_first(campus_store):
+    nursing = ["119173:5138:2", "119173:5138:3", "119173:5138:5", "119173:5138:8"]
+    q = {"question": "What do nursing graduates of Mount Saint Mary's University earn?", "kind": "open",
+         "source": {"rows": [{"row_id": r} for r in nursing]}}
+    assert expected_rows(q) == ([], nursing)
+    ids = _ids(campus_store, q["question"])
+    assert ids[0] in nursing and right_first(q, ids) and found_at_k(q, ids, 5)
+    assert not right_first(q, ["163462:5401:3", *ids]) and found_at_k(q, ["163462:5401:3", *ids], 5)
+    assert recall_at_k([q], k=1, collection=campus_store) == 1.0
+    # a compare question needs both rows first, in either order
+    both = {"question": "", "kind": "compare", "source": {"row_id": "a", "compare_with": {"row_id": "b"}}}
+    assert right_first(both, ["b", "a", "c"]) and not right_first(both, ["a", "c", "b"])
+    assert found_at_k(both, ["a", "c", "b"], 3) and not found_at_k(both, ["a", "c", "b"], 2)
+
+
+def test_parse_pairs_credential_words_with_programs():
+    p = parse("At Muskingum University, BSN or bachelors in History: which earns more?")
+    nursing = "Registered Nursing, Nursing Administration, Nursing Research and Clinical Nursing"
+    assert set(p.pairs) == {(frozenset({"History"}), frozenset({"3"})), (frozenset({nursing}), frozenset({"3"}))}
+    p = parse("Which pays more at X, a master's in History or a Bachelor's Degree in Chemistry?")
+    assert set(p.pairs) == {(frozenset({"History"}), frozenset({"5"})), (frozenset({"Chemistry"}), frozenset({"3"}))}
+    assert p.levels == {"5": 2.0, "3": 2.0}
+    assert parse("a certificate in History").levels == {"1": 1.5, "4": 1.0, "8": 1.0}  # the plain meaning first
+    # "University" left out; a state's name after "at"/"from"/"of" naming a school; a one-word name with a capital
+    assert parse_question("bachelor's in History at Michigan State?")["school"] == ["Michigan State University"]
+    assert parse_question("What do History grads of West Virginia earn?")["school"] == ["West Virginia University"]
+    assert parse_question("What do History grads in West Virginia earn?") == {
+        "school": [], "program": ["History"], "credential_level": [], "state": ["WV"]}
+    assert parse_question("What do Princeton grads earn?")["school"] == ["Princeton University"]
+    assert parse_question("what do princeton grads earn?")["school"] == []
+
+
 def test_ingest_markdown_and_retrieve_a_passage(tmp_path, rows):
     store_path = tmp_path / "kb"
     build_kb(store_path, rows=rows.iloc[:20], progress=False)
@@ -124,6 +254,7 @@ def test_ingest_markdown_and_retrieve_a_passage(tmp_path, rows):
     before = store.count()
     stats = ingest_documents([notes], path=store_path)
     assert stats == {"files": 1, "passages": 2, "count": before + 2}
+    assert kb_info(store_path)["rows"] == 20 and kb_info(store_path)["passages"] == 2
     hits = retrieve("When is the housing deposit due and is it refundable?", k=3, collection=store)
     assert hits[0]["id"] == "visit-notes.md:1"
     assert hits[0]["metadata"]["source"] == "visit-notes.md" and "$300" in hits[0]["document"]

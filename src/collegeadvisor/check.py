@@ -11,7 +11,10 @@ example's `file:line` or the setting, plus what to do. The checks:
 - length: a token-length histogram per split, answers cut at max_length, the max_length covering 99%;
 - setup: epochs, learning rate, LoRA rank, pad == EOS, fp16 on CPU/MPS, gradient clipping;
 - runs: a run directory that does not match the config, or did not complete;
-- environment: packages, disk, RAM, and an ETA from a short measured step.
+- retrieval: the knowledge base a run trained on retrieved rows (or --kb-path / --kb-url) reads from: there, full,
+  built with the run's embedding model and row format;
+- environment: packages (chromadb imported for real, in a subprocess), disk, RAM, and an ETA from a short measured
+  step.
 
 Rows are encoded by chat_format exactly as `train` encodes them; the examples checked are the ones `train` picks.
 """
@@ -35,7 +38,7 @@ from typing import Any, Sequence
 from collegeadvisor.errors import AdvisorError, DataError, ManifestError, ModelError, TemplateError
 
 LEVELS = ("error", "warning", "info")
-CHECKS = ("format", "masking", "length", "setup", "runs", "environment")
+CHECKS = ("format", "masking", "length", "setup", "runs", "retrieval", "environment")
 
 # ---------------------------------------------------------------------------------------------- thresholds
 CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut at max_length: an error
@@ -85,12 +88,14 @@ ACT_BYTES_FP32 = 60  # plain fp32 (measured 59)
 LOGIT_BYTES = 12  # per labelled position per vocabulary entry: logits, fp32 copy, softmax gradient
 RUNTIME_BYTES = 600 * 2**20  # python, torch, tokenizer
 MEASURE_BUDGET_S = 6.0  # the timed micro-batch of the ETA step, at most (else one example is timed)
+CHROMADB_PROBE_S = 90.0  # importing chromadb in a subprocess takes 2-10 s; longer than this counts as a hang
+CHROMADB_REINSTALL = "pip install --force-reinstall chromadb"
 
 
 @dataclass
 class Finding:
     level: str  # error | warning | info
-    check: str  # format | masking | length | setup | runs | environment
+    check: str  # format | masking | length | setup | runs | retrieval | environment
     where: str  # file:line or a setting name
     message: str
     fix: str = ""
@@ -600,6 +605,165 @@ def check_output_dir(cfg) -> list[Finding]:
     return []
 
 
+# ---------------------------------------------------------------------------------------------- retrieval
+def run_retrieval(run: str | Path | None) -> dict | None:
+    """The run manifest's "retrieval" section ({"k", "embedder", "row_format"}), written when the run was trained on
+    retrieval-grounded data; None without one (an unreadable manifest is check_run's finding)."""
+    from collegeadvisor.runs import read_manifest
+
+    if run is None:
+        return None
+    try:
+        section = read_manifest(run).get("retrieval")
+    except ManifestError:
+        return None
+    return section if isinstance(section, dict) else None
+
+
+def _kb_build(kb_path, kb_url) -> str:
+    return f"collegeadvisor kb build --url {kb_url}" if kb_url else f"collegeadvisor kb build --path {kb_path}"
+
+
+def check_kb(kb_path: str | Path | None = None, kb_url: str | None = None, retrieval: dict | None = None,
+             table_rows: int | None = None) -> list[Finding]:
+    """The knowledge base at kb_path (default kb_store) or kb_url: there, holding every row of the table
+    (`table_rows`, default the Scorecard table's), built with the embedding model and row format the run was
+    trained on (`retrieval`, the manifest's section), else the ones this version uses."""
+    from collegeadvisor.kb.store import DEFAULT_PATH, kb_info
+
+    kb_path = None if kb_url else str(kb_path or DEFAULT_PATH)
+    where, build = kb_url or kb_path, _kb_build(kb_path, kb_url)
+    why = " (the run was trained on retrieved rows)" if retrieval else ""
+    try:
+        info = kb_info(kb_path, kb_url)
+    except AdvisorError as exc:
+        return [_f("error", "retrieval", where, f"cannot open the knowledge base: {exc}",
+                   "start the Chroma server, or pass --kb-path FOLDER", "kb-unreachable")]
+    if not info["exists"]:
+        return [_f("error", "retrieval", where, f"no knowledge base here{why}", f"build it: {build}", "kb-missing")]
+    if info["rows"] == 0:
+        return [_f("error", "retrieval", where, f"the knowledge base holds no Scorecard rows{why}",
+                   f"build it: {build}", "kb-empty")]
+    out = []
+    if table_rows is None:
+        from collegeadvisor.data.scorecard import load_table
+
+        table_rows = int(load_table()["row_id"].nunique())
+    if info["rows"] < table_rows:
+        out.append(_f("error", "retrieval", where, f"the knowledge base holds {info['rows']:,} of the table's "
+                      f"{table_rows:,} rows (an interrupted or --limit build): questions about the others retrieve "
+                      "the wrong rows", f"resume the build (it adds only what is missing): {build}", "kb-rows",
+                      rows=info["rows"], table_rows=table_rows))
+    out += _kb_versions(info, retrieval, where, build)
+    if not out:
+        out.append(_f("info", "retrieval", where, f"knowledge base: {info['rows']:,} rows"
+                      + (f" and {info['passages']:,} passages" if info["passages"] else "")
+                      + f", embedder {info['embedder']}, row format {info['row_format']}"
+                      + (" (as the run was trained)" if retrieval else ""), code="kb"))
+    return out
+
+
+def _kb_versions(info: dict, retrieval: dict | None, where: str, build: str) -> list[Finding]:
+    """The knowledge base's embedder and row format against the run's (or this version's); the run's against this
+    version's."""
+    from collegeadvisor.data.scorecard import row_format_id
+    from collegeadvisor.kb.embed import MODEL_NAME
+
+    out = []
+    current = {"embedder": MODEL_NAME, "row_format": row_format_id()}
+    what = {"embedder": "embedding model", "row_format": "row format (data.scorecard.row_format_id)"}
+    rebuild = (f"build a new one and point at it: collegeadvisor kb build --path NEW_FOLDER, then --kb-path "
+               f"NEW_FOLDER (or delete {where} and run {build})")
+    for key in ("embedder", "row_format"):
+        want, whose = ((retrieval[key], "the run was trained with") if retrieval and retrieval.get(key)
+                       else (current[key], "this version uses"))
+        if want != current[key]:  # rebuilding cannot help: this version writes another
+            out.append(_f("error", "retrieval", key, f"the run was trained with {what[key]} {want!r}; this version "
+                          f"uses {current[key]!r}, so no knowledge base built now matches it",
+                          "retrain on data this version builds, or use the collegeadvisor version the run was "
+                          "trained with", f"run-{key.replace('_', '-')}"))
+        elif info[key] is None:
+            out.append(_f("warning", "retrieval", where, f"the knowledge base does not record its {what[key]} (built "
+                          f"before builds recorded it)", rebuild, "kb-unrecorded"))
+        elif info[key] != want:
+            out.append(_f("error", "retrieval", where, f"the knowledge base was built with {what[key]} "
+                          f"{info[key]!r}; {whose} {want!r}", rebuild, f"kb-{key.replace('_', '-')}"))
+    return out
+
+
+def _probe(pythonpath: str | None) -> tuple[int | None, dict[str, str], str]:
+    """(exit status, None on a hang; the probe's "key value" lines; the last line of its stderr) of
+    kb.store.probe_chromadb run in a fresh interpreter, with `pythonpath` first on its path."""
+    import subprocess
+
+    import collegeadvisor
+
+    key = (pythonpath, sys.executable, os.environ.get("PYTHONPATH"))
+    if key in _PROBED:
+        return _PROBED[key]
+    src = str(Path(collegeadvisor.__file__).resolve().parents[1])  # this collegeadvisor, however it was found
+    paths = [p for p in (pythonpath, src, os.environ.get("PYTHONPATH")) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "ANONYMIZED_TELEMETRY": "False"}
+    code = "from collegeadvisor.kb.store import probe_chromadb; probe_chromadb()"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=CHROMADB_PROBE_S, check=False)
+    except subprocess.TimeoutExpired:
+        result: tuple = (None, {}, "")
+    else:
+        lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+        stderr = [line for line in done.stderr.splitlines() if line.strip()]
+        result = (done.returncode, lines, stderr[-1].strip() if stderr else "")
+    _PROBED[key] = result
+    return result
+
+
+_PROBED: dict[tuple, tuple] = {}  # the probe's result per (pythonpath, interpreter, PYTHONPATH): once per process
+
+
+def check_chromadb(pythonpath: str | None = None) -> list[Finding]:
+    """chromadb imported and a client opened for real, in a subprocess (a crash or a refused sqlite3 cannot take the
+    preflight down): not installed, installed but failing on import, refusing this Python's sqlite3, or fine."""
+    import re
+
+    status, out, stderr = _probe(pythonpath)
+    if status is None:
+        return [_f("error", "environment", "chromadb", f"importing chromadb did not finish in {CHROMADB_PROBE_S:.0f} "
+                   "s", CHROMADB_REINSTALL, "chromadb-broken")]
+    origin = out.get("chromadb-at")
+    if origin is None:
+        return [_f("warning", "environment", "chromadb", "could not probe chromadb: "
+                   f"{stderr or f'exit status {status}'}", "run: python -c 'import chromadb'", "chromadb-probe")]
+    if origin == "None":
+        return [_f("error", "environment", "chromadb", "the package 'chromadb' that kb needs is not installed",
+                   "pip install 'chromadb'", "missing-package", stage="kb")]
+    error = re.sub(r"\x1b\[[0-9;]*m", "", out.get("chromadb-error", ""))[:300]
+    if "unsupported version of sqlite3" in error:
+        return [_f("error", "environment", "chromadb", f"chromadb ({origin}) refuses this Python's sqlite3 "
+                   f"{out.get('sqlite', '?')}: Chroma needs sqlite3 3.35 or newer",
+                   "pip install pysqlite3-binary (collegeadvisor then imports it in sqlite3's place, Chroma's "
+                   "documented swap), or use a Python whose sqlite3 is 3.35 or newer", "chromadb-sqlite")]
+    if error or status != 0 or "chromadb-ok" not in out:
+        why = error or (f"the import crashed (signal {-status})" if status < 0 else stderr or f"exit status {status}")
+        return [_f("error", "environment", "chromadb", f"chromadb is installed ({origin}) but fails on import: {why}",
+                   CHROMADB_REINSTALL, "chromadb-broken")]
+    return [_f("info", "environment", "chromadb", f"chromadb {out['chromadb-ok']} imports and opens a client "
+               f"(sqlite3 {out.get('sqlite', '?')})", code="chromadb")]
+
+
+def check_retrieval(run: str | Path | None, kb_path=None, kb_url=None, probed: Sequence[Finding] = ()) -> list[Finding]:
+    """When the run was trained on retrieved rows, or a knowledge base is named: chromadb (unless `probed` holds
+    its findings already), then the knowledge base (check_kb)."""
+    retrieval = run_retrieval(run)
+    if retrieval is None and kb_path is None and kb_url is None:
+        return []
+    chroma = [f for f in probed if f.where == "chromadb"]
+    out = [] if chroma else check_chromadb()
+    if errors(chroma or out):
+        return out
+    return out + check_kb(kb_path, kb_url, retrieval)
+
+
 # ---------------------------------------------------------------------------------------------- environment
 def check_packages(stages: Sequence[str]) -> list[Finding]:
     out = []
@@ -807,9 +971,11 @@ def resolve_device(cfg) -> tuple[str, list[Finding]]:
 
 
 def run_checks(cfg, run: str | Path | None = None, measure: bool = True,
-               stages: Sequence[str] = DEFAULT_STAGES) -> list[Finding]:
-    """Every check on a config, its data (as train would pick and encode it) and optionally a run directory.
-    A base model that cannot be resolved raises its ModelError: there is nothing to check without a tokenizer."""
+               stages: Sequence[str] = DEFAULT_STAGES, kb_path: str | None = None,
+               kb_url: str | None = None) -> list[Finding]:
+    """Every check on a config, its data (as train would pick and encode it), optionally a run directory and the
+    knowledge base it (or kb_path / kb_url) reads from. A base model that cannot be resolved raises its
+    ModelError: there is nothing to check without a tokenizer."""
     from collegeadvisor.chat_format import end_of_turn_token
     from collegeadvisor.models import load_tokenizer, resolve_base_model
 
@@ -817,6 +983,9 @@ def run_checks(cfg, run: str | Path | None = None, measure: bool = True,
     findings += check_packages(stages)
     if any(f.data.get("stage") == "train" for f in findings):
         return _finish(findings)  # nothing below runs without torch, transformers and peft
+    if "kb" in stages and not any(f.where == "chromadb" for f in findings):
+        findings += check_chromadb()
+    findings += check_retrieval(run, kb_path, kb_url, findings)
     device, found = resolve_device(cfg)
     findings += found
     findings += check_output_dir(cfg)
@@ -973,7 +1142,8 @@ def cmd_check(args) -> int:
     unknown = [s for s in stages if s not in STAGE_PACKAGES]
     if unknown:
         raise AdvisorError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGE_PACKAGES)}")
-    findings = run_checks(cfg, run=args.run, measure=args.measure, stages=stages)
+    findings = run_checks(cfg, run=args.run, measure=args.measure, stages=stages, kb_path=args.kb_path,
+                          kb_url=args.kb_url)
     print_findings(findings)
     if errors(findings):
         raise AdvisorError(summary(findings, force_hint=False))
@@ -988,7 +1158,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("check", help="preflight: check the config, data (and a run) before training; exit 1 on errors")
     add_config_options(p)
-    p.add_argument("--run", default=None, help="a run directory to inspect and compare with the config")
+    p.add_argument("--run", default=None, help="a run directory to inspect and compare with the config (and, when "
+                   "it was trained on retrieved rows, the knowledge base)")
+    p.add_argument("--kb-path", default=None, help="a knowledge base folder to check (default for a retrieval run: "
+                   "kb_store)")
+    p.add_argument("--kb-url", default=None, help="a Chroma server URL to check instead of a folder")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                    help=f"stages whose packages must be installed ({', '.join(STAGE_PACKAGES)}) "
                         f"[default: {','.join(DEFAULT_STAGES)}]")

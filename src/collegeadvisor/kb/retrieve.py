@@ -1,4 +1,5 @@
-"""Retrieval: parse the school, program, credential and state a question names, filter on them, rank by vector.
+"""Retrieval: parse the school, program, credential and state a question names (kb.parse), filter on them, rank
+the rows that pass by how exactly they match what the question names, then by vector.
 
 Filters are relaxed step by step (RELAXATIONS, ending with pure vector search) until k hits are found,
 so a wrong or partial parse costs precision, never the answer.
@@ -6,163 +7,29 @@ so a wrong or partial parse costs precision, never the answer.
 
 from __future__ import annotations
 
-import re
 import time
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
 from collegeadvisor.kb.embed import embed
+from collegeadvisor.kb.parse import Parse, names, normalize, parse, parse_question  # noqa: F401 (re-exported)
 from collegeadvisor.kb.store import DOCUMENT_KIND, HAS_DOCUMENTS, open_store
 
-# Spelling variants folded together before names and questions are compared.
-TOKEN_EQUIV = {"saint": "st", "mount": "mt", "fort": "ft", "&": "and"}
-
-# Credential words (normalized) -> Scorecard credential_level codes; the longest phrase wins.
-CREDENTIAL_WORDS = {
-    ("1",): ["undergraduate certificate", "undergraduate diploma", "diploma"],
-    ("2",): ["associate", "associates", "associate degree", "aas", "two year degree"],
-    ("3",): ["bachelor", "bachelors", "baccalaureate", "ba", "bs", "bsn", "bfa", "bba", "four year degree",
-          "undergraduate degree"],
-    ("4",): ["post baccalaureate certificate", "postbaccalaureate certificate", "post baccalaureate", "post bacc",
-          "post bacc certificate"],
-    ("5",): ["master", "masters", "ma", "ms", "msn", "mba", "mfa", "mph"],
-    ("6",): ["doctoral", "doctorate", "phd", "ph d", "doctor of philosophy", "edd"],
-    ("7",): ["first professional", "professional degree", "jd", "md", "dds", "dmd", "pharmd", "dvm", "law degree",
-          "medical degree"],
-    ("8",): ["graduate certificate", "professional certificate", "graduate professional certificate"],
-    ("99",): ["non credential", "noncredential", "preparatory coursework", "teacher certification"],
-    ("1", "4", "8"): ["certificate", "certificates"],
-    ("5", "6"): ["graduate degree"],
-}
-
-STATES = {
-    "AL": "Alabama", "AK": "Alaska", "AZ": "Arizona", "AR": "Arkansas", "CA": "California", "CO": "Colorado",
-    "CT": "Connecticut", "DE": "Delaware", "DC": "District of Columbia", "FL": "Florida", "GA": "Georgia",
-    "HI": "Hawaii", "ID": "Idaho", "IL": "Illinois", "IN": "Indiana", "IA": "Iowa", "KS": "Kansas",
-    "KY": "Kentucky", "LA": "Louisiana", "ME": "Maine", "MD": "Maryland", "MA": "Massachusetts",
-    "MI": "Michigan", "MN": "Minnesota", "MS": "Mississippi", "MO": "Missouri", "MT": "Montana",
-    "NE": "Nebraska", "NV": "Nevada", "NH": "New Hampshire", "NJ": "New Jersey", "NM": "New Mexico",
-    "NY": "New York", "NC": "North Carolina", "ND": "North Dakota", "OH": "Ohio", "OK": "Oklahoma",
-    "OR": "Oregon", "PA": "Pennsylvania", "RI": "Rhode Island", "SC": "South Carolina", "SD": "South Dakota",
-    "TN": "Tennessee", "TX": "Texas", "UT": "Utah", "VT": "Vermont", "VA": "Virginia", "WA": "Washington",
-    "WV": "West Virginia", "WI": "Wisconsin", "WY": "Wyoming", "PR": "Puerto Rico", "GU": "Guam",
-    "VI": "Virgin Islands", "AS": "American Samoa", "MP": "Northern Mariana Islands", "FM": "Micronesia",
-    "PW": "Palau", "MH": "Marshall Islands",
-}
-
 FIELDS = ("school", "program", "credential_level", "state")  # metadata keys a question can name
-# Where-filters tried in turn until k rows are found; () is pure vector search.
+# Where-filters tried in turn until k rows are found; () is pure vector search. "words": the programs that share
+# a rare word with the question, for a program named in other words than the table's.
 RELAXATIONS = [
     ("school", "program", "credential_level", "state"), ("school", "program", "credential_level"),
-    ("school", "program"), ("school", "credential_level"), ("school",),
-    ("program", "credential_level", "state"), ("program", "credential_level"), ("credential_level", "state"), (),
+    ("school", "program"), ("school", "words", "credential_level"), ("school", "words"),
+    ("school", "credential_level"), ("school",),
+    ("program", "credential_level", "state"), ("program", "credential_level"),
+    ("words", "credential_level", "state"), ("credential_level", "state"), (),
 ]
 
 GET_LIMIT = 512  # candidate sets up to this size are fetched by id and ranked here
 OVERFETCH = 256  # nearest neighbours fetched unfiltered: passages, and candidates from broad filters
 DOCUMENTS_TTL = 30.0  # seconds between checks for newly ingested passages
-# "School-Campus" names: a question naming only the school means its main campus, or else all campuses.
-MAIN_CAMPUS = {"main campus", "main"}
-SCHOOL_WORDS = {"university", "college", "institute", "school", "academy", "seminary", "conservatory"}
-# Leading words of a name a question may drop, and name forms that swap ("University of X" <-> "X University").
-DROPPABLE_PREFIXES = ("the ",)
-SWAPPABLE = ("university", "college")
-
-
-def normalize(text: str) -> list[str]:
-    """Lowercase word tokens with punctuation dropped and spelling variants folded."""
-    text = text.lower().replace("&", " & ").replace("'", "").replace("\u2019", "")
-    tokens = re.findall(r"[a-z0-9]+|&", text)
-    return [TOKEN_EQUIV.get(t, t) for t in tokens]
-
-
-def _campus(name: str) -> tuple[str, str]:
-    """("school", "campus") for "School-Campus" names whose school part names a school, else (name, "")."""
-    base, _, campus = name.rpartition("-")
-    base_tokens = normalize(base)
-    if not base or not SCHOOL_WORDS & set(base_tokens):
-        return " ".join(normalize(name)), ""
-    return " ".join(base_tokens), " ".join(normalize(campus))
-
-
-def _aliases(name: str) -> set[str]:
-    forms = {" ".join(normalize(name)), _campus(name)[0]}
-    for form in list(forms):
-        for prefix in DROPPABLE_PREFIXES:
-            if form.startswith(prefix):
-                forms.add(form[len(prefix):])
-    for form in list(forms):
-        for word in SWAPPABLE:
-            if form.startswith(f"{word} of ") and " " not in form[len(word) + 4:]:
-                forms.add(f"{form[len(word) + 4:]} {word}")
-            elif form.endswith(f" {word}") and len(form.split()) == 2:
-                forms.add(f"{word} of {form.split()[0]}")
-    return {f for f in forms if f}
-
-
-def _school_index(names) -> dict[str, tuple[str, list[str]]]:
-    """Normalized name or alias -> ("school", the names it may mean); exact names beat aliases."""
-    canonical = {" ".join(normalize(n)): n for n in names}
-    index: dict[str, set[str]] = {key: {name} for key, name in canonical.items()}
-    for name in names:
-        for alias in _aliases(name) - canonical.keys():
-            index.setdefault(alias, set()).add(name)
-    for alias, found in index.items():
-        main = {n for n in found if _campus(n)[1] in MAIN_CAMPUS}
-        if main and len(found) > 1:
-            index[alias] = main
-    return {alias: ("school", sorted(found)) for alias, found in index.items()}
-
-
-def _phrase_index() -> dict[str, tuple[str, list[str]]]:
-    index = {" ".join(normalize(p)): ("credential_level", list(levels))
-             for levels, phrases in CREDENTIAL_WORDS.items() for p in phrases}
-    return index | {" ".join(normalize(name)): ("state", [code]) for code, name in STATES.items()}
-
-
-@lru_cache(maxsize=1)
-def _indexes() -> list[tuple[dict[str, tuple[str, list[str]]], int]]:
-    """Phrase indexes matched in turn (schools, then programs, then credential and state words), each with
-    its longest phrase in tokens; school and program names come from the Scorecard table."""
-    from collegeadvisor.data.scorecard import load_table
-
-    table = load_table()
-    programs = {}
-    for name in table["cip_desc"].dropna().unique():
-        name = str(name).rstrip(".")
-        programs.setdefault(" ".join(normalize(name)), ("program", []))[1].append(name)
-    indexes = [_school_index(table["inst_name"].dropna().unique()), programs, _phrase_index()]
-    return [(index, max(len(key.split()) for key in index)) for index in indexes]
-
-
-def _longest_matches(tokens: list[str], index: dict, longest: int, used: list[bool]) -> list[Any]:
-    """Values of the longest non-overlapping token runs found in `index`, marking their tokens used."""
-    found = []
-    for n in range(min(longest, len(tokens)), 0, -1):
-        for i in range(len(tokens) - n + 1):
-            if any(used[i:i + n]):
-                continue
-            value = index.get(" ".join(tokens[i:i + n]))
-            if value is not None:
-                found.append(value)
-                used[i:i + n] = [True] * n
-    return found
-
-
-def parse_question(question: str) -> dict[str, list[str]]:
-    """Metadata values a question names: {"school", "program", "credential_level", "state"} -> values."""
-    tokens = normalize(question)
-    used = [False] * len(tokens)
-    parsed: dict[str, set[str]] = {field: set() for field in FIELDS}
-    for index, longest in _indexes():
-        for field, values in _longest_matches(tokens, index, longest, used):
-            parsed[field].update(values)
-    for code in re.findall(r"(?:,\s*|\()([A-Z]{2})\b", question):
-        if code in STATES:
-            parsed["state"].add(code)
-    return {field: sorted(values) for field, values in parsed.items()}
 
 
 @lru_cache(maxsize=1)
@@ -179,16 +46,17 @@ def _row_index() -> dict[str, dict[str, frozenset[str]]]:
     return {field: {v: frozenset(ids) for v, ids in values.items()} for field, values in index.items()}
 
 
-def _candidates(parsed: dict[str, list[str]]):
+def _candidates(parsed: Parse):
     """Row-id sets from most to least specific (RELAXATIONS), ending with None (pure vector search); lazily,
     since most questions stop at the first, and intersecting from the smallest set keeps each one cheap."""
     index, tried = _row_index(), []
     for fields in RELAXATIONS:
-        named = [f for f in fields if parsed[f]]
+        named = [f for f in fields if parsed.fields[f]]
         if not named:
             ids = None
         else:
-            per_field = sorted(([index[f].get(v, frozenset()) for v in parsed[f]] for f in named),
+            per_field = sorted(([index["program" if f == "words" else f].get(v, frozenset())
+                                 for v in parsed.fields[f]] for f in named),
                                key=lambda sets: sum(map(len, sets)))
             ids = frozenset(i for first in per_field[0] for i in first
                             if all(any(i in s for s in sets) for sets in per_field[1:]))
@@ -199,20 +67,40 @@ def _candidates(parsed: dict[str, list[str]]):
         yield None
 
 
+def _match(parsed: Parse, meta: dict) -> tuple:
+    """How exactly a row matches what the question names, best highest: a credential + program named together,
+    the school's name as written (the main campus when no campus is named), the exact credential over a family
+    word, the state, and the weight of the question's words in the program's name."""
+    program, level = meta.get("program"), meta.get("credential_level")
+    pair = 0
+    for programs, levels in parsed.pairs:
+        if (programs is None or program in programs) and (levels is None or level in levels):
+            pair = max(pair, (programs is not None) + (levels is not None))
+    words = names().program_words.get(program, ())
+    return (pair, parsed.schools.get(meta.get("school"), 0.0), parsed.levels.get(level, 0.0),
+            meta.get("state") in parsed.fields["state"], sum(w for t, w in parsed.words.items() if t in words))
+
+
+def _order(parsed: Parse, hits: list[dict]) -> list[dict]:
+    """Hits by how exactly they match the question (`_match`), then by distance."""
+    return sorted(hits, key=lambda h: (tuple(-x for x in _match(parsed, h["metadata"])), h["distance"]))
+
+
 def _hits(ids, documents, metadatas, distances) -> list[dict]:
     return [{"id": i, "document": d, "metadata": m, "distance": float(dist)}
             for i, d, m, dist in zip(ids, documents, metadatas, distances)]
 
 
-def _rank(collection, ids: frozenset[str], query: np.ndarray, n: int) -> list[dict]:
-    """The n rows of `ids` nearest the query: fetched by id (fast in Chroma), ranked here by cosine distance."""
+def _rank(collection, ids: frozenset[str], query: np.ndarray, parsed: Parse) -> list[dict]:
+    """The rows of `ids`, fetched by id (fast in Chroma), best match to the question first (`_order`)."""
+    if not ids:  # Chroma refuses an empty list of ids
+        return []
     got = collection.get(ids=sorted(ids), include=["documents", "metadatas", "embeddings"])
     if not got["ids"]:
         return []
     vectors = np.asarray(got["embeddings"], dtype=np.float32)
     distance = 1.0 - vectors @ query / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
-    order = np.argsort(distance, kind="stable")[:n]
-    return _hits(*([got[key][i] for i in order] for key in ("ids", "documents", "metadatas")), distance[order])
+    return _order(parsed, _hits(got["ids"], got["documents"], got["metadatas"], distance))
 
 
 def _has_documents(collection) -> bool:
@@ -246,16 +134,17 @@ def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = N
         return near_cache[0]
 
     hits: list[dict] = []
-    for ids in _candidates(parse_question(question)):
+    parsed = parse(question)
+    for ids in _candidates(parsed):
         if len(hits) >= k:
             break
         seen = {h["id"] for h in hits}
         if ids is None:
-            found = [h for h in near() if h["metadata"].get("kind") != DOCUMENT_KIND]
+            found = _order(parsed, [h for h in near() if h["metadata"].get("kind") != DOCUMENT_KIND])
         elif len(ids) <= GET_LIMIT:
-            found = _rank(collection, ids - seen, query, k - len(hits))
+            found = _rank(collection, ids - seen, query, parsed)
         else:  # a broad filter (a credential level, a common program): the nearest neighbours that pass it
-            found = [h for h in near() if h["id"] in ids]
+            found = _order(parsed, [h for h in near() if h["id"] in ids])
         hits += [h for h in found if h["id"] not in seen][: k - len(hits)]
     passages = []
     if _has_documents(collection):
@@ -288,22 +177,53 @@ def retriever(k: int = 5, path: str | None = None, url: str | None = None, colle
 
 
 def source_row_ids(question: dict) -> list[str]:
-    """Row ids a held-out question is grounded on: source.row_id, plus source.compare_with.row_id or every
-    row_id in source.rows for compare questions."""
+    """Row ids a held-out question is grounded on: source.row_id, plus source.compare_with.row_id, plus every
+    row_id in source.rows."""
     source = question.get("source") or {}
     rows = [source, source.get("compare_with") or {}, *(source.get("rows") or [])]
     return [str(r["row_id"]) for r in rows if r.get("row_id") is not None]
 
 
+def expected_rows(question: dict) -> tuple[list[str], list[str]]:
+    """(rows that must all come back, rows of which any one will do) for a held-out question. A question that
+    leaves the credential or campus open lists the rows it can mean in source.rows (with no source.row_id, or one
+    among them) and is answered by any of them; every other question needs all of source_row_ids (a compare
+    question: both rows)."""
+    source = question.get("source") or {}
+    options = [str(r["row_id"]) for r in source.get("rows") or [] if r.get("row_id") is not None]
+    single = source.get("row_id")
+    if options and question.get("kind") != "compare" and not source.get("compare_with") and \
+            (single is None or str(single) in options):
+        return [], options
+    return source_row_ids(question), []
+
+
+def right_first(question: dict, ids: list[str]) -> bool:
+    """precision@1 for one question: its row is the first hit (a compare question: its rows are the first ones;
+    an open question: the first hit is one of the rows it can mean)."""
+    required, options = expected_rows(question)
+    if options:
+        return bool(ids) and ids[0] in options
+    return bool(required) and set(required) <= set(ids[: len(required)])
+
+
+def found_at_k(question: dict, ids: list[str], k: int) -> bool:
+    """recall@k for one question: all its rows (or one of the rows an open question can mean) in the first k."""
+    required, options = expected_rows(question)
+    if options:
+        return bool(set(options) & set(ids[:k]))
+    return bool(required) and set(required) <= set(ids[:k])
+
+
 def recall_at_k(questions: list[dict], k: int = 5, collection=None, *, path: str | None = None,
                 url: str | None = None) -> float:
-    """Share of questions whose source rows are ALL among the top-k retrieved ids (compare: both rows)."""
+    """Share of questions whose source rows are ALL among the top-k retrieved ids (compare: both rows; a question
+    that leaves the credential or campus open: one of the rows it can mean)."""
     collection = collection if collection is not None else open_store(path=path, url=url)
-    graded = [q for q in questions if source_row_ids(q)]
+    graded = [q for q in questions if any(expected_rows(q))]
     if not graded:
         return 0.0
     hits = 0
     for q in graded:
-        ids = {h["id"] for h in retrieve(q["question"], k=k, collection=collection)}
-        hits += set(source_row_ids(q)) <= ids
+        hits += found_at_k(q, [h["id"] for h in retrieve(q["question"], k=k, collection=collection)], k)
     return hits / len(graded)

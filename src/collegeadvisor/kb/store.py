@@ -9,6 +9,7 @@ the normalized sum of its two parts, so the full table embeds in seconds; Chroma
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,8 +26,50 @@ HAS_DOCUMENTS: dict[int, tuple[float, bool]] = {}  # retrieval's cache: id(colle
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
 
 
-def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION):
-    """The Chroma collection (cosine space, precomputed embeddings): on disk at `path`, or on the server at `url`."""
+CHROMA_SQLITE = (3, 35, 0)  # the oldest sqlite3 Chroma accepts
+STORE_FILE = "chroma.sqlite3"  # what a Chroma folder holds
+
+
+def use_pysqlite3_if_needed() -> None:
+    """Chroma refuses a sqlite3 older than 3.35; where Python's is and `pysqlite3-binary` is installed, import
+    that in its place (Chroma's documented workaround). Call before chromadb is imported."""
+    import sqlite3
+
+    if sqlite3.sqlite_version_info >= CHROMA_SQLITE:
+        return
+    try:
+        __import__("pysqlite3")
+    except ImportError:
+        return
+    sys.modules["sqlite3"] = sys.modules.pop("pysqlite3")
+
+
+def probe_chromadb() -> None:
+    """Print what a subprocess needs to judge this Python's chromadb (check.check_chromadb runs this in one, where
+    a crash or a refused sqlite3 cannot take the preflight down): where it is, its version, or its import error."""
+    import importlib.util
+    import sqlite3
+
+    use_pysqlite3_if_needed()
+    print("sqlite", sys.modules.get("sqlite3", sqlite3).sqlite_version, flush=True)
+    spec = importlib.util.find_spec("chromadb")
+    print("chromadb-at", spec.origin if spec else None, flush=True)
+    if spec is None:
+        return
+    try:
+        import chromadb
+        from chromadb.config import Settings
+
+        chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False)).heartbeat()
+    except BaseException as exc:  # noqa: BLE001 - reported, whatever it is
+        print("chromadb-error", f"{type(exc).__name__}: {' '.join(str(exc).split())}", flush=True)
+        raise SystemExit(3) from None
+    print("chromadb-ok", getattr(chromadb, "__version__", "?"), flush=True)
+
+
+def _client(path: str | Path | None = None, url: str | None = None):
+    """A Chroma client: on disk at `path` (created when missing), or on the server at `url`."""
+    use_pysqlite3_if_needed()
     try:
         import chromadb
         from chromadb.config import Settings
@@ -48,6 +91,14 @@ def open_store(path: str | Path | None = None, url: str | None = None, collectio
             raise AdvisorError(f"kb url {url!r}: {exc}") from exc
     else:
         client = chromadb.PersistentClient(path=str(path or DEFAULT_PATH), settings=settings)
+    return client
+
+
+def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION):
+    """The Chroma collection (cosine space, precomputed embeddings): on disk at `path`, or on the server at `url`."""
+    client = _client(path, url)
+    import chromadb
+
     try:
         return client.get_or_create_collection(
             collection,
@@ -57,6 +108,55 @@ def open_store(path: str | Path | None = None, url: str | None = None, collectio
         )
     except chromadb.errors.InvalidArgumentError as exc:
         raise AdvisorError(f"kb collection {collection!r}: {exc}") from exc
+
+
+def kb_info(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION) -> dict:
+    """What a knowledge base holds, opened without creating anything: {"where", "exists", "rows" (Scorecard
+    rows), "passages" (ingested), "embedder", "row_format"} (the last two as recorded at build, else None).
+    A folder without a Chroma store, or a store without the collection, is reported missing."""
+    where = url or str(path or DEFAULT_PATH)
+    info = {"where": where, "exists": False, "rows": 0, "passages": 0, "embedder": None, "row_format": None}
+    if not url and not (Path(where) / STORE_FILE).is_file():
+        return info
+    client = _client(path, url)
+    try:
+        store = client.get_collection(collection)
+    except Exception as exc:  # chromadb.errors.NotFoundError (ValueError in older versions)
+        if "does not exist" in str(exc):
+            return info
+        raise AdvisorError(f"kb at {where}: cannot open collection {collection!r}: {exc}") from exc
+    meta = store.metadata or {}
+    passages = len(store.get(where={"kind": DOCUMENT_KIND}, include=[])["ids"])
+    return info | {"exists": True, "rows": store.count() - passages, "passages": passages,
+                   "embedder": meta.get("embedder"), "row_format": meta.get("row_format")}
+
+
+def _stamp(store, rows, where: str) -> None:
+    """Record the embedder and row format (`row_format_id`) in the collection's metadata at build. A store that
+    holds rows already keeps what it recorded: another embedder or row format is an error (a build only adds
+    missing rows: it would mix two); one built before builds recorded them is stamped when its documents read as
+    this version writes them, and left unrecorded when none of the rows to build is there to compare."""
+    from collegeadvisor.data.scorecard import row_document, row_format_id
+
+    meta = dict(store.metadata or {})
+    want = {"embedder": MODEL_NAME, "row_format": row_format_id()}
+    if store.count():
+        stored = {}
+        if meta.get("row_format") is None:
+            sample = rows.head(200).to_dict("records")
+            got = store.get(ids=[r["row_id"] for r in sample], include=["documents"])
+            stored = dict(zip(got["ids"], got["documents"]))
+            if any(stored[r["row_id"]] != row_document(r) for r in sample if r["row_id"] in stored):
+                meta["row_format"] = "an older one"
+        for key, value in want.items():
+            if meta.get(key) not in (None, value):
+                raise AdvisorError(f"the knowledge base at {where} was built with {key} {meta[key]!r}, this version "
+                                   f"writes {value!r}: build into a new folder (collegeadvisor kb build --path NEW) "
+                                   f"or delete {where} first")
+        if meta.get("row_format") is None and not stored:
+            return
+    if any(meta.get(k) != v for k, v in want.items()):
+        store.modify(metadata=meta | want)
 
 
 def key_texts(row) -> tuple[str, str]:
@@ -88,6 +188,7 @@ def build_kb(path: str | Path | None = None, url: str | None = None, rows=None, 
 
     store = open_store(path, url, collection)
     rows = (load_table() if rows is None else rows).drop_duplicates("row_id")
+    _stamp(store, rows, url or str(path or DEFAULT_PATH))
     start, added, cache = time.perf_counter(), 0, {}
     with tqdm(total=len(rows), desc="kb build", unit="row", disable=not progress) as bar:
         for first in range(0, len(rows), batch_size):
