@@ -34,6 +34,7 @@ from collegeadvisor.data.scorecard import (
     row_values,
 )
 from collegeadvisor.data.scorecard_text import (
+    ANSWERS,
     NO_CONTEXT_ANSWER,
     NOT_COVERED,
     SHORT_CREDENTIAL,
@@ -256,30 +257,13 @@ def _source(r, *extra: str) -> dict[str, Any]:
 def _answer(kind: str, sub: str, recs: list[dict], cite: dict[str, int]) -> str:
     """The reference answer: the citation, the row named, each figure under its field's label."""
     r = recs[0]
-    vals = row_values(r)
-    tag = f"[{cite[r['row_id']]}]"
-    if kind == "earnings":
-        return f"{tag} {_name(r)}. {_earnings_label(r)}: {vals['earnings']}."
-    if kind == "debt":
-        return f"{tag} {_name(r)}. Median debt: {vals['debt']}."
-    if kind == "debt_to_earnings":
-        return (f"{tag} {_name(r)}. Debt-to-earnings ratio: {vals['ratio']} (median debt {vals['debt']} against "
-                f"median earnings {vals['earnings']} {HORIZON[r['earnings_horizon']]} after completion).")
-    if kind == "premium":
-        verdict, test = ("Yes", "passes") if not vals["premium"].startswith("-") else ("No", "fails")
-        return (f"{tag} {verdict}. {_name(r)}. {_earnings_label(r)}: {vals['earnings']}. High-school graduate "
-                f"earnings in {r['state']}: {vals['hs_earnings']}. Earnings premium: {vals['premium']}, so it "
-                f"{test} the test.")
-    if kind == "no_data":
-        if sub == "debt":
-            return f"{tag} {_name(r)}. Median debt: no data ({SUPPRESSED})."
-        if sub == "earnings":
-            return f"{tag} {_name(r)}. Median earnings: no data ({SUPPRESSED})."
-        if sub == "premium":
-            return (f"{tag} {_name(r)}. Median earnings: no data ({SUPPRESSED}), so the Scorecard can't tell "
-                    "whether it pays more than a high-school diploma.")
-        missing = "median earnings" if vals.get("earnings") is None else "median debt"
-        return f"{tag} {_name(r)}. Debt-to-earnings ratio: no data (its {missing} is {SUPPRESSED})."
+    if (kind, sub) in ANSWERS:
+        vals = {k: v for k, v in row_values(r).items() if v is not None}
+        horizon = HORIZON.get(r["earnings_horizon"])
+        return ANSWERS[(kind, sub)].format(
+            tag=f"[{cite[r['row_id']]}]", name=_name(r), horizon=horizon, state=r["state"], suppressed=SUPPRESSED,
+            earnings_label=_earnings_label(r) if horizon else "", **vals,
+            missing="median earnings" if "earnings" not in vals else "median debt")
     if kind == "open":
         parts = []
         for i, x in enumerate(sorted(recs, key=lambda x: cite[x["row_id"]])):

@@ -99,3 +99,26 @@ NO_CONTEXT_ANSWER = (
 )
 NOT_COVERED = ("The retrieved College Scorecard rows don't cover the {name}, so I can't answer that from them. Ask "
                "about a school and program as the Scorecard lists them.")
+
+# Answers about one row, by (kind, asked-as): "{tag}" is its citation, "{name}" the credential, program and school;
+# the other fields are the row's values as its document writes them (`row_values`). Every figure follows its field's
+# label, the form `grounding` reads and generation constrains.
+ANSWERS = {
+    ("earnings", "earnings"): "{tag} {name}. {earnings_label}: {earnings}.",
+    ("debt", "debt"): "{tag} {name}. Median debt: {debt}.",
+    ("debt_to_earnings", "debt_to_earnings"): (
+        "{tag} {name}. Debt-to-earnings ratio: {ratio} (median debt {debt} against median earnings {earnings} "
+        "{horizon} after completion)."),
+    ("premium", "passes"): (
+        "{tag} Yes. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "Earnings premium: {premium}, so it passes the test."),
+    ("premium", "fails"): (
+        "{tag} No. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "Earnings premium: {premium}, so it fails the test."),
+    ("no_data", "earnings"): "{tag} {name}. Median earnings: no data ({suppressed}).",
+    ("no_data", "debt"): "{tag} {name}. Median debt: no data ({suppressed}).",
+    ("no_data", "premium"): (
+        "{tag} {name}. Median earnings: no data ({suppressed}), so the Scorecard can't tell whether it pays more "
+        "than a high-school diploma."),
+    ("no_data", "debt_to_earnings"): "{tag} {name}. Debt-to-earnings ratio: no data (its {missing} is {suppressed}).",
+}

@@ -17,7 +17,7 @@ from collegeadvisor.data.prepare import encode_examples
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.eval.metrics import aggregate, score_reply
 from collegeadvisor.eval.report import write_report
-from collegeadvisor.generate import answer
+from collegeadvisor.generate import RETRIES, answer
 from collegeadvisor.runs import load_run
 from collegeadvisor.train.batching import collate
 
@@ -87,7 +87,7 @@ def adapter_state(model, on: bool):
 
 
 def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
-                retriever: Retriever | None = None) -> tuple[list[dict], list[list[dict]], dict]:
+                retriever: Retriever | None = None, retries: int = RETRIES) -> tuple[list[dict], list[list[dict]], dict]:
     """Answers through `generate.answer` (the one grounded path: constraint, check, retries), the hits each was
     answered from, per-question latency (the wall time of its batch) and generated tokens/s."""
     hits = [list(retriever(q["question"])) if retriever else [] for q in questions]
@@ -98,7 +98,7 @@ def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, ba
     for b in range(0, len(convs), batch_size):
         t = time.perf_counter()
         out = answer(model, tokenizer, convs[b : b + batch_size], passages[b : b + batch_size],
-                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, retries=retries)
         dt = time.perf_counter() - t
         replies += out
         latency += [dt] * len(out)
@@ -142,10 +142,12 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
         log(f"eval: {name}{tag} on {len(questions)} questions from {questions_path}")
         budget = max_new_tokens if adapter_on else (base_max_new_tokens or max_new_tokens)
         with adapter_state(model, adapter_on):
-            replies, hits, timing = replies_for(model, tokenizer, questions, budget, batch_size, retriever)
+            # the base model is scored on its raw answers only: its retries would cost twice its generation
+            replies, hits, timing = replies_for(model, tokenizer, questions, budget, batch_size, retriever,
+                                                RETRIES if adapter_on else 0)
             if adapter_on not in ppl_of:
                 ppl_of[adapter_on] = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None
-        views = [("raw", "raw")] + ([("served", "text")] if retriever is not None else [])
+        views = [("raw", "raw")] + ([("served", "text")] if retriever is not None and adapter_on else [])
         for view, key in views:
             label = f"{name}{tag}" + (" (served)" if view == "served" else "")
             scores = _scored(questions, replies, hits, key)
