@@ -21,7 +21,7 @@ BASE_MAX_NEW_TOKENS = 64  # the untuned model rarely stops on its own: cap what 
 
 
 def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_store"):
-    """A knowledge base to retrieve from: the full one at `full_path` if `collegeadvisor kb build` made it, else
+    """(store, its path): a knowledge base to retrieve from: the full one at `full_path` if `collegeadvisor kb build` made it, else
     (built once, in seconds) every row of the schools the questions name: the right row among its neighbours."""
     from collegeadvisor.data.scorecard import load_table
     from collegeadvisor.kb import build_kb, open_store
@@ -29,14 +29,14 @@ def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_stor
     table = load_table()
     if Path(full_path).is_dir() and open_store(full_path).count() >= len(table):
         print(f"      using the full knowledge base at {full_path}")
-        return open_store(full_path)
+        return open_store(full_path), str(full_path)
     schools = {str(r.get("unitid")) for q in questions
                for r in [q["source"], q["source"].get("compare_with") or {}, *(q["source"].get("rows") or [])]}
     rows = table[table["unitid"].astype(str).isin(schools)]
     stats = build_kb(kb_dir, rows=rows, progress=False)
     print(f"      {stats['count']} rows of {len(schools)} schools in {kb_dir} "
           "(collegeadvisor kb build makes the full 220,960-row one)")
-    return open_store(kb_dir)
+    return open_store(kb_dir), str(kb_dir)
 
 
 def _show(questions: list[dict], hits: list[list[dict]], before: list[dict], after: list[dict]) -> None:
@@ -53,7 +53,7 @@ def _show(questions: list[dict], hits: list[list[dict]], before: list[dict], aft
         print(f"   reference: {q['answer']}")
 
 
-def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 300) -> Path:
+def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 48) -> Path:
     from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
     from collegeadvisor.kb import retriever
     from collegeadvisor.train import train
@@ -77,8 +77,10 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
     run = train(cfg)
 
     print("[3/4] knowledge base for the held-out questions")
-    hits_for = retriever(3, collection=quickstart_kb(questions, out / "kb"))
+    store, kb_path = quickstart_kb(questions, out / "kb")
+    kb_flag = "" if kb_path == "kb_store" else f" --kb-path {kb_path}"  # the default store is kb_store
     model, tok, manifest = load_run(run)
+    hits_for = retriever((manifest.get("retrieval") or {}).get("k") or 3, collection=store)
     hits = [hits_for(q["question"]) for q in picked]
     convs = [[{"role": "user", "content": q["question"]}] for q in picked]
     passages = [[h["document"] for h in hs] for hs in hits]
@@ -94,7 +96,7 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
                                         max_new_tokens=cfg.sample_max_new_tokens,
                                         base_max_new_tokens=BASE_MAX_NEW_TOKENS)
     print(f"done in {time.time() - t0:.0f} s. Run: {run}\n      report: {report_html}\n      data: {report_json}")
-    latest = "" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}"
+    latest = ("" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}") + kb_flag
     print(f"next: collegeadvisor chat --run latest{latest} | eval --run latest{latest} --compare | "
           f"serve --run latest{latest} | export --run latest{latest} --to ollama --verify")
     return run

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.data.loaders import load_examples
@@ -95,7 +96,7 @@ def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, ba
     passages = [[h["document"] for h in hs] if retriever else None for hs in hits]
     replies, latency = [], []
     start = time.perf_counter()
-    for b in range(0, len(convs), batch_size):
+    for b in tqdm(range(0, len(convs), batch_size), desc="eval", unit="batch", disable=None, leave=False):
         t = time.perf_counter()
         out = answer(model, tokenizer, convs[b : b + batch_size], passages[b : b + batch_size],
                      max_new_tokens=max_new_tokens, batch_size=batch_size, retries=retries)
