@@ -238,7 +238,7 @@ def test_defect6_one_epoch_on_a_small_dataset(tmp_path, smol_tiny_model):
     cfg.max_steps = None  # the quickstart config sets a step budget; the seed set epochs
     f = only(check.run_checks(cfg, measure=False), "too-few-epochs")
     assert f.level == "warning" and f.where == "epochs" and "1 epoch(s) over 39 training examples" in f.message
-    f = only(run(tmp_path, smol_tiny_model, max_steps=2), "too-few-epochs")
+    f = only(run(tmp_path, smol_tiny_model, max_steps=2, grad_accum=4), "too-few-epochs")  # 2 x 4 x 4 of 39
     assert f.where == "max_steps" and "0.80 epochs" in f.message
     assert "too-few-epochs" not in codes(run(tmp_path, smol_tiny_model))  # 60 steps = 24 epochs of 39
 
@@ -303,7 +303,7 @@ def write_run(root: Path, model: Path, status="complete", base=None, template=No
 
 
 def test_run_of_another_base_model_and_template(tmp_path, smol_tiny_model, tinyllama_tiny_model):
-    cfg = make_cfg(tmp_path, smol_tiny_model)
+    cfg = make_cfg(tmp_path, smol_tiny_model, learning_rate=2e-4)  # the run's (write_run) is 1e-3
     other = write_run(tmp_path, tinyllama_tiny_model)
     findings = check.run_checks(cfg, run=other, measure=False)
     assert {"run-base-model", "run-template"} <= codes(findings, "error")
@@ -517,8 +517,8 @@ def test_ram_estimate_against_available(tmp_path, smol_tiny_model, monkeypatch):
 
 
 def test_ram_estimate_grows_with_the_batch(tmp_path, smol_tiny_model):
-    small = only(run(tmp_path, smol_tiny_model, batch_size=1), "ram").data
-    big = only(run(tmp_path, smol_tiny_model, batch_size=8), "ram").data
+    small = only(run(tmp_path, smol_tiny_model, batch_size=1, max_length=512), "ram").data
+    big = only(run(tmp_path, smol_tiny_model, batch_size=8, max_length=512), "ram").data
     assert big["activations"] == 8 * small["activations"] and big["tokens_per_pass"] == 8 * 512
 
 
