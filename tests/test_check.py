@@ -64,7 +64,7 @@ def test_clean_quickstart_config_passes_with_every_info_line(tmp_path, tiny_mode
 
 def test_eta_step_shrinks_to_one_example_on_a_slow_machine(tmp_path, smol_tiny_model, monkeypatch):
     whole = only(run(tmp_path, smol_tiny_model, measure=True), "eta").data["step"]["tokens"]
-    monkeypatch.setattr(check, "MEASURE_BUDGET_S", 0.0)
+    monkeypatch.setattr(check.environment, "MEASURE_BUDGET_S", 0.0)
     one = only(run(tmp_path, smol_tiny_model, measure=True), "eta").data["step"]["tokens"]
     assert 0 < one < whole and whole >= 4 * 30  # a micro-batch is batch_size (4) examples of ~35 tokens
 
@@ -478,8 +478,8 @@ def test_working_chromadb_is_one_info_line():
 
 # ------------------------------------------------------------------------------------------------ environment
 def test_defect9_chromadb_missing(tmp_path, smol_tiny_model, monkeypatch):
-    real = check.find_spec
-    monkeypatch.setattr(check, "find_spec", lambda name, *a: None if name == "chromadb" else real(name, *a))
+    real = check.environment.find_spec
+    monkeypatch.setattr(check.environment, "find_spec", lambda name, *a: None if name == "chromadb" else real(name, *a))
     findings = run(tmp_path, smol_tiny_model)
     f = only(findings, "missing-package")
     assert f.level == "error" and f.where == "chromadb" and f.fix == "pip install 'chromadb'"
@@ -490,8 +490,8 @@ def test_defect9_chromadb_missing(tmp_path, smol_tiny_model, monkeypatch):
 
 
 def test_missing_training_package_stops_the_other_checks(tmp_path, smol_tiny_model, monkeypatch):
-    real = check.find_spec
-    monkeypatch.setattr(check, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    real = check.environment.find_spec
+    monkeypatch.setattr(check.environment, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     findings = run(tmp_path, smol_tiny_model)
     assert [(f.code, f.where, f.fix) for f in findings] == [("missing-package", "peft", "pip install 'peft'")]
 
@@ -507,10 +507,10 @@ def test_not_enough_disk(tmp_path, smol_tiny_model, monkeypatch):
 
 
 def test_ram_estimate_against_available(tmp_path, smol_tiny_model, monkeypatch):
-    monkeypatch.setattr(check, "memory", lambda: (10 * 2**20, 10 * 2**30))
+    monkeypatch.setattr(check.environment, "memory", lambda: (10 * 2**20, 10 * 2**30))
     f = only(run(tmp_path, smol_tiny_model), "ram")
     assert f.level == "warning" and "available now" in f.message
-    monkeypatch.setattr(check, "memory", lambda: (2**20, 2**20))
+    monkeypatch.setattr(check.environment, "memory", lambda: (2**20, 2**20))
     f = only(run(tmp_path, smol_tiny_model), "ram")
     assert f.level == "error" and "lower batch_size" in f.fix
     assert f.data["total"] > f.data["activations"] > 0

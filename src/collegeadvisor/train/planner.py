@@ -144,10 +144,9 @@ class Plan:
         return out
 
 
-def plan(cfg: Config, rows: Rows, device: str, world: int = 1, shape: dict | None = None) -> Plan:
-    """The plan of a run of cfg on these rows, on device with `world` data-parallel ranks. With the model's shape
-    (model_shape), also the memory a training step takes."""
-    prec = precision(cfg, device)
+def schedule(cfg: Config, rows: Rows, world: int = 1) -> dict[str, Any]:
+    """The rows kept and dropped, steps, epochs and tokens of a run of cfg on these rows with `world` data-parallel
+    ranks (each rank takes every world-th micro-batch of an epoch)."""
     lengths = [len(r["input_ids"]) for r in rows.train]
     micro = max(1, math.ceil(len(lengths) / cfg.batch_size) // world)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
@@ -155,16 +154,21 @@ def plan(cfg: Config, rows: Rows, device: str, world: int = 1, shape: dict | Non
     batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     stats = rows.train_stats
-    p = Plan(
-        device=device, world=world, dtype=prec["dtype"], autocast=prec["autocast"], base_bf16=prec["base_bf16"],
+    return dict(
         kept=len(rows.train), kept_lines=[r.get("line") for r in rows.train],
         dropped={"too_long": stats.get("dropped_too_long", 0), "no_labels": stats.get("dropped_no_labels", 0),
                  "truncated": stats.get("truncated", 0), "lines": stats.get("dropped_lines", [])},
         micro_batches_per_epoch=micro, total_steps=total, warmup_steps=math.ceil(cfg.warmup_ratio * total),
-        epochs=epochs, effective_batch=cfg.batch_size * cfg.grad_accum * world,
-        tokens_per_pass=pass_tokens(cfg), train_tokens=padded / world * epochs,
-        val_tokens=sum(len(r["input_ids"]) for r in rows.val), label_share=label_share(rows.train), rows=rows,
+        epochs=epochs, effective_batch=cfg.batch_size * cfg.grad_accum * world, tokens_per_pass=pass_tokens(cfg),
+        train_tokens=padded / world * epochs, val_tokens=sum(len(r["input_ids"]) for r in rows.val),
+        label_share=label_share(rows.train),
     )
+
+
+def plan(cfg: Config, rows: Rows, device: str, world: int = 1, shape: dict | None = None) -> Plan:
+    """The plan of a run of cfg on these rows, on device with `world` data-parallel ranks: its precision and
+    schedule; with the model's shape (model_shape), also the memory a training step takes."""
+    p = Plan(device=device, world=world, **precision(cfg, device), **schedule(cfg, rows, world), rows=rows)
     if shape is not None:
         p.memory = memory_estimate(cfg, shape, p)
     return p
