@@ -64,7 +64,7 @@ def test_clean_quickstart_config_passes_with_every_info_line(tmp_path, tiny_mode
 
 def test_eta_step_shrinks_to_one_example_on_a_slow_machine(tmp_path, smol_tiny_model, monkeypatch):
     whole = only(run(tmp_path, smol_tiny_model, measure=True), "eta").data["step"]["tokens"]
-    monkeypatch.setattr(check, "MEASURE_BUDGET_S", 0.0)
+    monkeypatch.setattr(check.environment, "MEASURE_BUDGET_S", 0.0)
     one = only(run(tmp_path, smol_tiny_model, measure=True), "eta").data["step"]["tokens"]
     assert 0 < one < whole and whole >= 4 * 30  # a micro-batch is batch_size (4) examples of ~35 tokens
 
@@ -238,7 +238,7 @@ def test_defect6_one_epoch_on_a_small_dataset(tmp_path, smol_tiny_model):
     cfg.max_steps = None  # the quickstart config sets a step budget; the seed set epochs
     f = only(check.run_checks(cfg, measure=False), "too-few-epochs")
     assert f.level == "warning" and f.where == "epochs" and "1 epoch(s) over 39 training examples" in f.message
-    f = only(run(tmp_path, smol_tiny_model, max_steps=2), "too-few-epochs")
+    f = only(run(tmp_path, smol_tiny_model, max_steps=2, grad_accum=4), "too-few-epochs")  # 2 x 4 x 4 of 39
     assert f.where == "max_steps" and "0.80 epochs" in f.message
     assert "too-few-epochs" not in codes(run(tmp_path, smol_tiny_model))  # 60 steps = 24 epochs of 39
 
@@ -303,7 +303,7 @@ def write_run(root: Path, model: Path, status="complete", base=None, template=No
 
 
 def test_run_of_another_base_model_and_template(tmp_path, smol_tiny_model, tinyllama_tiny_model):
-    cfg = make_cfg(tmp_path, smol_tiny_model)
+    cfg = make_cfg(tmp_path, smol_tiny_model, learning_rate=2e-4)  # the run's (write_run) is 1e-3
     other = write_run(tmp_path, tinyllama_tiny_model)
     findings = check.run_checks(cfg, run=other, measure=False)
     assert {"run-base-model", "run-template"} <= codes(findings, "error")
@@ -478,8 +478,8 @@ def test_working_chromadb_is_one_info_line():
 
 # ------------------------------------------------------------------------------------------------ environment
 def test_defect9_chromadb_missing(tmp_path, smol_tiny_model, monkeypatch):
-    real = check.find_spec
-    monkeypatch.setattr(check, "find_spec", lambda name, *a: None if name == "chromadb" else real(name, *a))
+    real = check.environment.find_spec
+    monkeypatch.setattr(check.environment, "find_spec", lambda name, *a: None if name == "chromadb" else real(name, *a))
     findings = run(tmp_path, smol_tiny_model)
     f = only(findings, "missing-package")
     assert f.level == "error" and f.where == "chromadb" and f.fix == "pip install 'chromadb'"
@@ -490,8 +490,8 @@ def test_defect9_chromadb_missing(tmp_path, smol_tiny_model, monkeypatch):
 
 
 def test_missing_training_package_stops_the_other_checks(tmp_path, smol_tiny_model, monkeypatch):
-    real = check.find_spec
-    monkeypatch.setattr(check, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    real = check.environment.find_spec
+    monkeypatch.setattr(check.environment, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     findings = run(tmp_path, smol_tiny_model)
     assert [(f.code, f.where, f.fix) for f in findings] == [("missing-package", "peft", "pip install 'peft'")]
 
@@ -507,18 +507,18 @@ def test_not_enough_disk(tmp_path, smol_tiny_model, monkeypatch):
 
 
 def test_ram_estimate_against_available(tmp_path, smol_tiny_model, monkeypatch):
-    monkeypatch.setattr(check, "memory", lambda: (10 * 2**20, 10 * 2**30))
+    monkeypatch.setattr(check.environment, "memory", lambda: (10 * 2**20, 10 * 2**30))
     f = only(run(tmp_path, smol_tiny_model), "ram")
     assert f.level == "warning" and "available now" in f.message
-    monkeypatch.setattr(check, "memory", lambda: (2**20, 2**20))
+    monkeypatch.setattr(check.environment, "memory", lambda: (2**20, 2**20))
     f = only(run(tmp_path, smol_tiny_model), "ram")
     assert f.level == "error" and "lower batch_size" in f.fix
     assert f.data["total"] > f.data["activations"] > 0
 
 
 def test_ram_estimate_grows_with_the_batch(tmp_path, smol_tiny_model):
-    small = only(run(tmp_path, smol_tiny_model, batch_size=1), "ram").data
-    big = only(run(tmp_path, smol_tiny_model, batch_size=8), "ram").data
+    small = only(run(tmp_path, smol_tiny_model, batch_size=1, max_length=512), "ram").data
+    big = only(run(tmp_path, smol_tiny_model, batch_size=8, max_length=512), "ram").data
     assert big["activations"] == 8 * small["activations"] and big["tokens_per_pass"] == 8 * 512
 
 

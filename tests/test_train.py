@@ -104,3 +104,53 @@ def test_label_only_loss_equals_full_logits_loss(tinyllama_tiny_model, tinyllama
     n = int((batch["labels"][:, 1:] != -100).sum())
     ref = model(**batch).loss  # transformers' mean over labelled tokens, full logits
     assert float(mine) / n == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_resume_of_a_run_at_its_last_step_completes_with_the_logged_loss(tmp_path, tinyllama_tiny_model):
+    """Interrupted after its last checkpoint (at total_steps) but before the final adapter: the resumed run has no
+    step left to train and completes with the losses logged at that step."""
+    import json
+    import shutil
+
+    run = train(cfg_for(tmp_path, tinyllama_tiny_model, run_name="last", max_steps=5, save_every=5, sample_every=0))
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 5]
+    m = read_manifest(run)
+    (run / "manifest.json").write_text(json.dumps(m | {"status": "failed", "error": "killed", "metrics": None}))
+    shutil.rmtree(run / "adapter")
+    resumed = read_manifest(train(cfg_for(tmp_path, tinyllama_tiny_model), resume=run))
+    assert resumed["status"] == "complete" and resumed["metrics"]["steps"] == 5
+    assert resumed["metrics"]["final_loss"] == next(r["loss"] for r in rows if "loss" in r)
+    assert resumed["metrics"]["val_loss"] == next(r["val_loss"] for r in rows if "val_loss" in r)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_report_to_tensorboard_sends_what_metrics_jsonl_holds(tmp_path, tinyllama_tiny_model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(cfg_for(tmp_path, tinyllama_tiny_model, run_name="tb", max_steps=4, sample_every=0,
+                        report_to="tensorboard"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl"):
+        want = [(r["step"], r[tag]) for r in rows if tag in r]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert want and [s for s, _ in got] == [s for s, _ in want], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5), tag
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_training(tmp_path, tinyllama_tiny_model,
+                                                                                monkeypatch):
+    from collegeadvisor import check
+    from collegeadvisor.errors import AdvisorError
+    from collegeadvisor.train import metrics
+
+    monkeypatch.setattr(metrics, "find_spec", lambda name: None)
+    cfg = cfg_for(tmp_path, tinyllama_tiny_model, run_name="nowandb", report_to="wandb")
+    with pytest.raises(AdvisorError, match=r"report_to wandb: the package 'wandb' is not installed; pip install "
+                                           r"'collegeadvisor\[wandb\]'"):
+        train(cfg)
+    assert not (tmp_path / "runs" / "nowandb").exists()
+    monkeypatch.setattr(check.environment, "find_spec", lambda name: None)
+    f = next(f for f in check.run_checks(cfg, measure=False, stages=()) if f.where == "report_to")
+    assert f.level == "error" and f.fix == "pip install 'collegeadvisor[wandb]'"

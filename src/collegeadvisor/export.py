@@ -282,9 +282,10 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add the `export` subcommand to the CLI's subparsers."""
+    from collegeadvisor.runs import add_run_arguments
+
     p = sub.add_parser("export", help="write a run as merged safetensors, a GGUF file, or an Ollama Modelfile")
-    p.add_argument("--run", default="latest", help="run directory, or 'latest' (newest complete run)")
-    p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
+    add_run_arguments(p, generation=False, retrieval=False)
     p.add_argument("--to", required=True, choices=TARGETS)
     p.add_argument("--out", default=None, help="output folder (default: RUN/export/<to>)")
     p.add_argument("--gguf-type", default="q8_0", choices=GGUF_TYPES, help="GGUF weight type [default: q8_0]")

@@ -6,13 +6,14 @@ A run directory holds `manifest.json` (status running | complete | failed), `ada
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from collegeadvisor.errors import ManifestError, ModelError
 from collegeadvisor.fsutil import atomic_write_json
@@ -76,6 +77,37 @@ def find_run(run: str | Path, output_dir: str | Path = "runs", require_complete:
     return path
 
 
+class Mismatch(NamedTuple):
+    """One way a run does not match what it is given: `what` is base_model (another base model), weights (the base
+    model's files changed: `key` config_sha256 or gguf_sha256) or template (another chat template)."""
+
+    what: str
+    key: str
+    trained: str | None
+    now: str | None
+
+
+def run_mismatches(manifest: dict[str, Any], base_model: str | None = None, resolved: str | None = None,
+                   chat_template: str | None = None) -> list[Mismatch]:
+    """How a run's manifest differs from a base model spec, the resolved files of its base model and a chat template;
+    only what is given is compared, [] when it all matches. Loading refuses on these; check reports them."""
+    from collegeadvisor.chat_format import template_hash
+    from collegeadvisor.models import base_fingerprint
+
+    base = manifest.get("base_model") or {}
+    out = []
+    if base_model is not None and base_model != base.get("spec"):
+        out.append(Mismatch("base_model", "spec", base.get("spec"), base_model))
+    elif resolved is not None:
+        now_fp = base_fingerprint(base.get("spec"), resolved)
+        out += [Mismatch("weights", key, base[key], now_fp[key]) for key in ("config_sha256", "gguf_sha256")
+                if base.get(key) and now_fp.get(key) and base[key] != now_fp[key]]
+    trained = (manifest.get("format") or {}).get("template_sha256")
+    if chat_template is not None and trained and trained != template_hash(chat_template):
+        out.append(Mismatch("template", "template_sha256", trained, template_hash(chat_template)))
+    return out
+
+
 def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True,
              merge: bool = False):
     """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads.
@@ -84,29 +116,27 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
     import torch
 
-    from collegeadvisor.chat_format import template_hash
-    from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
+    from collegeadvisor.models import load_model, load_tokenizer, pick_device, resolve_base_model
 
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
     base = m["base_model"]
-    if base_model is not None and base_model != base["spec"]:
+    if wrong := run_mismatches(m, base_model=base_model):
         raise ManifestError(
-            f"{run_dir}: the run was trained on base model '{base['spec']}', not '{base_model}'; "
+            f"{run_dir}: the run was trained on base model '{wrong[0].trained}', not '{wrong[0].now}'; "
             "its adapter only fits its own base model"
         )
     resolved = resolve_base_model(base["spec"])
-    now_fp = base_fingerprint(base["spec"], resolved)
-    for key in ("config_sha256", "gguf_sha256"):
-        if base.get(key) and now_fp.get(key) and base[key] != now_fp[key]:
-            raise ManifestError(
-                f"{run_dir}: base model '{base['spec']}' at {resolved} has {key} {now_fp[key][:12]}, "
-                f"but the run was trained on {base[key][:12]}; refusing to load its adapter on another model"
-            )
+    if wrong := run_mismatches(m, resolved=resolved):
+        key, trained, now_sha = wrong[0].key, wrong[0].trained, wrong[0].now
+        raise ManifestError(
+            f"{run_dir}: base model '{base['spec']}' at {resolved} has {key} {now_sha[:12]}, "
+            f"but the run was trained on {trained[:12]}; refusing to load its adapter on another model"
+        )
     fmt = m["format"]
     tok = load_tokenizer(resolved, chat_template=fmt["chat_template"])
     shipped = load_tokenizer(resolved)
-    if template_hash(shipped.chat_template or "") != fmt["template_sha256"]:
+    if run_mismatches(m, chat_template=shipped.chat_template or ""):
         # the manifest's template wins; say so, since the model folder changed under the run
         print(f"note: {resolved} ships another chat template than run {run_dir.name}; using the run's", file=sys.stderr)
     for name in ("eos", "bos", "pad"):
@@ -142,3 +172,26 @@ def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = 
     from collegeadvisor.kb import retriever
 
     return retriever(k=k or trained.get("k") or 3, path=kb_path, url=kb_url)
+
+
+def retriever_from_args(args: argparse.Namespace, run_dir: str | Path):
+    """run_retriever with the options add_run_arguments(retrieval=True) declared."""
+    return run_retriever(run_dir, args.rag, args.k, args.kb_path, args.kb_url)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, generation: bool = True, retrieval: bool = True) -> None:
+    """The options of a stage that uses a trained run: --run and --output-dir; with generation, --device and
+    --max-new-tokens; with retrieval, what run_retriever reads (--rag, --k, --kb-path, --kb-url)."""
+    p.add_argument("--run", default="latest", help="run directory, or 'latest' (newest complete run)")
+    p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
+    if generation:
+        p.add_argument("--device", default="auto")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+    if retrieval:
+        p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
+                       help="answer from rows retrieved from the knowledge base [default: on when the run was trained "
+                            "on retrieved rows]")
+        p.add_argument("--k", type=int, default=None,
+                       help="rows retrieved per question [default: the run's, as in training]")
+        p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
+        p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")

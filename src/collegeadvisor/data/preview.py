@@ -152,10 +152,10 @@ h2 {{ font-size: 15px; margin-top: 2em; }}
 
 
 def cmd_preview(args) -> int:
-    from collegeadvisor.cli import config_from_args
+    from collegeadvisor.config import Config
     from collegeadvisor.fsutil import atomic_write_text
 
-    cfg = config_from_args(args)
+    cfg = Config.from_args(args)
     examples = preview_examples(cfg, args.n)
     print_preview(examples)
     if args.html:
@@ -168,11 +168,11 @@ def cmd_preview(args) -> int:
 
 def register(data_subparsers) -> None:
     """Add `data preview` (the same settings as train: base model, data, max length...)."""
-    from collegeadvisor.cli import add_config_options
+    from collegeadvisor.config import Config
 
     p = data_subparsers.add_parser("preview", help="show examples token by token, coloured by label (trained, "
                                    "masked, end-of-turn)")
-    add_config_options(p)
+    Config.add_arguments(p)
     p.add_argument("--n", type=int, default=3, help="examples to show [default: 3]")
     p.add_argument("--html", default=None, metavar="FILE", help="also write the preview as an HTML page")
     p.set_defaults(func=cmd_preview)

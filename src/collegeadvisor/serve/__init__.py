@@ -68,14 +68,14 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from collegeadvisor.runs import find_run, load_run, run_retriever
+    from collegeadvisor.runs import find_run, load_run, retriever_from_args
     from collegeadvisor.serve.app import create_app
 
     sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         run = find_run(args.run, args.output_dir)
-        retriever = run_retriever(run, args.rag, args.k, args.kb_path, args.kb_url)
+        retriever = retriever_from_args(args, run)
         model, tok, manifest = load_run(run, device=args.device, merge=True)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
@@ -93,10 +93,10 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Add the `serve` subcommand to the CLI's subparsers."""
-    from collegeadvisor.cli import _run_options
+    from collegeadvisor.runs import add_run_arguments
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a trained run")
-    _run_options(p)
+    add_run_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")

@@ -1,5 +1,6 @@
-"""LoRA fine-tuning: the recipe, batching, checkpoints."""
+"""LoRA fine-tuning: the plan (what a run will do, which check reports on), the recipe, batching, checkpoints."""
 
+from collegeadvisor.train.planner import Plan, Rows, encode, plan
 from collegeadvisor.train.recipe import train
 
-__all__ = ["train"]
+__all__ = ["Plan", "Rows", "encode", "plan", "train"]

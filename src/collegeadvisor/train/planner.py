@@ -1,0 +1,224 @@
+"""What a training run will do, decided before it starts: the rows it keeps, its precision, steps and epochs, the
+memory a step takes and the time the run takes at a measured speed. `train` executes this plan; `check` reports on
+it and never works any of it out again.
+
+    rows = encode(cfg, tokenizer, train_examples, val_examples)   # the kept (and dropped) rows
+    p = plan(cfg, rows, device)                                    # precision, steps, epochs, memory, ETA
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from collegeadvisor.chat_format import IGNORE_INDEX
+from collegeadvisor.config import Config
+from collegeadvisor.data.prepare import encode_examples
+from collegeadvisor.train.batching import epoch_batches
+
+# RAM model, calibrated on SmolLM2-135M + LoRA r16 all-linear on CPU (peak RSS of one forward+backward):
+# bytes stored for backward per token, per layer, per unit of (hidden + intermediate) size.
+ACT_BYTES_BF16 = 22  # bf16 autocast over a bf16 base (measured 21.5)
+ACT_BYTES_FP32 = 60  # plain fp32 (measured 59)
+LOGIT_BYTES = 12  # per labelled position per vocabulary entry: logits, fp32 copy, softmax gradient
+RUNTIME_BYTES = 600 * 2**20  # python, torch, tokenizer
+VAL_COST = 1 / 3  # a validation token (forward only) costs about a third of a training token
+
+
+# ----------------------------------------------------------------------------------------------- rows
+@dataclass
+class Rows:
+    """Encoded examples (input_ids, labels, line) as train uses them, and data.prepare's stats of each split."""
+
+    train: list[dict]
+    val: list[dict]
+    train_stats: dict = field(default_factory=dict)
+    val_stats: dict = field(default_factory=dict)
+
+
+def encode(cfg: Config, tokenizer, train_examples: Sequence[dict], val_examples: Sequence[dict],
+           refuse: bool = True) -> Rows:
+    """The rows train keeps, from the examples it picked (data.loaders.train_val): training examples under
+    cfg.truncation (an answer cut at max_length drops the example, is cut, or stops train), validation examples cut
+    to max_length. refuse=False (check) counts the examples truncation: error would stop on as dropped instead."""
+    policy = "drop" if cfg.truncation == "error" and not refuse else cfg.truncation
+    train_rows, train_stats = encode_examples(tokenizer, train_examples, cfg.max_length, policy, cfg.data)
+    val_rows, val_stats = encode_examples(tokenizer, val_examples, cfg.max_length, "truncate",
+                                          cfg.val_data or cfg.data)
+    return Rows(train_rows, val_rows, train_stats, val_stats)
+
+
+def pass_tokens(cfg: Config) -> int:
+    """Most tokens of one forward pass, padding included: batch_tokens, else batch_size x max_length."""
+    return cfg.batch_tokens or cfg.batch_size * cfg.max_length
+
+
+def label_share(rows: Sequence[dict]) -> float:
+    """Share of tokens that carry a label (0.5 without rows)."""
+    total = sum(len(r["input_ids"]) for r in rows)
+    return sum(1 for r in rows for lab in r["labels"] if lab != IGNORE_INDEX) / total if total else 0.5
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_autocast(device: str, dtype: torch.dtype, setting: str) -> bool:
+    """bf16 autocast where the hardware runs bf16 matmuls fast, over fp32 weights only."""
+    if setting == "off" or dtype != torch.float32:
+        return False
+    if device == "cpu":
+        return setting == "on" or cpu_has_bf16()
+    if device.startswith("cuda"):
+        return setting == "on" or torch.cuda.is_bf16_supported()
+    return False
+
+
+def autocast_context(device: str, on: bool):
+    """A factory of bf16 autocast contexts on device (master and LoRA weights stay in their dtype), or of no-ops."""
+    if not on:
+        return contextlib.nullcontext
+    kind = "cpu" if device == "cpu" else "cuda"
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def autocast_for(device: str, dtype: torch.dtype, setting: str):
+    return autocast_context(device, bf16_autocast(device, dtype, setting))
+
+
+def precision(cfg: Config, device: str) -> dict[str, Any]:
+    """Master dtype, bf16 autocast and whether the frozen base is kept in bf16, for cfg on device."""
+    from collegeadvisor.models import pick_dtype
+
+    dtype = pick_dtype(device, cfg.dtype)
+    autocast = bf16_autocast(device, dtype, cfg.autocast_bf16)
+    base_bf16 = dtype == torch.float32 and (cfg.base_bf16 == "on" or (cfg.base_bf16 == "auto" and autocast))
+    return {"dtype": dtype, "autocast": autocast, "base_bf16": base_bf16}
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Every decision train makes before its first step. `rows` holds the encoded rows; the rest is plain data."""
+
+    device: str
+    world: int
+    dtype: torch.dtype
+    autocast: bool  # bf16 autocast over fp32 weights
+    base_bf16: bool  # the frozen base weights stored in bf16
+    kept: int  # training rows kept
+    kept_lines: list  # their file lines
+    dropped: dict  # training examples left out or cut: too_long, no_labels, truncated, lines (first 20 dropped)
+    micro_batches_per_epoch: int  # per rank
+    total_steps: int
+    warmup_steps: int
+    epochs: float
+    effective_batch: int
+    tokens_per_pass: int  # most tokens of one forward pass, padding included
+    train_tokens: float  # padded tokens of every training pass of the run, per rank
+    val_tokens: int  # tokens of one validation pass
+    label_share: float
+    memory: dict | None = None  # the memory estimate of a training step (given the model's shape)
+    rows: Rows | None = field(default=None, repr=False, compare=False)
+
+    def eta(self, tokens_per_s: float) -> float:
+        """Seconds the run takes at a measured training speed: every training pass and a validation pass at each
+        epoch's end (sample generations not counted)."""
+        val = self.val_tokens * max(1, math.ceil(self.epochs))
+        return (self.train_tokens + val * VAL_COST) / tokens_per_s
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "rows"}
+        out["dtype"] = str(self.dtype).replace("torch.", "")
+        return out
+
+
+def schedule(cfg: Config, rows: Rows, world: int = 1) -> dict[str, Any]:
+    """The rows kept and dropped, steps, epochs and tokens of a run of cfg on these rows with `world` data-parallel
+    ranks (each rank takes every world-th micro-batch of an epoch)."""
+    lengths = [len(r["input_ids"]) for r in rows.train]
+    micro = max(1, math.ceil(len(lengths) / cfg.batch_size) // world)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    epochs = total * cfg.grad_accum / micro
+    batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    stats = rows.train_stats
+    return dict(
+        kept=len(rows.train), kept_lines=[r.get("line") for r in rows.train],
+        dropped={"too_long": stats.get("dropped_too_long", 0), "no_labels": stats.get("dropped_no_labels", 0),
+                 "truncated": stats.get("truncated", 0), "lines": stats.get("dropped_lines", [])},
+        micro_batches_per_epoch=micro, total_steps=total, warmup_steps=math.ceil(cfg.warmup_ratio * total),
+        epochs=epochs, effective_batch=cfg.batch_size * cfg.grad_accum * world, tokens_per_pass=pass_tokens(cfg),
+        train_tokens=padded / world * epochs, val_tokens=sum(len(r["input_ids"]) for r in rows.val),
+        label_share=label_share(rows.train),
+    )
+
+
+def plan(cfg: Config, rows: Rows, device: str, world: int = 1, shape: dict | None = None) -> Plan:
+    """The plan of a run of cfg on these rows, on device with `world` data-parallel ranks: its precision and
+    schedule; with the model's shape (model_shape), also the memory a training step takes."""
+    p = Plan(device=device, world=world, **precision(cfg, device), **schedule(cfg, rows, world), rows=rows)
+    if shape is not None:
+        p.memory = memory_estimate(cfg, shape, p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def model_shape(resolved: str, cfg: Config) -> dict[str, Any]:
+    """Parameter counts and sizes from the model's config, built on the meta device (no weights read), and the
+    layers cfg.lora_target puts LoRA on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolved)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    if cfg.lora_target == "all-linear":
+        targets = [m for _, m in linear]
+    else:
+        keys = [k.strip() for k in cfg.lora_target.split(",") if k.strip()]
+        targets = [m for n, m in linear if any(n == k or n.endswith("." + k) for k in keys)]
+    text = getattr(config, "text_config", None) or config
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "lora_params": sum(cfg.lora_r * (m.in_features + m.out_features) for m in targets),
+        "lora_modules": len(targets),
+        "linear_names": sorted({n.rsplit(".", 1)[-1] for n, _ in linear}),
+        "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0),
+        "hidden": getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0),
+        "intermediate": getattr(text, "intermediate_size", None) or 4 * (getattr(text, "hidden_size", 0) or 0),
+        "vocab": getattr(text, "vocab_size", 0),
+        "max_positions": getattr(text, "max_position_embeddings", None),
+    }
+
+
+def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
+    """Peak memory of a training step: weights, LoRA weights with gradient and Adam state, activations kept for
+    backward over one forward pass (batch_tokens, or batch_size x max_length), and logits at labelled positions."""
+    tokens = p.tokens_per_pass
+    bf16 = p.autocast or p.dtype in (torch.bfloat16, torch.float16)
+    loaded = shape["params"] * p.dtype.itemsize  # train loads in dtype, then keeps the base in bf16
+    parts = {
+        "weights": max(loaded, shape["params"] * 2) if p.base_bf16 else loaded,
+        "lora": shape["lora_params"] * 16,
+        "activations": tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
+        * (ACT_BYTES_BF16 if bf16 else ACT_BYTES_FP32),
+        "logits": int(p.label_share * tokens * shape["vocab"] * LOGIT_BYTES),
+        "runtime": RUNTIME_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    parts["tokens_per_pass"] = tokens
+    return parts

@@ -1,0 +1,82 @@
+"""The CLI on top: one way to register commands, no module below it importing it, settings from the command line
+(none unsets, a bad value is one line), the shared run options."""
+
+import ast
+import argparse
+from pathlib import Path
+
+import pytest
+
+import collegeadvisor
+from collegeadvisor.cli import build_parser, main
+from collegeadvisor.config import Config
+from collegeadvisor.errors import AdvisorError
+
+SRC = Path(collegeadvisor.__file__).parent
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_no_module_below_the_cli_imports_it():
+    importers = [p.relative_to(SRC) for p in SRC.rglob("*.py")
+                 if p.name != "cli.py" or p.parent != SRC
+                 if "collegeadvisor.cli" in imported_modules(p)]
+    assert importers == []
+    assert "importlib" not in imported_modules(SRC / "cli.py")  # commands are registered one way: register(sub)
+
+
+def test_every_command_is_registered():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["train", "data", "quickstart", "eval", "chat", "check", "kb", "serve", "export"]
+    data = next(a for a in sub.choices["data"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(data.choices) == ["scorecard", "validate", "preview"]
+
+
+def parse(*argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_none_unsets_a_setting_that_may_be_unset():
+    cfg = Config.from_args(parse("--config", str(QUICKSTART), "--max-steps", "none", "--max-grad-norm", "null",
+                                 "--report-to", "none", "--lora-r", "8"))
+    assert cfg.max_steps is None and cfg.max_grad_norm is None and cfg.report_to is None and cfg.lora_r == 8
+    assert Config.from_args(parse("--config", str(QUICKSTART))).max_steps == 30
+    assert Config.from_args(parse("--report-to", "tensorboard")).report_to == "tensorboard"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-length", "none"], "--max-length none: this setting cannot be unset [default: 512]"),
+    (["--max-length", "abc"], "--max-length abc: Input should be a valid integer"),
+    (["--epochs", "-1"], "--epochs -1: Input should be greater than 0"),
+    (["--max-steps", "0"], "--max-steps 0: Input should be greater than or equal to 1"),
+])
+def test_none_and_bad_values_are_one_line(argv, message, capsys):
+    with pytest.raises(AdvisorError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        Config.from_args(parse(*argv))
+    assert main(["train", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1 and "internal error" not in err
+
+
+def test_run_options_keep_their_names_and_defaults():
+    args = build_parser().parse_args(["chat"])
+    assert (args.run, args.output_dir, args.device, args.max_new_tokens) == ("latest", "runs", "auto", 256)
+    assert (args.rag, args.k, args.kb_path, args.kb_url) == (None, None, None, None)
+    args = build_parser().parse_args(["eval", "--no-rag", "--k", "5", "--kb-url", "http://x"])
+    assert (args.rag, args.k, args.kb_url, args.max_new_tokens) == (False, 5, "http://x", 128)
+    args = build_parser().parse_args(["serve", "--rag", "--kb-path", "kb"])
+    assert (args.rag, args.kb_path, args.run, args.max_new_tokens) == (True, "kb", "latest", 256)
+    args = build_parser().parse_args(["export", "--to", "merged"])
+    assert (args.run, args.output_dir, args.device) == ("latest", "runs", "cpu")
+    assert not hasattr(args, "rag")
