@@ -54,6 +54,9 @@ def test_check_catches_wrong_figure_wrong_field_wrong_verdict_and_invented(rows)
     assert check(f"[1] Median debt: {vals[0]['debt']}.", docs)["status"] == "verified"
     verdict = check(f"[2] Yes. Earnings premium: {vals[1]['premium']}.", docs)
     assert verdict["status"] == "unverified" and "fails" in verdict["problems"][0]
+    late = check(f"[2] x. Earnings premium: {vals[1]['premium']}, so it passes the test.", docs)
+    assert late["status"] == "unverified" and "fails the test" in late["problems"][0]
+    assert check(f"[2] x. Earnings premium: {vals[1]['premium']}, so it fails the test.", docs)["status"] == "verified"
     invented = check("[3] A certificate. Median earnings: $48,000.", docs)
     assert invented["status"] == "unverified" and "suppressed" in invented["problems"][0]
     abstain = check("[1] A program. Median debt: no data.", docs)
@@ -97,6 +100,10 @@ def test_rules_admit_only_the_cited_rows_value_for_the_field(rows):
     assert rules.admits("[2] ", "No") and not rules.admits("[2] ", "Yes")
     assert not rules.admits("[3] ", "Yes") and not rules.admits("[3] ", "No")
     assert rules.admits("[", "2") and not rules.admits("[", "4")
+    # the verdict after the figures follows the cited row's premium too
+    assert rules.admits("[2] x. Earnings premium: -$5, so it", " fails")
+    assert not rules.admits("[2] x. Earnings premium: -$5, so it", " passes")
+    assert not rules.admits("[3] x. Median earnings: no data, so it", " passes")
     # small numbers are not figures ("[1]", "4 years"); before any citation, any figure of the passages
     assert rules.admits("It takes ", "4") and rules.admits("Before citing: ", "$")
 

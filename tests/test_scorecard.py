@@ -68,8 +68,9 @@ def check_answer(kind, answer, source, context, rows):
     elif kind == "debt_to_earnings":
         assert f"Debt-to-earnings ratio: {vals['ratio']}" in answer and vals["debt"] in answer
     elif kind == "premium":
-        assert answer.split(" ", 1)[1].startswith("Yes." if not vals["premium"].startswith("-") else "No.")
-        assert f"Earnings premium: {vals['premium']}," in answer and vals["hs_earnings"] in answer
+        verdict = "passes" if not vals["premium"].startswith("-") else "fails"
+        assert f"Earnings premium: {vals['premium']}, so it {verdict} the test" in answer
+        assert vals["hs_earnings"] in answer
     elif kind == "compare":
         other = row_values(rows[source["compare_with"]["row_id"]])
         assert vals["earnings"] in answer and other["earnings"] in answer
@@ -95,7 +96,7 @@ def test_training_examples_cite_their_rows(built, table):
         assert ex["source"]["school"] in user["content"]
         check_answer(ex["kind"], assistant["content"], ex["source"], ex["context"], rows)
     premium = [ex["messages"][1]["content"] for ex in train if ex["kind"] == "premium"]
-    assert any("] No." in a for a in premium) and any("] Yes." in a for a in premium)
+    assert any("fails the test" in a for a in premium) and any("passes the test" in a for a in premium)
     assert len({ex["messages"][0]["content"] for ex in train}) == N  # no question twice
     assert stats["retrieval"] == retrieval_spec()
 

@@ -52,7 +52,7 @@ def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], st
     (`grounding.signature` -> (ids, a representative text)): those with a digit, "$" or "%" (a figure), those that
     go on a figure ("," "."), and yes/no and the words that start a "no data"."""
     groups: dict[str, dict[tuple, tuple[list[int], str]]] = {"figure": {}, "cont": {}, "word": {}}
-    words = set(grounding.YES_NO) | grounding.NO_WORDS
+    words = set(grounding.YES_NO) | grounding.NO_WORDS | set(grounding.TEST_WORDS)
     for token, i in tokenizer.get_vocab().items():
         text = tokenizer.convert_tokens_to_string([token])
         if token.startswith("\u2581") and not text.startswith(" "):  # SentencePiece's word-start marker

@@ -61,6 +61,9 @@ FIELD_NAMES = {"earnings": "median earnings", "hs_earnings": "high-school gradua
 _BOUNDARY = re.compile(r"[.;!?](?=\s)|\n")
 _LEADING_VERDICT = re.compile(r"^\s*\[(\d{1,2})\]\s*(yes|no)\b", re.I)
 YES_NO = {"yes": True, "no": False}
+# "... so it passes the test": the verdict on the cited row's earnings premium, stated after its figures.
+TEST_VERDICT = re.compile(r"\b(pass(?:es)?|fail(?:s)?) the test\b", re.I)
+TEST_WORDS = {"pass": True, "passes": True, "fail": False, "fails": False}
 
 
 @dataclass
@@ -196,6 +199,9 @@ def claims(answer: str) -> list[dict[str, Any]]:
     if lead:
         out.append({"type": "verdict", "row": int(lead.group(1)), "field": "premium",
                     "value": YES_NO[lead.group(2).lower()], "text": lead.group(2), "start": lead.start(2)})
+    for m in TEST_VERDICT.finditer(answer):
+        out.append({"type": "verdict", "row": cited_at(answer, m.start()), "field": "premium",
+                    "value": TEST_WORDS[m.group(1).lower()], "text": m.group(1), "start": m.start()})
     for f in _counted(answer):
         out.append({"type": "figure", "row": cited_at(answer, f.start), "field": field_at(answer, f.start),
                     "value": f.value, "text": f.text.strip(), "start": f.start})
@@ -215,8 +221,9 @@ def _problem(claim: dict, ctx: Context) -> str | None:
     if claim["type"] == "verdict":
         passes = ctx.premium_passes(n)
         if passes is None:
-            return f"answers {claim['text']!r}, but row [{n}] has no earnings premium"
-        return None if passes == claim["value"] else f"answers {claim['text']!r}, but row [{n}] {'passes' if passes else 'fails'} the test"
+            return f"says {claim['text']!r}, but row [{n}] has no earnings premium"
+        verdict = "passes" if passes else "fails"
+        return None if passes == claim["value"] else f"says {claim['text']!r}, but row [{n}] {verdict} the test"
     if claim["type"] == "no_data":
         if row is None or name is None:
             return None
@@ -287,7 +294,7 @@ NO_WORDS = {"no", "not", "none", "n", "na", "n/a", "unavailable", "unknown", "su
 def signature(piece: str) -> tuple:
     """What `Rules.admits` reads of a token's text: two texts with one signature are admitted alike."""
     word = piece.strip().lower()
-    if word in YES_NO or word in NO_WORDS:
+    if word in YES_NO or word in NO_WORDS or word in TEST_WORDS:
         return ("word", word, piece[:1] == " ")
     body = piece.lstrip(" ([")
     lead = _LEAD.match(body).group()
@@ -311,6 +318,7 @@ class Rules:
     def __init__(self, passages: Sequence[str], forbid: dict | None = None):
         self.ctx = Context(list(passages))
         self.forbid = forbid or {}
+        self._forbid_key = repr(sorted((k, sorted(map(str, v))) for k, v in self.forbid.items()))
         self._allowed: dict[str, tuple[set[str], bool]] = {}
         self._open: tuple[str | None, re.Match | None] = (None, None)
 
@@ -365,6 +373,10 @@ class Rules:
             passes = self.ctx.premium_passes(int(at.group(1)))
             if passes is None or passes != YES_NO[word] or YES_NO[word] in self.forbid.get("verdicts", ()):
                 return False
+        if word in TEST_WORDS and cited_at(text, len(text)) is not None:
+            passes = self.ctx.premium_passes(cited_at(text, len(text)))
+            if passes is None or passes != TEST_WORDS[word] or TEST_WORDS[word] in self.forbid.get("verdicts", ()):
+                return False
         if word in NO_WORDS and text.rstrip().endswith(":"):
             name, row = field_at(text), self.ctx.row(cited_at(text, len(text)))
             if name and ((row and row["values"].get(name) is not None) or name in self.forbid.get("no_data", ())):
@@ -377,10 +389,11 @@ class Rules:
         if text.endswith("[") or text.rstrip().endswith(":") or _AT_VERDICT.fullmatch(text):
             return None
         open_ = self.open_figure(text)
+        verdict = self.ctx.premium_passes(cited_at(text, len(text)))  # what "passes"/"fails" may say here
         if open_ is not None:
-            return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])))
+            return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])), verdict, self._forbid_key)
         wordy = bool(text[-1:]) and (text[-1].isalnum() or text[-1] in "_.,$")
-        return ("free", wordy, frozenset(self.allowed(text)))
+        return ("free", wordy, frozenset(self.allowed(text)), verdict, self._forbid_key)
 
     def admits(self, text: str, piece: str) -> bool:
         """Whether `piece` may follow `text` (see the class)."""

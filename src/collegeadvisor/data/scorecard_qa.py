@@ -44,8 +44,10 @@ from collegeadvisor.data.scorecard_text import (
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_jsonl
 
-KIND_MIX = {"earnings": 0.22, "debt": 0.12, "debt_to_earnings": 0.08, "premium": 0.20, "no_data": 0.15,
-            "compare": 0.13, "open": 0.10}
+# Kinds whose answers need more than one figure or a choice of label get more examples than their share of
+# questions would suggest: a short run sees each often enough to learn its form.
+KIND_MIX = {"earnings": 0.18, "debt": 0.10, "debt_to_earnings": 0.12, "premium": 0.20, "no_data": 0.15,
+            "compare": 0.15, "open": 0.10}
 NO_DATA_MIX = {"earnings": 0.40, "debt": 0.25, "premium": 0.20, "debt_to_earnings": 0.15}  # asked as, when suppressed
 COMPARE_MIX = {"schools": 0.5, "programs": 0.5}
 PREMIUM_MIX = {"passes": 2 / 3, "fails": 1 / 3}  # ~9% of rows fail; oversampled so "No" is learned and measured

@@ -109,12 +109,14 @@ ANSWERS = {
     ("debt_to_earnings", "debt_to_earnings"): (
         "{tag} {name}. Debt-to-earnings ratio: {ratio} (median debt {debt} against median earnings {earnings} "
         "{horizon} after completion)."),
+    # the verdict comes after the figures it follows from: the premium's sign is right before "passes"/"fails"
     ("premium", "passes"): (
-        "{tag} Yes. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
-        "Earnings premium: {premium}, so it passes the test."),
+        "{tag} {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "Earnings premium: {premium}, so it passes the test: graduates out-earn a typical high-school graduate."),
     ("premium", "fails"): (
-        "{tag} No. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
-        "Earnings premium: {premium}, so it fails the test."),
+        "{tag} {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "Earnings premium: {premium}, so it fails the test: graduates earn less than a typical high-school "
+        "graduate."),
     ("no_data", "earnings"): "{tag} {name}. Median earnings: no data ({suppressed}).",
     ("no_data", "debt"): "{tag} {name}. Median debt: no data ({suppressed}).",
     ("no_data", "premium"): (
