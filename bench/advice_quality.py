@@ -49,7 +49,7 @@ def fmt(name: str, value) -> str:
     return f"{value:.1%}" if name.endswith(("accuracy", "recall", "rate", "rouge_l")) else f"{value:.2f}"
 
 
-def constraint_cost(run, questions, hits_for, n: int = 32, max_new_tokens: int = 96) -> dict:
+def constraint_cost(run, questions, hits_for, n: int = 16, max_new_tokens: int = 96) -> dict:
     """Generated tokens/s of the same prompts, greedy, with and without the grounding constraint (alternated)."""
     model, tok, _ = load_run(run, merge=True)
     qs = questions[:n]
