@@ -50,17 +50,18 @@ def config_from_args(args: argparse.Namespace):
 def cmd_train(args) -> int:
     from collegeadvisor.train import train
 
+    from collegeadvisor.runs import read_manifest
+    from collegeadvisor.train.checkpoint import exit_code
+
     cfg = config_from_args(args)
     if args.resume:
-        train(cfg, resume=args.resume)
-        return 0
+        return exit_code(read_manifest(train(cfg, resume=args.resume)))  # 128 + signal when SIGINT/SIGTERM paused it
     from collegeadvisor.check import preflight
 
     # check.preflight(cfg, force=False): run_checks(cfg) + print_findings; raises AdvisorError on errors unless
     # force (the quickstart calls it too)
     preflight(cfg, force=args.force)
-    train(cfg)
-    return 0
+    return exit_code(read_manifest(train(cfg)))
 
 
 def cmd_data_scorecard(args) -> int:

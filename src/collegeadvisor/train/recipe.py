@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
 import time
@@ -25,7 +24,8 @@ from collegeadvisor.config import Config
 from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
 from collegeadvisor.data.prepare import conversation, encode_examples
 from collegeadvisor.errors import AdvisorError, TrainingError
-from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_jsonl, staging_dir
+from collegeadvisor.fsutil import append_jsonl, atomic_replace_dir, atomic_write_jsonl, staging_dir
+from collegeadvisor.integrity import file_hashes
 from collegeadvisor.generate import generate
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model
 from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
@@ -276,13 +276,12 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     loss_module = accelerator.prepare(label_loss)
 
     # --- manifest (status running) and resume
-    step, tokens_seen, last_ckpt = 0, 0, None
-    if resume:
-        found = checkpoint.checkpoints(run_dir)
-        if found:
-            last_ckpt = found[-1]
-            progress = checkpoint.load(last_ckpt, model, optimizer, scheduler)
+    step, tokens_seen, last_ckpt, loss, last_val = 0, 0, None, None, None
+    if resume:  # the newest intact checkpoint (verified sha256, no pickle); metrics/samples trimmed to its step
+        progress, last_ckpt = checkpoint.resume(run_dir, model, optimizer, scheduler, say)
+        if last_ckpt:
             step, tokens_seen = progress["step"], progress["tokens_seen"]
+            loss, last_val = progress.get("loss"), progress.get("val_loss")
             say(f"resumed from {last_ckpt} at step {step}")
     manifest.update({
         "status": "running", "run_dir": str(run_dir.resolve()), "started": manifest.get("started", now()),
@@ -333,21 +332,20 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         rows = [{"step": at_step, "question": p[-1]["content"], "reference": ex["messages"][-1]["content"],
                  "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"]}
                 for p, ex, r in zip(prompts, chosen, replies)]
-        with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        append_jsonl(run_dir / "samples.jsonl", rows)
         for r in rows:
             say(f"  [step {at_step}] Q: {r['question'][:90]}\n      A: {r['reply'][:200]!r}"
                 f"{'' if r['stopped_at_eos'] else ' (no end-of-turn)'}")
 
     def log_metrics(row: dict) -> None:
         if main:
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_jsonl(run_dir / "metrics.jsonl", [row])
 
     def fail(exc: BaseException) -> None:
         if main:
             manifest.update(status="failed", error=str(exc), failed_at_step=step)
-            write_manifest(run_dir, manifest)
+            with contextlib.suppress(OSError, AdvisorError):  # a full disk: the first error is the one to report
+                write_manifest(run_dir, manifest)
 
     # --- the loop
     stream = micro_stream(step * cfg.grad_accum)
@@ -356,7 +354,7 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     start_time, start_step, start_tokens = time.time(), step, tokens_seen
     window_tokens, window_start = 0, time.time()
     epoch = (step * cfg.grad_accum) // micro_per_epoch
-    last_val = None
+    stop = checkpoint.StopRequest.install(world == 1, say)  # SIGINT/SIGTERM: finish the step, checkpoint, exit
     try:
         while step < total_steps:
             group = [train_rows[i] for _ in range(cfg.grad_accum) for i in next(stream)[1]]
@@ -402,14 +400,15 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
                 epoch = now_epoch
             if cfg.sample_every and main and (step % cfg.sample_every == 0 or step == total_steps):
                 sample(step)
-            stopping = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
+            stopping = (cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps) or bool(
+                stop.signal)
             if main and (step % cfg.save_every == 0 or (stopping and step < total_steps)):
-                last_ckpt = checkpoint.save(run_dir, step, model, optimizer, scheduler,
-                                            {"step": step, "tokens_seen": tokens_seen}, cfg.keep_checkpoints)
+                last_ckpt = checkpoint.save(run_dir, step, model, optimizer, scheduler, {
+                    "step": step, "tokens_seen": tokens_seen, "loss": loss, "val_loss": last_val}, cfg.keep_checkpoints)
                 manifest["last_checkpoint"] = str(last_ckpt)
                 write_manifest(run_dir, manifest)
             if stopping and step < total_steps:
-                manifest.update(status="paused")
+                manifest.update(status="paused", stopped_by=stop.name)
                 if main:
                     write_manifest(run_dir, manifest)
                 say(f"paused at step {step}; continue with: collegeadvisor train --resume {run_dir}")
@@ -421,6 +420,7 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         fail(exc)
         raise
     finally:
+        stop.restore()
         bar.close()
 
     # --- final adapter and manifest
@@ -440,7 +440,8 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
         tokenizer.save_pretrained(stage)
         atomic_replace_dir(stage, final)
         elapsed = time.time() - start_time
-        manifest.update(status="complete", finished=now(), error=None, metrics={
+        manifest["adapter"] = {"files": file_hashes(final)}  # load_run refuses an adapter changed after this
+        manifest.update(status="complete", finished=now(), error=None, stopped_by=None, metrics={
             "final_loss": loss, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
             "steps": step, "tokens_seen": tokens_seen * world, "train_seconds": elapsed,
             "tokens_per_s": (tokens_seen - start_tokens) * world / max(elapsed, 1e-9) if step > start_step else None,
