@@ -77,9 +77,12 @@ def cmd_data_scorecard(args) -> int:
 def cmd_data_validate(args) -> int:
     from collegeadvisor.data.loaders import dedupe, load_examples
 
-    examples, problems = load_examples(args.file, strict=False)
+    repeated: list[str] = []
+    examples, problems = load_examples(args.file, strict=False, warnings=repeated)
     for p in problems:
         print(p)
+    for w in repeated:
+        print(f"warning: {w}")
     kept, dupes = dedupe(examples)
     print(f"{args.file}: {len(examples)} valid examples, {len(problems)} problems, {dupes} duplicates")
     return 1 if problems else 0
