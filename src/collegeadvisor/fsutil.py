@@ -24,16 +24,24 @@ from collegeadvisor.errors import AdvisorError
 class WriteError(AdvisorError):
     """A write that failed on disk (full, I/O error, read-only...): names the path and the cause."""
 
+    def __init__(self, message: str, path: str | os.PathLike | None = None, cause: str = ""):
+        super().__init__(message)
+        self.path, self.cause = path, cause
 
-def describe(exc: OSError) -> str:
-    """'No space left on device (ENOSPC)' for an OSError."""
+
+def describe(exc: BaseException) -> str:
+    """'No space left on device (ENOSPC)' for an OSError, or for another writer's error that carries an OS error
+    number (Rust's "I/O error: ... (os error 28)")."""
+    if not isinstance(exc, OSError):
+        found = re.search(r"os error (\d+)", str(exc))
+        return describe(OSError(int(found[1]), os.strerror(int(found[1])))) if found else str(exc)
     code = errno.errorcode.get(exc.errno or 0)
     text = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__)
     return f"{text} ({code})" if code else text
 
 
 def write_error(path: str | os.PathLike, exc: OSError, kept: str = "the previous version is intact") -> WriteError:
-    return WriteError(f"cannot write {path}: {describe(exc)}; {kept}")
+    return WriteError(f"cannot write {path}: {describe(exc)}; {kept}", path, describe(exc))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -86,14 +86,26 @@ def verify_hashes(folder: str | os.PathLike, hashes: dict[str, str], root: str |
                                 "(the file was changed or damaged); refusing it")
 
 
-def refuse_pickles(folder: str | os.PathLike, what: str) -> None:
-    """A folder we load weights from must not offer pickle files (a loader could pick them)."""
+def refuse_pickles(folder: str | os.PathLike, what: str, suffixes: set[str] = PICKLE_SUFFIXES) -> None:
+    """A folder we load from must not offer pickle files (a loader could pick them)."""
     folder = Path(folder)
     for dirpath, _, files in os.walk(folder):
         for name in files:
-            if Path(name).suffix.lower() in PICKLE_SUFFIXES:
+            if Path(name).suffix.lower() in suffixes:
                 raise ManifestError(f"{Path(dirpath) / name}: a pickle-format file in the {what}; collegeadvisor "
                                     "never loads pickles (they can run code); remove it")
+
+
+def export_member(folder: str | os.PathLike, name) -> Path:
+    """A file an export's provenance names: a plain name inside the export folder, not a link out of it."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or PurePosixPath(name).name != name or "\\" in name or name in (".", ".."):
+        raise ManifestError(f"{folder / 'collegeadvisor-export.json'}: names the file {name!r}, which is not a plain "
+                            "file name inside the export; refusing it")
+    path = check_inside(folder / name, folder)
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing from the export")
+    return path
 
 
 def verify_adapter(run_dir: str | os.PathLike, manifest: dict) -> Path:

@@ -19,10 +19,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from collegeadvisor.errors import ManifestError
-from collegeadvisor.fsutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_jsonl, clean_stale_staging,
-                                   staging_dir, write_error)
+from collegeadvisor.fsutil import (
+    WriteError,
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_jsonl,
+    clean_stale_staging,
+    describe,
+    staging_dir,
+)
 from collegeadvisor.integrity import check_inside, file_hashes, verify_hashes
 
 STATE = "trainer_state.json"
@@ -105,28 +113,47 @@ def set_rng_state(state: dict) -> None:
 def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int) -> Path:
     """checkpoints/step-NNNNNN: adapter/ (safetensors), trainer_tensors.safetensors and trainer_state.json (with
     the sha256 of every other file); staged, fsynced, renamed into place; then all but the last `keep` go."""
-    from safetensors.torch import save as tensors_to_bytes
-
     final = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
-    stage = staging_dir(final)
+    before = checkpoints(run_dir)
+    kept = f"the previous checkpoint {before[-1]} is intact" if before else "no earlier checkpoint was written"
     try:
-        try:
-            model.save_pretrained(stage / "adapter")
-        except OSError as exc:
-            raise write_error(stage / "adapter", exc, "the previous checkpoint is intact") from exc
-        tensors: dict[str, torch.Tensor] = {}
-        state = {"format": FORMAT, "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
-                 "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors),
-                 "rng": _encode(rng_state(), "rng", tensors), "progress": _encode(progress, "progress", tensors)}
-        atomic_write_bytes(stage / TENSORS, tensors_to_bytes(tensors))
-        state["files"] = file_hashes(stage)
-        atomic_write_bytes(stage / STATE, (json.dumps(state) + "\n").encode())
-        atomic_replace_dir(stage, final)
+        stage = staging_dir(final)
+    except WriteError as exc:
+        raise WriteError(f"cannot write checkpoint {final}: {exc.cause}; {kept}", final, exc.cause) from exc
+    try:
+        _write_checkpoint(stage, final, model, optimizer, scheduler, progress)
+    except (OSError, WriteError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
+        shutil.rmtree(stage, ignore_errors=True)
+        cause, path = (exc.cause, exc.path) if isinstance(exc, WriteError) else (describe(exc), getattr(exc, "filename", None))
+        where = f" ({Path(path).relative_to(stage)})" if path and _under(path, stage) else ""
+        raise WriteError(f"cannot write checkpoint {final}{where}: {cause}; {kept}", final, cause) from exc
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     prune(run_dir, keep)
     return final
+
+
+def _under(path, folder: Path) -> bool:
+    try:
+        Path(path).relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _write_checkpoint(stage: Path, final: Path, model, optimizer, scheduler, progress: dict) -> None:
+    from safetensors.torch import save as tensors_to_bytes
+
+    model.save_pretrained(stage / "adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    state = {"format": FORMAT, "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
+             "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors),
+             "rng": _encode(rng_state(), "rng", tensors), "progress": _encode(progress, "progress", tensors)}
+    atomic_write_bytes(stage / TENSORS, tensors_to_bytes(tensors))
+    state["files"] = file_hashes(stage)
+    atomic_write_bytes(stage / STATE, (json.dumps(state) + "\n").encode())
+    atomic_replace_dir(stage, final)
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -236,7 +263,7 @@ class StopRequest:
         self._previous: dict = {}
 
     @classmethod
-    def install(cls, enabled: bool = True, log: Callable[[str], None] = print) -> "StopRequest":
+    def install(cls, enabled: bool = True, log: Callable[[str], None] = print) -> StopRequest:
         stop = cls()
         if not enabled or threading.current_thread() is not threading.main_thread():
             return stop

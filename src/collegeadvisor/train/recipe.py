@@ -25,8 +25,8 @@ from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
 from collegeadvisor.data.prepare import conversation, encode_examples
 from collegeadvisor.errors import AdvisorError, TrainingError
 from collegeadvisor.fsutil import append_jsonl, atomic_replace_dir, atomic_write_jsonl, staging_dir
-from collegeadvisor.integrity import file_hashes
 from collegeadvisor.generate import generate
+from collegeadvisor.integrity import file_hashes
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model
 from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
 from collegeadvisor.train import checkpoint
