@@ -17,7 +17,7 @@ from collegeadvisor.data.loaders import load_examples
 from collegeadvisor.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import fuzz_data  # noqa: E402
+import fuzz_data
 
 OK = {"instruction": "What do nurses earn at Ohio State?", "output": "A median of $65,432."}
 
