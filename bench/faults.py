@@ -388,7 +388,6 @@ def hostile_runs(root: Path) -> list[dict]:
 def hostile_exports_data_kb(root: Path) -> list[dict]:
     from collegeadvisor.data.loaders import load_examples
     from collegeadvisor.export import export_merged, verify_export
-    from collegeadvisor.kb import open_store
 
     out = []
     marker = root / "hostile" / MARKER_NAME
@@ -411,11 +410,28 @@ def hostile_exports_data_kb(root: Path) -> list[dict]:
     disguised = root / "hostile" / "data.json"
     disguised.write_bytes(evil_pickle(marker))
     out.append(refused("dataset: a pickle named .json", lambda: load_examples(disguised), str(disguised), marker))
-    kb = root / "hostile" / "kb-pickle"
-    (kb / "segment").mkdir(parents=True, exist_ok=True)
-    (kb / "segment" / "index_metadata.pickle").write_bytes(evil_pickle(marker))
-    out.append(refused("knowledge base: a pickle in the store folder", lambda: open_store(kb), "pickle", marker))
+    out.append(kb_pickle(root, marker))
     return out
+
+
+def kb_pickle(root: Path, marker: Path) -> dict:
+    """Chroma keeps each index's metadata in `index_metadata.pickle`, read by its Rust core as data only (a pickle
+    that would run code cannot): a tampered one must make the store fail to load, in a fresh process, without
+    running."""
+    kb = root / "hostile" / "kb-pickle"
+    shutil.rmtree(kb, ignore_errors=True)
+    kill_resume.run_ok(kill_resume.cli("kb", "build", "--path", kb, "--limit", 1100, "--batch-size", 1100),
+                       root / "hostile" / "kb-pickle.log", root)
+    planted = list(kb.rglob("index_metadata.pickle"))
+    for p in planted:
+        p.write_bytes(evil_pickle(marker))
+    done = subprocess.run([sys.executable, "-c", "import sys; from collegeadvisor.kb import open_store, embed; "
+                           "print(open_store(sys.argv[1]).query(query_embeddings=embed(['nursing']), n_results=3))",
+                           str(kb)], capture_output=True, text=True, env=kill_resume.child_env())
+    message = (done.stderr.strip().splitlines() or [""])[-1]
+    ok = bool(planted) and done.returncode != 0 and "pickle" in message and not marker.exists()
+    return _result("knowledge base: a code-running index_metadata.pickle is read as data, not run", "hostile", ok,
+                   message)
 
 
 HOSTILE = [hostile_checkpoints, hostile_runs, hostile_exports_data_kb]

@@ -65,16 +65,21 @@ def _decode_at(decoder: json.JSONDecoder, text: str, pos: int, path: Path, line0
 
 
 def _csv_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Rows under the header line, each with the line it starts on (a quoted cell may span lines)."""
     csv.field_size_limit(min(max(csv.field_size_limit(), len(text) + 1), 2**31 - 1))  # a very long answer is fine
-    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")
+    rows = csv.reader(io.StringIO(text, newline=""))
     try:
-        for row in reader:
-            extra = row.pop(None, None)
-            if extra:
-                raise DataError(f"{path}:{reader.line_num}: {len(extra)} more values than the header has columns")
-            yield reader.line_num, row
+        header = next(rows, None)
+        start = rows.line_num + 1
+        for values in rows:
+            if values:
+                if len(values) > len(header):
+                    raise DataError(f"{path}:{start}: {len(values) - len(header)} more values than the header has "
+                                    "columns")
+                yield start, dict(zip(header, values + [""] * (len(header) - len(values))))
+            start = rows.line_num + 1
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+        raise DataError(f"{path}:{rows.line_num}: malformed CSV ({exc})") from exc
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:

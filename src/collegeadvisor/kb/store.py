@@ -47,10 +47,6 @@ def open_store(path: str | Path | None = None, url: str | None = None, collectio
         except ValueError as exc:
             raise AdvisorError(f"kb url {url!r}: {exc}") from exc
     else:
-        from collegeadvisor.integrity import refuse_pickles
-
-        refuse_pickles(path or DEFAULT_PATH, "knowledge base folder (rebuild it with `collegeadvisor kb build`)",
-                       {".pickle", ".pkl"})  # Chroma's own index files are .bin; its legacy metadata was a pickle
         client = chromadb.PersistentClient(path=str(path or DEFAULT_PATH), settings=settings)
     try:
         return client.get_or_create_collection(
