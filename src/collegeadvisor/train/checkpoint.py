@@ -204,12 +204,15 @@ def load(path: Path, model, optimizer, scheduler, run_dir: Path | None = None) -
     return _decode(state["progress"], tensors)
 
 
-def resume(run_dir: Path, model, optimizer, scheduler, log: Callable[[str], None] = print) -> tuple[dict, Path | None]:
-    """Load the newest intact checkpoint (a damaged or tampered one is skipped, with the reason); trim the run's
-    logs to that step. (progress, checkpoint) or ({}, None) when no checkpoint was written yet."""
+def resume(run_dir: Path, model, optimizer, scheduler, log: Callable[[str], None] = print,
+           main: bool = True) -> tuple[dict, Path | None]:
+    """Load the newest intact checkpoint (a damaged or tampered one is skipped, with the reason); the main process
+    also trims the run's logs to that step and removes what a killed writer left. (progress, checkpoint), or
+    ({}, None) when no checkpoint was written yet."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
-    clean_stale_staging(root)  # staging folders and trash of a writer that was killed
+    if main:
+        clean_stale_staging(root)  # staging folders and trash of a writer that was killed
     found = checkpoints(run_dir)
     legacy = [d for d in root.iterdir() if (d / LEGACY_STATE).exists()] if root.is_dir() else []
     if not found and legacy:
@@ -222,11 +225,13 @@ def resume(run_dir: Path, model, optimizer, scheduler, log: Callable[[str], None
             problems.append(str(exc))
             log(f"warning: skipping checkpoint {ckpt.name}: {exc}")
             continue
-        trim_logs(run_dir, progress["step"])
+        if main:
+            trim_logs(run_dir, progress["step"])
         return progress, ckpt
     if problems:
         raise ManifestError(f"{run_dir}: no intact checkpoint to resume from ({problems[0]})")
-    trim_logs(run_dir, 0)
+    if main:
+        trim_logs(run_dir, 0)
     return {}, None
 
 

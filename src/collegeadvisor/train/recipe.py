@@ -278,7 +278,7 @@ def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
     # --- manifest (status running) and resume
     step, tokens_seen, last_ckpt, loss, last_val = 0, 0, None, None, None
     if resume:  # the newest intact checkpoint (verified sha256, no pickle); metrics/samples trimmed to its step
-        progress, last_ckpt = checkpoint.resume(run_dir, model, optimizer, scheduler, say)
+        progress, last_ckpt = checkpoint.resume(run_dir, model, optimizer, scheduler, say, main)
         if last_ckpt:
             step, tokens_seen = progress["step"], progress["tokens_seen"]
             loss, last_val = progress.get("loss"), progress.get("val_loss")
