@@ -48,9 +48,8 @@ def config_from_args(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
-    from collegeadvisor.train import train
-
     from collegeadvisor.runs import read_manifest
+    from collegeadvisor.train import train
     from collegeadvisor.train.checkpoint import exit_code
 
     cfg = config_from_args(args)

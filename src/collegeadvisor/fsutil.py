@@ -120,7 +120,7 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def fsync_tree(root: str | os.PathLike) -> None:
     """fsync every file under root, then every folder: what a rename publishes afterwards is on disk."""
     root = Path(root)
-    for folder, dirs, files in os.walk(root):
+    for folder, _, files in os.walk(root):
         for name in files:
             path = Path(folder) / name
             try:
