@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: 2.13.0 is a CPU build on local disk here; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test reliability bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The reliability and security suite (about 8 minutes on 2 cores; its short versions run in `make test`): kills with
+# an exact resume, disk faults, hostile files, fuzzed datasets, the server under load and attack. Prints one table
+# and records it in RELIABILITY.md; exits 1 unless every row is 100%.
+reliability: install
+	$(BIN)/python bench/reliability.py --write RELIABILITY.md
 
 clean:
 	rm -rf out runs .pytest_cache

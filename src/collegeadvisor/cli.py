@@ -19,17 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    from collegeadvisor.runs import read_manifest
     from collegeadvisor.train import train
+    from collegeadvisor.train.checkpoint import exit_code
 
     cfg = Config.from_args(args)
     if args.resume:
-        train(cfg, resume=args.resume)
-        return 0
+        return exit_code(read_manifest(train(cfg, resume=args.resume)))  # 128 + signal when SIGINT/SIGTERM paused it
     # check.preflight(cfg, force=False): run_checks(cfg) + print_findings; raises AdvisorError on errors unless
     # force (the quickstart calls it too)
     check.preflight(cfg, force=args.force)
-    train(cfg)
-    return 0
+    return exit_code(read_manifest(train(cfg)))
 
 
 def cmd_data_scorecard(args) -> int:
@@ -44,9 +44,12 @@ def cmd_data_scorecard(args) -> int:
 def cmd_data_validate(args) -> int:
     from collegeadvisor.data.loaders import dedupe, load_examples
 
-    examples, problems = load_examples(args.file, strict=False)
+    repeated: list[str] = []
+    examples, problems = load_examples(args.file, strict=False, warnings=repeated)
     for p in problems:
         print(p)
+    for w in repeated:
+        print(f"warning: {w}")
     kept, dupes = dedupe(examples)
     print(f"{args.file}: {len(examples)} valid examples, {len(problems)} problems, {dupes} duplicates")
     return 1 if problems else 0

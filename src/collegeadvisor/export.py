@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Sequence
 from collegeadvisor.chat_format import render_text, stop_token_ids
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_json, atomic_write_text, staging_dir
+from collegeadvisor.integrity import export_member, refuse_pickles
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 TARGETS = ("merged", "gguf", "ollama")
@@ -49,10 +51,14 @@ def export_merged(run_dir: str | Path, out: str | Path, device: str = "cpu") -> 
     model, tok, manifest = merged_model(run_dir, device)
     out = Path(out)
     stage = staging_dir(out)
-    model.save_pretrained(stage)
-    tok.save_pretrained(stage)
-    atomic_write_json(stage / "collegeadvisor-export.json", _provenance(run_dir, manifest, "merged"))
-    atomic_replace_dir(stage, out)
+    try:
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        atomic_write_json(stage / "collegeadvisor-export.json", _provenance(run_dir, manifest, "merged"))
+        atomic_replace_dir(stage, out)
+    except BaseException:  # a failed write (disk full, I/O error) leaves the previous export as it was
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return out
 
 
@@ -226,12 +232,14 @@ def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max
     convs = verify_prompts(manifest, n)
     out = Path(out)
     report = {"kind": to, "prompts": len(convs)}
+    refuse_pickles(out, "export")  # safetensors or GGUF only: a pickle is never handed to a loader
     if to == "merged":
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(out)
         exact = True
     else:
         info = json.loads((out / "collegeadvisor-export.json").read_text())
+        export_member(out, info.get("file"))  # a plain file inside the export: no path out of it, no symlink
         model = AutoModelForCausalLM.from_pretrained(out, gguf_file=info["file"], dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(out, gguf_file=info["file"])
         exact = info["gguf_type"] == "f32"

@@ -46,9 +46,14 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"{run_dir}: no {MANIFEST}; not a collegeadvisor run directory")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        m = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}:{exc.lineno}: corrupt manifest ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: corrupt manifest (not UTF-8)") from exc
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: corrupt manifest (a JSON {type(m).__name__}, not an object)")
+    return m
 
 
 def find_run(run: str | Path, output_dir: str | Path = "runs", require_complete: bool = True) -> Path:
@@ -116,10 +121,12 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
     import torch
 
+    from collegeadvisor.integrity import verify_adapter, verify_manifest
     from collegeadvisor.models import load_model, load_tokenizer, pick_device, resolve_base_model
 
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
+    verify_manifest(run_dir, m)
     base = m["base_model"]
     if wrong := run_mismatches(m, base_model=base_model):
         raise ManifestError(
@@ -148,7 +155,7 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     if adapter:
         from peft import PeftModel
 
-        adir = run_dir / "adapter"
+        adir = verify_adapter(run_dir, m)  # inside the run, no symlink or pickle, sha256 as recorded
         cfg_path = adir / "adapter_config.json"
         if not cfg_path.is_file():
             raise ManifestError(f"{run_dir}: no adapter/ (the run did not finish)")

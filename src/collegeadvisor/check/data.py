@@ -7,7 +7,7 @@ import math
 from typing import Sequence
 
 from collegeadvisor.chat_format import IGNORE_INDEX
-from collegeadvisor.check.findings import Finding, finding, plural
+from collegeadvisor.check.findings import LISTED, Finding, finding, plural
 from collegeadvisor.errors import DataError
 
 CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut at max_length: an error
@@ -21,8 +21,9 @@ def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict],
     findings: list[Finding] = []
 
     def load(path: str) -> list[dict]:
+        repeated: list[str] = []
         try:
-            examples, problems = load_examples(path, strict=False)
+            examples, problems = load_examples(path, strict=False, warnings=repeated)
         except DataError as exc:
             where, _, msg = str(exc).partition(": ")
             findings.append(finding("error", "format", where, msg, "fix the file; `collegeadvisor data validate FILE` "
@@ -32,6 +33,13 @@ def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict],
             where, _, msg = p.partition(": ")
             findings.append(finding("error", "format", where, msg, "fix or remove the record (train stops on it)",
                                     "invalid-record"))
+        if repeated:
+            lines = ", ".join(w.partition(": ")[0].rsplit(":", 1)[-1] for w in repeated[:LISTED])
+            findings.append(finding("warning", "format", repeated[0].partition(": ")[0],
+                                    f"{plural(len(repeated), 'record')} repeat an earlier record verbatim (lines "
+                                    f"{lines}{', ...' if len(repeated) > LISTED else ''}); train drops the copies",
+                                    "remove the copies (a file of copies trains on far fewer examples than it seems)",
+                                    "duplicate", count=len(repeated)))
         return examples
 
     examples = load(cfg.data)
@@ -68,12 +76,16 @@ def check_length(cfg, rows_by_split: dict[str, list[dict]], max_positions: int |
             continue
         lengths = [len(r["input_ids"]) for r in rows]
         rep = length_report(lengths, ml)
-        cut = [r["where"] for r in rows if _cut(r, ml)]
+        # longer than the model itself: no max_length keeps them, so the truncation policy alone handles them
+        beyond = [r for r in rows if max_positions and len(r["input_ids"]) > max_positions and _cut(r, ml)]
+        cut = [r["where"] for r in rows if _cut(r, ml) and not (max_positions and len(r["input_ids"]) > max_positions)]
         share = len(cut) / len(rows)
         out.append(finding("info", "length", name, f"{rep['n']} examples, tokens min {rep['min']} / p50 "
                            f"{rep['p50']} / p99 {rep['p99']} / max {rep['max']}; max_length "
                            f"{rep['max_length_for_99pct']} covers 99%", code="histogram",
                            histogram=histogram(lengths, ml), report=rep))
+        if name == "train" and beyond:
+            out.append(_beyond_model(cfg, rows, beyond, max_positions))
         if name != "train":  # validation rows are cut (truncation: truncate); it only shifts the val loss
             if cut:
                 out.append(finding("info", "length", name, f"{plural(len(cut), name + ' answer')} cut at max_length "
@@ -92,6 +104,18 @@ def check_length(cfg, rows_by_split: dict[str, list[dict]], max_positions: int |
             "warning" if cfg.truncation == "truncate" else "info")
         out.append(finding(level, "length", "max_length", msg, fix, "answers-cut", share=share, wheres=cut))
     return out
+
+
+def _beyond_model(cfg, rows: Sequence[dict], beyond: Sequence[dict], max_positions: int) -> Finding:
+    """Training examples longer than the model's positions: the truncation policy says what happens to them (drop:
+    dropped and counted, a warning, not a stop; error: a stop)."""
+    what = {"drop": "dropped from training and counted", "truncate": "cut mid-answer",
+            "error": "a stop: train refuses the first one"}[cfg.truncation]
+    longest = max(beyond, key=lambda r: len(r["input_ids"]))
+    msg = (f"{plural(len(beyond), 'training example')} of {len(rows)} longer than the model's {max_positions} "
+           f"positions ({len(longest['input_ids']):,} tokens at {longest['where']}): {what}")
+    return finding("error" if cfg.truncation == "error" else "warning", "length", beyond[0]["where"], msg,
+                   "shorten or remove those examples", "beyond-model", wheres=[r["where"] for r in beyond])
 
 
 def _round_up(n: int, to: int = 64) -> int:

@@ -193,15 +193,21 @@ def build_kb(path: str | Path | None = None, url: str | None = None, rows=None, 
     with tqdm(total=len(rows), desc="kb build", unit="row", disable=not progress) as bar:
         for first in range(0, len(rows), batch_size):
             batch = rows.iloc[first:first + batch_size].to_dict("records")
-            present = set(store.get(ids=[r["row_id"] for r in batch], include=[])["ids"])
-            todo = [r for r in batch if r["row_id"] not in present]
-            if todo:
-                store.add(
-                    ids=[r["row_id"] for r in todo],
-                    embeddings=row_vectors(todo, cache),
-                    documents=[row_document(r) for r in todo],
-                    metadatas=[row_metadata(r) for r in todo],
-                )
+            try:  # each add is one transaction: a failure (disk full, I/O error) keeps every row added before
+                present = set(store.get(ids=[r["row_id"] for r in batch], include=[])["ids"])
+                todo = [r for r in batch if r["row_id"] not in present]
+                if todo:
+                    store.add(
+                        ids=[r["row_id"] for r in todo],
+                        embeddings=row_vectors(todo, cache),
+                        documents=[row_document(r) for r in todo],
+                        metadatas=[row_metadata(r) for r in todo],
+                    )
+            except Exception as exc:
+                if isinstance(exc, AdvisorError):
+                    raise
+                raise AdvisorError(f"kb build: cannot write to {url or path or DEFAULT_PATH}: {exc}; the rows added "
+                                   "before this batch are kept, and running `kb build` again continues") from exc
             added += len(todo)
             bar.update(len(batch))
     seconds = time.perf_counter() - start

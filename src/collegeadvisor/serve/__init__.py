@@ -38,11 +38,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 @contextmanager
 def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a background thread (port 0: a free one); yields the base URL."""
+    """Serve `app` with uvicorn on a background thread (port 0: a free one), with the same protocol, limits and
+    timeouts as `collegeadvisor serve` (app.state.limits); yields the base URL."""
     import uvicorn
 
+    from collegeadvisor.serve.guard import uvicorn_config
+
     sock = bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -70,6 +73,7 @@ def cmd_serve(args) -> int:
 
     from collegeadvisor.runs import find_run, load_run, retriever_from_args
     from collegeadvisor.serve.app import create_app
+    from collegeadvisor.serve.guard import allow_cors, uvicorn_config
 
     sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -80,12 +84,16 @@ def cmd_serve(args) -> int:
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
                          batch_size=args.batch_size)
+        limits = app.state.limits
+        limits.max_body_bytes, limits.max_connections = args.max_body_bytes, args.max_connections
+        limits.head_timeout_s = limits.body_timeout_s = args.request_timeout
+        allow_cors(app, args.cors_origin)  # closed unless origins are named
         if not api_key and not _is_loopback(args.host):
             print(f"warning: serving on {args.host} without an API key (set --api-key or {API_KEY_ENV})",
                   file=sys.stderr)
         where = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving run {run} at http://{where}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
     finally:
         sock.close()
     return 0
@@ -103,4 +111,10 @@ def register(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--batch-size", type=int, default=8, help="non-streaming requests generated together")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin (https://example.org) call the API; repeatable [default: none]")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body [default: 1 MiB]")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections before 503 [default: 256]")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's headers, and its body [default: 30]")
     p.set_defaults(func=cmd_serve)

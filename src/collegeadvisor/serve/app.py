@@ -21,65 +21,22 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collegeadvisor.chat_format import encode_prompt
 from collegeadvisor.errors import TemplateError
 from collegeadvisor.generate import answer, conversation, stream_batch
+from collegeadvisor.serve import guard
+from collegeadvisor.serve.schema import CHARS_PER_TOKEN_BOUND, ChatRequest
 
 Retriever = Callable[[str], Sequence[dict]]
 SNIPPET_CHARS = 240
 UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")
-
-
-# ------------------------------------------------------------------------------------------ request schema
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat completion request this server honours; unknown fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -95,7 +52,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
+    errors = exc.errors()  # a validator's own message (a lone surrogate...) says more than a union's type mismatch
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = []
     for part in first.get("loc", ())[1:]:  # after "body"
         if UNION_TAG.search(str(part)):  # pydantic names the union member it tried: content.str
@@ -192,6 +150,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
     app = FastAPI(title="collegeadvisor", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = {"model": model, "tokenizer": tokenizer, "manifest": manifest, "name": name}
     _install_error_handlers(app)
+    guard.install(app, api_key)  # key on every route but /health and the page, body size and time limits
 
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -269,8 +228,13 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
         passages = [h["document"] for h in hits] if retriever is not None else None
-        try:
-            prompt = encode_prompt(tokenizer, conversation(messages, passages))
+        rendered = conversation(messages, passages)
+        chars = sum(len(m["content"]) for m in rendered)
+        if chars > max_prompt * CHARS_PER_TOKEN_BOUND:
+            raise APIError(400, f"the prompt is {chars:,} characters; this server accepts at most {max_prompt} tokens",
+                           param="messages", code="context_length_exceeded")
+        try:  # rendering and tokenizing off the event loop: a long conversation holds up no other request
+            prompt = await asyncio.to_thread(encode_prompt, tokenizer, rendered)
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         if len(prompt) > max_prompt:

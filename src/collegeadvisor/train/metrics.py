@@ -4,9 +4,10 @@ directory. Each tracker is an optional extra (pip install 'collegeadvisor[tensor
 
 from __future__ import annotations
 
-import json
 from importlib.util import find_spec
 from pathlib import Path
+
+from collegeadvisor.fsutil import append_jsonl
 
 TRACKERS = {  # report_to -> modules that provide it (any one)
     "tensorboard": ("tensorboard", "tensorboardX"),
@@ -58,8 +59,7 @@ class Metrics:
     def log(self, row: dict) -> None:
         if not self.main:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, [row])  # a failed write names the file and the cause
         values = {k: v for k, v in row.items() if k != "step"}
         for tracker in self.trackers:
             tracker.log(values, step=row["step"])

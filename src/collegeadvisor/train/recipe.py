@@ -8,7 +8,6 @@ on); this module only moves ids through the model.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -24,8 +23,9 @@ from collegeadvisor.config import Config
 from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
 from collegeadvisor.data.scorecard_qa import retrieval_spec
 from collegeadvisor.errors import AdvisorError, TrainingError
-from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_jsonl, staging_dir
+from collegeadvisor.fsutil import append_jsonl, atomic_replace_dir, atomic_write_jsonl, staging_dir
 from collegeadvisor.generate import answer
+from collegeadvisor.integrity import file_hashes
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
 from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
 from collegeadvisor.train import checkpoint
@@ -188,13 +188,16 @@ class Training:
         self.loss_module = self.accelerator.prepare(label_loss)
 
     def restore(self) -> None:
-        """Weights, optimizer, scheduler, RNG and position of the last checkpoint, when resuming one."""
-        self.step, self.tokens_seen, self.last_ckpt = 0, 0, None
-        found = checkpoint.checkpoints(self.run_dir) if self.resume else []
-        if found:
-            self.last_ckpt = found[-1]
-            progress = checkpoint.load(self.last_ckpt, self.model, self.optimizer, self.scheduler)
+        """Weights, optimizer, scheduler, RNG, position and last losses of the newest intact checkpoint (verified
+        sha256, no pickle) when resuming; metrics/samples logs are trimmed to its step."""
+        self.step, self.tokens_seen, self.last_ckpt, self.loss, self.last_val = 0, 0, None, None, None
+        if not self.resume:
+            return
+        progress, self.last_ckpt = checkpoint.resume(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                                     self.say, self.main)
+        if self.last_ckpt:
             self.step, self.tokens_seen = progress["step"], progress["tokens_seen"]
+            self.loss, self.last_val = progress.get("loss"), progress.get("val_loss")
             self.say(f"resumed from {self.last_ckpt} at step {self.step}")
 
     def write_running_manifest(self, fmt: dict, data_info: dict) -> None:
@@ -255,8 +258,7 @@ class Training:
                  "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"],
                  "grounding": (r["grounding"] or {}).get("status")}
                 for p, ex, r in zip(prompts, chosen, replies)]
-        with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        append_jsonl(self.run_dir / "samples.jsonl", rows)
         for r in rows:
             self.say(f"  [step {at_step}] Q: {r['question'][:90]}\n      A: {r['reply'][:200]!r}"
                      f"{'' if r['stopped_at_eos'] else ' (no end-of-turn)'}")
@@ -264,11 +266,13 @@ class Training:
     def fail(self, exc: BaseException) -> None:
         if self.main:
             self.manifest.update(status="failed", error=str(exc), failed_at_step=self.step)
-            write_manifest(self.run_dir, self.manifest)
+            with contextlib.suppress(OSError, AdvisorError):  # a full disk: the first error is the one to report
+                write_manifest(self.run_dir, self.manifest)
 
     # ------------------------------------------------------------------------------------------- the loop
     def loop(self) -> bool:
-        """Optimizer steps up to the plan's total; True when this invocation pauses first (stop_after_steps)."""
+        """Optimizer steps up to the plan's total; True when this invocation pauses first (stop_after_steps, or
+        SIGINT/SIGTERM: the step finishes, a checkpoint is saved and the manifest names the signal)."""
         from tqdm.auto import tqdm
 
         cfg, total = self.cfg, self.plan.total_steps
@@ -279,7 +283,7 @@ class Training:
         self.start_time, self.start_step, self.start_tokens = time.time(), self.step, self.tokens_seen
         self.window_tokens, self.window_start = 0, time.time()
         self.epoch = (self.step * cfg.grad_accum) // self.plan.micro_batches_per_epoch
-        self.loss = self.last_val = None
+        self.stop = checkpoint.StopRequest.install(self.world == 1, self.say)
         try:
             while self.step < total:
                 group = [self.train_rows[i] for _ in range(cfg.grad_accum) for i in next(stream)[1]]
@@ -295,6 +299,7 @@ class Training:
             self.fail(exc)
             raise
         finally:
+            self.stop.restore()
             bar.close()
             self.metrics.close()
         return False
@@ -348,14 +353,16 @@ class Training:
             self.epoch = epoch_now
         if cfg.sample_every and self.main and (step % cfg.sample_every == 0 or step == total):
             self.sample(step)
-        stopping = cfg.stop_after_steps is not None and step - self.start_step >= cfg.stop_after_steps
+        stopping = (cfg.stop_after_steps is not None and step - self.start_step >= cfg.stop_after_steps) or bool(
+            self.stop.signal)
         if self.main and (step % cfg.save_every == 0 or (stopping and step < total)):
             self.last_ckpt = checkpoint.save(self.run_dir, step, self.model, self.optimizer, self.scheduler,
-                                             {"step": step, "tokens_seen": self.tokens_seen}, cfg.keep_checkpoints)
+                                             {"step": step, "tokens_seen": self.tokens_seen, "loss": loss,
+                                              "val_loss": self.last_val}, cfg.keep_checkpoints)
             self.manifest["last_checkpoint"] = str(self.last_ckpt)
             write_manifest(self.run_dir, self.manifest)
         if stopping and step < total:
-            self.manifest.update(status="paused")
+            self.manifest.update(status="paused", stopped_by=self.stop.name)
             if self.main:
                 write_manifest(self.run_dir, self.manifest)
             self.say(f"paused at step {step}; continue with: collegeadvisor train --resume {self.run_dir}")
@@ -380,14 +387,15 @@ class Training:
             self.model.save_pretrained(stage)
             self.tokenizer.save_pretrained(stage)
             atomic_replace_dir(stage, final)
+            self.manifest["adapter"] = {"files": file_hashes(final)}  # load_run refuses an adapter changed after this
             self.write_complete_manifest()
         self.accelerator.wait_for_everyone()
 
     def write_complete_manifest(self) -> None:
-        loss, last_val = self.final_losses()
+        loss, last_val = self.loss, self.last_val  # a resumed run with no step left: its checkpoint's losses
         elapsed = time.time() - self.start_time
         step, world = self.step, self.world
-        self.manifest.update(status="complete", finished=now(), error=None, metrics={
+        self.manifest.update(status="complete", finished=now(), error=None, stopped_by=None, metrics={
             "final_loss": loss, "val_loss": last_val,
             "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
             "steps": step, "tokens_seen": self.tokens_seen * world, "train_seconds": elapsed,
@@ -397,16 +405,3 @@ class Training:
         write_manifest(self.run_dir, self.manifest)
         said = f"loss {loss:.4f}" if loss is not None else "no loss logged"
         self.say(f"done: {self.run_dir} ({said}" + (f", val loss {last_val:.4f})" if last_val is not None else ")"))
-
-    def final_losses(self) -> tuple[float | None, float | None]:
-        """(loss, val loss) of the last step: this invocation's, or, when it had no step left to train (a resumed
-        run already at total_steps), what metrics.jsonl logged at that step."""
-        if self.loss is not None:
-            return self.loss, self.last_val
-        logged: dict = {}
-        path = self.run_dir / "metrics.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-            row = json.loads(line) if line.strip() else {}
-            if row.get("step") == self.step:
-                logged.update(row)
-        return logged.get("loss"), logged.get("val_loss")

@@ -1,0 +1,201 @@
+"""What stands between the network and the model: the API key, body limits and timeouts, CORS and uvicorn's
+connection limits.
+
+- RequestGuard (ASGI): with an API key set, every route except the health check and the (static) web page needs
+  it, unknown routes included, compared in constant time; a body over `max_body_bytes` gets 413, a body that
+  stalls gets 408; the body is read (and bounded) before the app sees it.
+- guarded_http(): uvicorn's own HTTP protocol plus a deadline for request heads (a client that sends half a
+  header and waits is cut off with 408) and a cap on their size (431).
+- CORS is closed unless origins are configured (`serve --cors-origin`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+
+OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/")}
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20  # a chat request is a few KB; 1 MiB holds any prompt the model can take
+    body_timeout_s: float = 30.0  # the whole body must arrive within this
+    head_timeout_s: float = 30.0  # the request line and headers must arrive within this
+    max_head_bytes: int = 64 << 10
+    max_connections: int = 256  # uvicorn's limit_concurrency: past it, 503 instead of unbounded memory
+
+
+def error_json(status: int, message: str, code: str | None, type_: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+def key_matches(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """Authorization: Bearer KEY (or x-api-key: KEY), compared in constant time."""
+    given = b""
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:]
+            break
+        if name == b"x-api-key":
+            given = value
+    return hmac.compare_digest(given, api_key.encode("utf-8"))
+
+
+class RequestGuard:
+    """Pure ASGI middleware (no buffering of responses, so streams pass straight through)."""
+
+    def __init__(self, app, api_key: str | None, limits: Limits):
+        self.app, self.api_key, self.limits = app, api_key, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and (scope["method"], scope["path"]) not in OPEN_ROUTES and not key_matches(
+                scope["headers"], self.api_key):
+            return await self._reply(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                     "invalid_api_key", "authentication_error")
+        if scope["method"] not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limits.max_body_bytes):
+            return await self._too_large(send)
+        try:
+            body, over = await asyncio.wait_for(self._read_body(receive), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            return await self._reply(send, 408, f"the request body did not arrive within "
+                                     f"{self.limits.body_timeout_s:g} s", "request_timeout")
+        if body is None:  # the client went away, or the body is over the limit
+            return await self._too_large(send) if over else None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> tuple[bytes | None, bool]:
+        """(body, False); (None, True) past the limit; (None, False) when the client went away."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                return None, True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
+
+    async def _too_large(self, send):
+        await self._reply(send, 413, f"the request body is over {self.limits.max_body_bytes:,} bytes",
+                          "request_too_large")
+
+    @staticmethod
+    async def _reply(send, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        body = error_json(status, message, code, type_)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status in (408, 413):
+            headers.append((b"connection", b"close"))
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def install(app, api_key: str | None, limits: Limits | None = None) -> Limits:
+    """Put the guard in front of the app; the returned Limits (also app.state.limits) may be changed until the
+    server starts."""
+    limits = limits or Limits()
+    app.state.limits = limits
+    app.add_middleware(RequestGuard, api_key=api_key, limits=limits)
+    return limits
+
+
+def allow_cors(app, origins: list[str]) -> None:
+    """Let browser pages from these origins call the API (preflights answered before the key check). Without a
+    call, no cross-origin page can read a response."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key"], allow_credentials=False)
+
+
+# ------------------------------------------------------------------------------------------ uvicorn
+def guarded_http(limits: Limits):
+    """uvicorn's HTTP protocol (httptools where installed, else h11) with a deadline and a size cap for each
+    request head: a client that sends part of a request line or headers and stalls gets 408 and is closed,
+    one that sends more than max_head_bytes of headers gets 431."""
+    try:
+        import httptools  # noqa: F401
+
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class GuardedHTTP(Base):
+        _head_timer = None
+        _head_cycle = None
+        _head_bytes = 0
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # these bytes belong to a request head
+                self._arm()
+                end = data.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else end
+                if self._head_bytes > limits.max_head_bytes:
+                    return self._refuse(431, "Request Header Fields Too Large",
+                                        f"the request head is over {limits.max_head_bytes:,} bytes")
+            super().data_received(data)
+
+        def _arm(self) -> None:
+            if self._head_timer is not None and self._head_cycle is self.cycle:
+                return  # this head is already being timed
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_cycle, self._head_bytes = self.cycle, 0
+            self._head_timer = self.loop.call_later(limits.head_timeout_s, self._expired, self.cycle)
+
+        def _expired(self, cycle) -> None:
+            self._head_timer = None
+            if self.cycle is cycle and (cycle is None or cycle.response_complete):
+                self._refuse(408, "Request Timeout", f"the request head did not arrive within "
+                                                     f"{limits.head_timeout_s:g} s")
+
+        def _refuse(self, status: int, reason: str, message: str) -> None:
+            if self.transport.is_closing():
+                return
+            body = error_json(status, message, "request_timeout" if status == 408 else "request_too_large")
+            self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: "
+                                 f"{len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            self.transport.close()
+
+    return GuardedHTTP
+
+
+def uvicorn_config(app, log_level: str = "info", limits: Limits | None = None):
+    import uvicorn
+
+    limits = limits or getattr(app.state, "limits", None) or Limits()
+    return uvicorn.Config(app, log_level=log_level, http=guarded_http(limits), timeout_keep_alive=5,
+                          limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=limits.max_head_bytes,
+                          server_header=False)
