@@ -243,3 +243,16 @@ def test_chat_and_serve_go_through_the_constrained_path(smol_tiny_model, rows, d
     assert len(decoding_spy) > chat_steps
     assert body["grounding"]["status"] in ("verified", "no_claims", "unverified")
     assert [s["id"] for s in body["sources"]] == ["r1", "r2", "r3"]
+
+
+def test_a_reply_cut_by_the_token_budget_loses_its_partial_figure(rows):
+    from collegeadvisor.generate import _finish
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "[1] Some program. Median earnings four years after completion: $3"
+
+    docs, _ = rows
+    cut = _finish(Tok(), [5, 6, 7], stops=[2], rules=Rules(docs))
+    assert cut["text"] == "[1] Some program. Median earnings four years after completion:" and not cut["stopped"]
+    assert _finish(Tok(), [5, 6, 7], stops=[2])["text"].endswith("$3")  # without rows, nothing to cut against

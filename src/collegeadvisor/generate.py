@@ -130,7 +130,10 @@ def _processors(tokenizer, passages, width: int, forbid=None) -> LogitsProcessor
     return LogitsProcessorList([GroundedDecoding(tokenizer, rules, width)])
 
 
-def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Sequence[str] = ()) -> dict:
+def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Sequence[str] = (),
+            rules: grounding.Rules | None = None) -> dict:
+    """The reply's text, cut at the end-of-turn token or a stop string. A grounded reply that ran out of tokens in
+    the middle of a figure ("$34,0") loses that partial figure: it is no figure of any row."""
     stopped = False
     for i, t in enumerate(new_ids):
         if t in stops:
@@ -140,6 +143,9 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     for s in stop_strings:
         if s and s in text:
             text, stopped = text[: text.index(s)], True
+    partial = rules.open_figure(text) if rules is not None and not stopped else None
+    if partial is not None and not rules.complete(partial.group(), text[:partial.start()]):
+        text = text[:partial.start()]
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
@@ -174,8 +180,9 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
                 else LogitsProcessorList()
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=procs,
                                  **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+            rules = procs[0].rules if procs else [None] * len(idx)
             for row, i in enumerate(idx):
-                out[i] = _finish(tokenizer, gen[row, width:].tolist(), stops, stop)
+                out[i] = _finish(tokenizer, gen[row, width:].tolist(), stops, stop, rules[row])
     finally:
         model.train(was_training)
     return out

@@ -96,7 +96,7 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
                                         max_new_tokens=cfg.sample_max_new_tokens,
                                         base_max_new_tokens=BASE_MAX_NEW_TOKENS)
     print(f"done in {time.time() - t0:.0f} s. Run: {run}\n      report: {report_html}\n      data: {report_json}")
-    latest = ("" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}") + kb_flag
-    print(f"next: collegeadvisor chat --run latest{latest} | eval --run latest{latest} --compare | "
-          f"serve --run latest{latest} | export --run latest{latest} --to ollama --verify")
+    latest = "" if Path(cfg.output_dir) == Path("runs") else f" --output-dir {cfg.output_dir}"
+    print(f"next: collegeadvisor chat --run latest{latest}{kb_flag} | eval --run latest{latest}{kb_flag} --compare | "
+          f"serve --run latest{latest}{kb_flag} | export --run latest{latest} --to ollama --verify")
     return run
