@@ -54,6 +54,8 @@ def test_check_catches_wrong_figure_wrong_field_wrong_verdict_and_invented(rows)
     assert check(f"[1] Median debt: {vals[0]['debt']}.", docs)["status"] == "verified"
     verdict = check(f"[2] Yes. Earnings premium: {vals[1]['premium']}.", docs)
     assert verdict["status"] == "unverified" and "fails" in verdict["problems"][0]
+    assert check("[1] Unknown. A program.", docs)["problems"][0].endswith("has an earnings premium")
+    assert check("[3] Unknown. A certificate. Median earnings: no data.", docs)["status"] == "verified"
     late = check(f"[2] x. Earnings premium: {vals[1]['premium']}, so it passes the test.", docs)
     assert late["status"] == "unverified" and "fails the test" in late["problems"][0]
     assert check(f"[2] x. Earnings premium: {vals[1]['premium']}, so it fails the test.", docs)["status"] == "verified"
@@ -98,7 +100,8 @@ def test_rules_admit_only_the_cited_rows_value_for_the_field(rows):
     # yes/no follows the cited row's premium; no yes/no on a suppressed row; only retrieved rows are cited
     assert rules.admits("[1] ", "Yes") and not rules.admits("[1] ", "No")
     assert rules.admits("[2] ", "No") and not rules.admits("[2] ", "Yes")
-    assert not rules.admits("[3] ", "Yes") and not rules.admits("[3] ", "No")
+    assert not rules.admits("[3] ", "Yes") and not rules.admits("[3] ", "No") and rules.admits("[3] ", "Unknown")
+    assert not rules.admits("[1] ", "Unknown") and not rules.admits("[2] ", " Unknown")
     assert rules.admits("[", "2") and not rules.admits("[", "4")
     # the verdict after the figures follows the cited row's premium too
     assert rules.admits("[2] x. Earnings premium: -$5, so it", " fails")

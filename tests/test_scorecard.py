@@ -69,6 +69,7 @@ def check_answer(kind, answer, source, context, rows):
         assert f"Debt-to-earnings ratio: {vals['ratio']}" in answer and vals["debt"] in answer
     elif kind == "premium":
         verdict = "passes" if not vals["premium"].startswith("-") else "fails"
+        assert answer.split(" ", 1)[1].startswith("Yes." if verdict == "passes" else "No.")
         assert f"Earnings premium: {vals['premium']}, so it {verdict} the test" in answer
         assert vals["hs_earnings"] in answer
     elif kind == "compare":
@@ -76,6 +77,7 @@ def check_answer(kind, answer, source, context, rows):
         assert vals["earnings"] in answer and other["earnings"] in answer
     elif kind == "no_data":
         assert "$" not in answer and ": no data (" in answer
+        assert ("] Unknown." in answer) == (source["asked"] == "premium")
     elif kind == "open":
         assert len(row_ids(source)) >= 2
     else:

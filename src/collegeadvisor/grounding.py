@@ -59,8 +59,8 @@ FIELD_NAMES = {"earnings": "median earnings", "hs_earnings": "high-school gradua
                "premium": "earnings premium", "debt": "median debt", "ratio": "debt-to-earnings ratio",
                "payback": "payback years", "completers": "completers"}
 _BOUNDARY = re.compile(r"[.;!?](?=\s)|\n")
-_LEADING_VERDICT = re.compile(r"^\s*\[(\d{1,2})\]\s*(yes|no)\b", re.I)
-YES_NO = {"yes": True, "no": False}
+_LEADING_VERDICT = re.compile(r"^\s*\[(\d{1,2})\]\s*(yes|no|unknown)\b", re.I)
+YES_NO = {"yes": True, "no": False, "unknown": None}  # the opening verdict on the cited row's earnings premium
 # "... so it passes the test": the verdict on the cited row's earnings premium, stated after its figures.
 TEST_VERDICT = re.compile(r"\b(pass(?:es)?|fail(?:s)?) the test\b", re.I)
 TEST_WORDS = {"pass": True, "passes": True, "fail": False, "fails": False}
@@ -220,6 +220,8 @@ def _problem(claim: dict, ctx: Context) -> str | None:
     row = ctx.row(n)
     if claim["type"] == "verdict":
         passes = ctx.premium_passes(n)
+        if claim["value"] is None:
+            return None if passes is None else f"says {claim['text']!r}, but row [{n}] has an earnings premium"
         if passes is None:
             return f"says {claim['text']!r}, but row [{n}] has no earnings premium"
         verdict = "passes" if passes else "fails"
@@ -371,7 +373,7 @@ class Rules:
         at = _AT_VERDICT.fullmatch(text) if word in YES_NO else None
         if at:
             passes = self.ctx.premium_passes(int(at.group(1)))
-            if passes is None or passes != YES_NO[word] or YES_NO[word] in self.forbid.get("verdicts", ()):
+            if passes != YES_NO[word] or YES_NO[word] in self.forbid.get("verdicts", ()):
                 return False
         if word in TEST_WORDS and cited_at(text, len(text)) is not None:
             passes = self.ctx.premium_passes(cited_at(text, len(text)))

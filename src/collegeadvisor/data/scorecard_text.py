@@ -109,18 +109,20 @@ ANSWERS = {
     ("debt_to_earnings", "debt_to_earnings"): (
         "{tag} {name}. Debt-to-earnings ratio: {ratio} (median debt {debt} against median earnings {earnings} "
         "{horizon} after completion)."),
-    # the verdict comes after the figures it follows from: the premium's sign is right before "passes"/"fails"
+    # A premium answer opens with its verdict (Yes / No, or Unknown when the row has no premium): the first word fixes
+    # the answer's form, and decoding admits only the verdict the cited row supports. The figures it follows from
+    # come after, and the test's wording agrees with them.
     ("premium", "passes"): (
-        "{tag} {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "{tag} Yes. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
         "Earnings premium: {premium}, so it passes the test: graduates out-earn a typical high-school graduate."),
     ("premium", "fails"): (
-        "{tag} {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
+        "{tag} No. {name}. {earnings_label}: {earnings}. High-school graduate earnings in {state}: {hs_earnings}. "
         "Earnings premium: {premium}, so it fails the test: graduates earn less than a typical high-school "
         "graduate."),
     ("no_data", "earnings"): "{tag} {name}. Median earnings: no data ({suppressed}).",
     ("no_data", "debt"): "{tag} {name}. Median debt: no data ({suppressed}).",
     ("no_data", "premium"): (
-        "{tag} {name}. Median earnings: no data ({suppressed}), so the Scorecard can't tell whether it pays more "
-        "than a high-school diploma."),
+        "{tag} Unknown. {name}. Median earnings: no data ({suppressed}), so the Scorecard can't tell whether it pays "
+        "more than a high-school diploma."),
     ("no_data", "debt_to_earnings"): "{tag} {name}. Debt-to-earnings ratio: no data (its {missing} is {suppressed}).",
 }
