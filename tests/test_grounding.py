@@ -138,9 +138,9 @@ def _biased_generate(model, tok, convs, passages, grounded: bool) -> list[str]:
 
 
 def grounding_conversation(messages, passages):
-    from collegeadvisor.generate import conversation
+    from collegeadvisor.chat_format import with_context
 
-    return conversation(messages, passages)
+    return with_context(messages, passages)
 
 
 def test_a_model_biased_towards_a_wrong_figure_still_writes_only_context_figures(tiny_model, rows):

@@ -149,10 +149,6 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
-def conversation(messages: Sequence[dict], passages: Sequence[str] | None) -> list[dict]:
-    return with_context(messages, passages or [])
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = (),
@@ -164,7 +160,7 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
     constrain its decoding (forbid[i]: what a failed check found)."""
     passages = list(passages) if passages is not None else [None] * len(conversations)
     forbid = list(forbid) if forbid is not None else [None] * len(conversations)
-    prompts = [encode_prompt(tokenizer, conversation(c, p)) for c, p in zip(conversations, passages)]
+    prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict] = [{} for _ in prompts]
     stops = stop_token_ids(tokenizer)
@@ -289,7 +285,7 @@ def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_
     they come (under the same grounding constraint as `generate`); returns [{'stopped', 'n_tokens'}] per row.
     Greedy text equals `generate`'s."""
     passages = list(passages) if passages is not None else [None] * len(conversations)
-    prompts = [encode_prompt(tokenizer, conversation(c, p)) for c, p in zip(conversations, passages)]
+    prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]

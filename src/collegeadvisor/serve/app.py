@@ -28,9 +28,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collegeadvisor.chat_format import encode_prompt
+from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
-from collegeadvisor.generate import answer, conversation, stream_batch
+from collegeadvisor.generate import answer, stream_batch
 from collegeadvisor.serve import guard
 from collegeadvisor.serve.schema import CHARS_PER_TOKEN_BOUND, ChatRequest
 
@@ -228,7 +228,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
         passages = [h["document"] for h in hits] if retriever is not None else None
-        rendered = conversation(messages, passages)
+        rendered = with_context(messages, passages or [])
         chars = sum(len(m["content"]) for m in rendered)
         if chars > max_prompt * CHARS_PER_TOKEN_BOUND:
             raise APIError(400, f"the prompt is {chars:,} characters; this server accepts at most {max_prompt} tokens",
