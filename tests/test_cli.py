@@ -9,7 +9,7 @@ import pytest
 
 import collegeadvisor
 from collegeadvisor.cli import build_parser, main
-from collegeadvisor.config import Config
+from collegeadvisor.config import ChatConfig, Config, EvalConfig, ExportConfig, ServeConfig
 from collegeadvisor.errors import AdvisorError
 
 SRC = Path(collegeadvisor.__file__).parent
@@ -73,13 +73,19 @@ def test_none_and_bad_values_are_one_line(argv, message, capsys):
 
 
 def test_run_options_keep_their_names_and_defaults():
-    args = build_parser().parse_args(["chat"])
-    assert (args.run, args.output_dir, args.device, args.max_new_tokens) == ("latest", "runs", "auto", 256)
-    assert (args.rag, args.k, args.kb_path, args.kb_url) == (None, None, None, None)
-    args = build_parser().parse_args(["eval", "--no-rag", "--k", "5", "--kb-url", "http://x"])
-    assert (args.rag, args.k, args.kb_url, args.max_new_tokens) == (False, 5, "http://x", 128)
-    args = build_parser().parse_args(["serve", "--rag", "--kb-path", "kb"])
-    assert (args.rag, args.kb_path, args.run, args.max_new_tokens) == (True, "kb", "latest", 256)
-    args = build_parser().parse_args(["export", "--to", "merged"])
-    assert (args.run, args.output_dir, args.device) == ("latest", "runs", "cpu")
-    assert not hasattr(args, "rag")
+    """The options of the commands that use a run, resolved through their settings (flags, section, defaults)."""
+    def settings(*argv):
+        args = build_parser().parse_args(list(argv))
+        return {"chat": ChatConfig, "eval": EvalConfig, "serve": ServeConfig, "export": ExportConfig}[argv[0]].from_args(
+            args)
+
+    s = settings("chat")
+    assert (s.run, s.output_dir, s.device, s.max_new_tokens) == ("latest", "runs", "auto", 256)
+    assert (s.rag, s.k, s.kb_path, s.kb_url) == (None, None, None, None)
+    s = settings("eval", "--no-rag", "--k", "5", "--kb-url", "http://x")
+    assert (s.rag, s.k, s.kb_url, s.max_new_tokens) == (False, 5, "http://x", 128)
+    s = settings("serve", "--rag", "--kb-path", "kb")
+    assert (s.rag, s.kb_path, s.run, s.max_new_tokens) == (True, "kb", "latest", 256)
+    s = settings("export", "--to", "merged")
+    assert (s.run, s.output_dir, s.device) == ("latest", "runs", "cpu")
+    assert not hasattr(s, "rag") and not hasattr(build_parser().parse_args(["export"]), "rag")

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from collegeadvisor import check, export, serve
-from collegeadvisor.config import Config
+from collegeadvisor.config import ChatConfig, Config, EvalConfig, as_line, as_yaml
 from collegeadvisor.data import preview
 from collegeadvisor.errors import AdvisorError
+from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import cli as kb_cli
-from collegeadvisor.runs import add_run_arguments, retriever_from_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -64,25 +64,32 @@ def cmd_quickstart(args) -> int:
 
 def cmd_eval(args) -> int:
     from collegeadvisor.eval.run import evaluate
-    from collegeadvisor.runs import find_run
+    from collegeadvisor.runs import find_run, retriever_for
 
-    run = find_run(args.run, args.output_dir)
-    report_json, report_html = evaluate(run, args.questions, args.out, compare=args.compare,
-                                        retriever=retriever_from_args(args, run), max_new_tokens=args.max_new_tokens,
-                                        batch_size=args.batch_size, limit=args.limit, device=args.device,
-                                        base_max_new_tokens=args.base_max_new_tokens)
-    print(f"report: {report_html}\ndata:   {report_json}")
+    s = EvalConfig.from_args(args)
+    run = find_run(s.run, s.output_dir)
+    s.run = str(run)
+    report_json, report_html = evaluate(run, s.questions, s.out, compare=s.compare,
+                                        retriever=retriever_for(s, run), max_new_tokens=s.max_new_tokens,
+                                        batch_size=s.batch_size, limit=s.limit, device=s.device,
+                                        base_max_new_tokens=s.base_max_new_tokens)
+    s.out = str(report_json.parent)
+    settings = atomic_write_text(report_json.parent / "config.yaml", as_yaml(s))  # beside the report
+    print(f"report:   {report_html}\ndata:     {report_json}\nsettings: {settings}")
     return 0
 
 
 def cmd_chat(args) -> int:
     from collegeadvisor.chat import chat_loop
-    from collegeadvisor.runs import find_run, load_run
+    from collegeadvisor.runs import find_run, load_run, retriever_for
 
-    run = find_run(args.run, args.output_dir)
-    retriever = retriever_from_args(args, run)
-    model, tok, _ = load_run(run, device=args.device, merge=True)
-    chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, retriever=retriever)
+    s = ChatConfig.from_args(args)
+    run = find_run(s.run, s.output_dir)
+    s.run = str(run)
+    print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
+    retriever = retriever_for(s, run)
+    model, tok, _ = load_run(run, device=s.device, merge=True)
+    chat_loop(model, tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, retriever=retriever)
     return 0
 
 
@@ -118,21 +125,13 @@ def register_quickstart(sub) -> None:
 
 def register_eval(sub) -> None:
     p = sub.add_parser("eval", help="answer held-out questions and score them (base vs tuned with --compare)")
-    add_run_arguments(p)
-    p.add_argument("--questions", default=None, help="held-out JSONL (default: heldout.jsonl beside the run's data)")
-    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
-    p.add_argument("--compare", action="store_true", help="also run the base model without the adapter")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--base-max-new-tokens", type=int, default=None,
-                   help="generation budget of the base model with --compare [default: --max-new-tokens]")
-    p.set_defaults(func=cmd_eval, max_new_tokens=128)
+    EvalConfig.add_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
 
 def register_chat(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with a trained run (reads piped stdin too)")
-    add_run_arguments(p)
-    p.add_argument("--temperature", type=float, default=0.0)
+    ChatConfig.add_arguments(p)
     p.set_defaults(func=cmd_chat)
 
 

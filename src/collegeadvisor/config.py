@@ -1,21 +1,24 @@
-"""One typed configuration for every stage: YAML file, then CLI overrides; defaults are the corrected recipe."""
+"""One typed configuration for every stage: YAML file, then CLI overrides. Training reads the top-level keys (defaults
+are the corrected recipe); eval, chat, serve, kb and export each read their own section (`eval:` ...)."""
 
 from __future__ import annotations
 
 import argparse
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from collegeadvisor.errors import AdvisorError
+from collegeadvisor.export import GGUF_TYPES, TARGETS
 from collegeadvisor.models import DEFAULT_BASE_MODEL
+from collegeadvisor.serve import API_KEY_ENV
 
 
 class Config(BaseModel):
-    """Every setting of data preparation, training and generation. Field docs are the CLI help."""
+    """Every setting of data preparation, training and its sample generations. Field docs are the CLI help."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -83,42 +86,179 @@ class Config(BaseModel):
         None, description="also send the metrics of metrics.jsonl to this tracker, through accelerate (an optional "
         "extra each: pip install 'collegeadvisor[tensorboard]')"
     )
-    max_new_tokens: int = Field(256, ge=1, description="generation budget for eval, chat and serve")
+
+    @classmethod
+    def from_manifest(cls, saved: dict[str, Any]) -> "Config":
+        """The config a run was trained with, as its manifest recorded it (settings retired since then dropped)."""
+        return cls(**{k: v for k, v in saved.items() if k not in RETIRED})
 
     # ------------------------------------------------------------------------------------ command line
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
         """--config FILE, then one option per field (data over flags): --max-length 512, --no-group-by-length..."""
         p.add_argument("--config", help="YAML file of settings; options below override it")
-        group = p.add_argument_group("settings (override the YAML file)")
-        for name, field in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            help_ = (field.description or "") + f" [default: {field.default}]"
-            if field.annotation is bool:
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-            else:
-                group.add_argument(flag, dest=name, default=None, choices=_choices(field.annotation),
-                                   metavar=name.upper(), help=help_)
+        add_model_arguments(p, cls)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
         """The --config file, then every option given on the command line; 'none' (or 'null') unsets a setting that
         may be unset (--max-steps none). A bad value is one line naming the option."""
-        given = {}
-        for name, field in cls.model_fields.items():
-            value = getattr(args, name, None)
-            if value is None:
-                continue
-            if isinstance(value, str) and value.lower() in NONE:
-                if not _nullable(field.annotation):
-                    raise AdvisorError(f"--{name.replace('_', '-')} {value}: this setting cannot be unset "
-                                       f"[default: {field.default}]")
-                value = None
-            given[name] = value
-        return _build(getattr(args, "config", None), given, from_flags=True)
+        return _build(cls, getattr(args, "config", None), flags_given(cls, args), from_flags=True)
 
 
+# A top-level key that no longer exists, and where its setting went.
+RETIRED = {"max_new_tokens": "moved: set max_new_tokens in the eval, chat or serve section"}
 NONE = ("none", "null")
+
+
+# ------------------------------------------------------------------------------------------ the other commands
+class Section(BaseModel):
+    """The settings of one command other than train: the YAML file's `<section>:` mapping, then its flags."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+        """--config FILE and one option per field (or per field named in `only`)."""
+        p.add_argument("--config", help=f"YAML file whose '{cls.section}:' section holds these settings; options "
+                                        "below override it")
+        add_model_arguments(p, cls, only)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Section":
+        """Flags given, then the --config file's section, then defaults; a bad key or value is one line."""
+        return _build(cls, getattr(args, "config", None), flags_given(cls, args), from_flags=True)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Section":
+        return _build(cls, path, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+class RunSettings(Section):
+    run: str = Field("latest", description="run directory, or 'latest' (newest complete run)")
+    output_dir: str = Field("runs", description="where 'latest' looks for runs")
+
+
+class GenerationSettings(RunSettings):
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    max_new_tokens: int = Field(256, ge=1, description="most tokens generated per answer")
+    rag: Optional[bool] = Field(None, description="answer from rows retrieved from the knowledge base (default: when "
+                                                  "the run was trained on retrieved rows)")
+    k: Optional[int] = Field(None, ge=1, description="rows retrieved per question (default: the run's, as in "
+                                                     "training)")
+    kb_path: Optional[str] = Field(None, description="Chroma folder (default: kb_store)")
+    kb_url: Optional[str] = Field(None, description="Chroma server URL, instead of a local folder")
+
+
+class EvalConfig(GenerationSettings):
+    section: ClassVar[str] = "eval"
+    max_new_tokens: int = Field(128, ge=1, description="most tokens generated per answer")
+    questions: Optional[str] = Field(None, description="held-out JSONL (default: heldout.jsonl beside the run's data)")
+    out: Optional[str] = Field(None, description="report folder (default: RUN/eval)")
+    compare: bool = Field(False, description="also run the base model without the adapter")
+    batch_size: int = Field(16, ge=1, description="questions generated together")
+    limit: Optional[int] = Field(None, ge=1, description="only the first N questions")
+    base_max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget of the base model with "
+                                                                       "--compare (default: max_new_tokens)")
+
+
+class ChatConfig(GenerationSettings):
+    section: ClassVar[str] = "chat"
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+
+
+class ServeConfig(GenerationSettings):
+    section: ClassVar[str] = "serve"
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = Field(API_KEY_ENV, description="environment variable holding the key clients must send as "
+                                                      "'Authorization: Bearer KEY' (--api-key gives the key itself)")
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    batch_size: int = Field(8, ge=1, description="non-streaming requests generated together")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    cors_origins: list[str] = Field(
+        default_factory=list, json_schema_extra={"flag": "--cors-origin", "action": "append"},
+        description="let web pages from this origin (https://example.org) call the API; repeatable")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body")
+    max_connections: int = Field(256, ge=1, description="open connections before 503")
+    request_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request's headers, "
+                                                           "and its body")
+
+
+class KbConfig(Section):
+    section: ClassVar[str] = "kb"
+    path: Optional[str] = Field(None, description="Chroma folder (default: kb_store)")
+    url: Optional[str] = Field(None, description="Chroma server URL (http://host:8000), instead of a folder")
+    collection: str = "scorecard"
+    k: int = Field(5, ge=1, description="passages a query shows, and recall counts")
+    batch_size: int = Field(2048, ge=1, description="rows embedded per batch by build")
+    limit: Optional[int] = Field(None, ge=1, description="build: only the first N rows of the table")
+
+
+class ExportConfig(RunSettings):
+    section: ClassVar[str] = "export"
+    to: Optional[Literal[TARGETS]] = Field(None, description="what to write (required)")
+    out: Optional[str] = Field(None, description="output folder (default: RUN/export/<to>)")
+    gguf_type: Literal[GGUF_TYPES] = Field("q8_0", description="GGUF weight type")
+    device: str = Field("cpu", description="where the merge runs")
+    verify: int = Field(0, ge=0, json_schema_extra={"nargs": "?", "const": 8, "metavar": "N"},
+                        description="load the export back and compare its template, prompt tokens and greedy text "
+                                    "with the run on N held-out questions (--verify alone: 8)")
+
+
+SECTIONS: dict[str, type[Section]] = {s.section: s for s in (EvalConfig, ChatConfig, ServeConfig, KbConfig,
+                                                                ExportConfig)}
+
+
+def as_yaml(settings: Section) -> str:
+    """A command's resolved settings as a config file: passed back as --config, it repeats them."""
+    name = settings.section
+    return (f"# collegeadvisor {name}: the settings it ran with (flags, then the '{name}:' section of --config, then "
+            f"defaults)\n" + yaml.safe_dump({name: settings.model_dump()}, sort_keys=False))
+
+
+def as_line(settings: Section) -> str:
+    """The same, on one line (for commands with no output folder to write it to)."""
+    flow = yaml.safe_dump({settings.section: settings.model_dump()}, default_flow_style=True, width=1 << 20,
+                          sort_keys=False)
+    return "settings: " + flow.strip()
+
+
+# ------------------------------------------------------------------------------------------ flags and YAML
+def add_model_arguments(p: argparse.ArgumentParser, model: type[BaseModel], only: Sequence[str] | None = None) -> None:
+    """One option per field of `model` (default None: the YAML file or the field's default decides); booleans get
+    --x/--no-x, Literal fields their choices; a field's json_schema_extra holds its flag name or argparse shape."""
+    group = p.add_argument_group("settings (override the YAML file)")
+    for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        shape = dict(field.json_schema_extra or {})
+        flag = shape.pop("flag", "--" + name.replace("_", "-"))
+        help_ = field.description or ""
+        if "(default:" not in help_:  # a description may say what the default means
+            help_ += f" [default: {field.get_default(call_default_factory=True)}]"
+        if bool in (field.annotation, *typing.get_args(field.annotation)):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            continue
+        shape.setdefault("metavar", name.upper())
+        group.add_argument(flag, dest=name, default=None, choices=_choices(field.annotation), help=help_, **shape)
+
+
+def flags_given(model: type[BaseModel], args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `model` given on the command line; 'none' (or 'null') unsets a setting that may be unset."""
+    given = {}
+    for name, field in model.model_fields.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.lower() in NONE:
+            if not _nullable(field.annotation):
+                raise AdvisorError(f"--{name.replace('_', '-')} {value}: this setting cannot be unset "
+                                   f"[default: {field.default}]")
+            value = None
+        given[name] = value
+    return given
 
 
 def _nullable(annotation) -> bool:
@@ -135,21 +275,43 @@ def _choices(annotation) -> tuple | None:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """YAML file (if any), then overrides (None values ignored); one clear line on a bad key or value."""
-    return _build(path, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(Config, path, {k: v for k, v in (overrides or {}).items() if v is not None})
 
 
-def _build(path: str | Path | None, overrides: dict[str, Any], from_flags: bool = False) -> Config:
+def _build(model: type[BaseModel], path: str | Path | None, overrides: dict[str, Any], from_flags: bool = False):
+    """`model` from its part of the YAML file, then the overrides. A bad key or value is one line naming the flag,
+    or the file and the setting (`eval.k` for a section's)."""
     data, where = _read_yaml(path)
+    section = getattr(model, "section", "")
+    data = _part(data, where, section)
     data.update(overrides)
     try:
-        return Config(**data)
+        return model(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"]) or "?"
         msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
         if from_flags and key in overrides:
             raise AdvisorError(f"--{key.replace('_', '-')} {overrides[key]}: {msg}") from exc
-        raise AdvisorError(f"{where}: setting '{key}': {msg}") from exc
+        raise AdvisorError(f"{where}: setting '{section + '.' if section else ''}{key}': {msg}") from exc
+
+
+def _part(data: dict[str, Any], where: str, section: str) -> dict[str, Any]:
+    """Training's top-level settings (section ''), or one section's mapping; the file's other keys must be
+    training settings or sections."""
+    for key, why in RETIRED.items():
+        if key in data:
+            raise AdvisorError(f"{where}: setting '{key}': {why}")
+    if not section:
+        return {k: v for k, v in data.items() if k not in SECTIONS}
+    if unknown := [k for k in data if k not in Config.model_fields and k not in SECTIONS]:
+        raise AdvisorError(f"{where}: setting '{unknown[0]}': unknown setting")
+    part = data.get(section)
+    if part is None:
+        return {}
+    if not isinstance(part, dict):
+        raise AdvisorError(f"{where}: setting '{section}': expected a mapping of settings, got {type(part).__name__}")
+    return dict(part)
 
 
 def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:

@@ -266,39 +266,39 @@ def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max
 
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_export(args) -> int:
+    from collegeadvisor.config import ExportConfig, as_yaml
     from collegeadvisor.runs import find_run
 
-    run = find_run(args.run, args.output_dir)
-    out = Path(args.out) if args.out else run / "export" / args.to
-    if args.to == "merged":
-        done = export_merged(run, out, args.device)
-    elif args.to == "gguf":
-        done = export_gguf(run, out, args.gguf_type, args.device)
+    s = ExportConfig.from_args(args)
+    if s.to is None:
+        raise AdvisorError(f"export: say what to write: --to {'|'.join(TARGETS)} (or 'to:' in the export section)")
+    run = find_run(s.run, s.output_dir)
+    out = Path(s.out) if s.out else run / "export" / s.to
+    s.run, s.out = str(run), str(out)
+    if s.to == "merged":
+        done = export_merged(run, out, s.device)
+    elif s.to == "gguf":
+        done = export_gguf(run, out, s.gguf_type, s.device)
     else:
-        done = export_ollama(run, out, args.gguf_type, args.device)
-    print(f"{args.to}: {done}")
-    if args.to == "ollama":
+        done = export_ollama(run, out, s.gguf_type, s.device)
+    print(f"{s.to}: {done}")
+    if s.to == "ollama":
         print(f"import it with: ollama create collegeadvisor -f {done}")
-    if args.verify:
-        r = verify_export(run, args.to, out, n=args.verify)
+    if s.verify:
+        r = verify_export(run, s.to, out, n=s.verify)
         extra = " (quantized: small drift is expected)" if r.get("gguf_type") in ("f16", "q8_0") else ""
         print(f"verified: chat template and prompt tokens match the run"
               f"{', Ollama TEMPLATE renders as chat_format' if r.get('ollama_template_matches') else ''}; "
               f"greedy text identical to base + adapter on {r['identical_text']}/{r['prompts']} prompts{extra}")
+    # beside the export, not in it: the folder is what other tools load
+    print(f"settings: {atomic_write_text(out.with_name(out.name + '.config.yaml'), as_yaml(s))}")
     return 0
 
 
 def register(sub) -> None:
     """Add the `export` subcommand to the CLI's subparsers."""
-    from collegeadvisor.runs import add_run_arguments
+    from collegeadvisor.config import ExportConfig
 
     p = sub.add_parser("export", help="write a run as merged safetensors, a GGUF file, or an Ollama Modelfile")
-    add_run_arguments(p, generation=False, retrieval=False)
-    p.add_argument("--to", required=True, choices=TARGETS)
-    p.add_argument("--out", default=None, help="output folder (default: RUN/export/<to>)")
-    p.add_argument("--gguf-type", default="q8_0", choices=GGUF_TYPES, help="GGUF weight type [default: q8_0]")
-    p.add_argument("--device", default="cpu", help="where the merge runs [default: cpu]")
-    p.add_argument("--verify", type=int, nargs="?", const=8, default=0, metavar="N",
-                   help="load the export back and compare its template, prompt tokens and greedy text with the run "
-                        "on N held-out questions [default N: 8]")
+    ExportConfig.add_arguments(p)
     p.set_defaults(func=cmd_export)

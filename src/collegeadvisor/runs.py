@@ -6,7 +6,6 @@ A run directory holds `manifest.json` (status running | complete | failed), `ada
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -181,24 +180,6 @@ def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = 
     return retriever(k=k or trained.get("k") or 3, path=kb_path, url=kb_url)
 
 
-def retriever_from_args(args: argparse.Namespace, run_dir: str | Path):
-    """run_retriever with the options add_run_arguments(retrieval=True) declared."""
-    return run_retriever(run_dir, args.rag, args.k, args.kb_path, args.kb_url)
-
-
-def add_run_arguments(p: argparse.ArgumentParser, generation: bool = True, retrieval: bool = True) -> None:
-    """The options of a stage that uses a trained run: --run and --output-dir; with generation, --device and
-    --max-new-tokens; with retrieval, what run_retriever reads (--rag, --k, --kb-path, --kb-url)."""
-    p.add_argument("--run", default="latest", help="run directory, or 'latest' (newest complete run)")
-    p.add_argument("--output-dir", default="runs", help="where 'latest' looks for runs")
-    if generation:
-        p.add_argument("--device", default="auto")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-    if retrieval:
-        p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
-                       help="answer from rows retrieved from the knowledge base [default: on when the run was trained "
-                            "on retrieved rows]")
-        p.add_argument("--k", type=int, default=None,
-                       help="rows retrieved per question [default: the run's, as in training]")
-        p.add_argument("--kb-path", default=None, help="Chroma folder (default: kb_store)")
-        p.add_argument("--kb-url", default=None, help="Chroma server URL, instead of a local folder")
+def retriever_for(settings, run_dir: str | Path):
+    """run_retriever with a command's settings (config.GenerationSettings: rag, k, kb_path, kb_url)."""
+    return run_retriever(run_dir, settings.rag, settings.k, settings.kb_path, settings.kb_url)

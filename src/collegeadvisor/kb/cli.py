@@ -2,43 +2,54 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
+from collegeadvisor.config import KbConfig, as_line, as_yaml
 
-def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--path", default=None, help="Chroma folder [default: kb_store]")
-    p.add_argument("--url", default=None, help="Chroma server URL (http://host:8000), instead of a folder")
-    p.add_argument("--collection", default="scorecard", help="[default: scorecard]")
+
+def _record(s: KbConfig) -> None:
+    """The settings a build or ingest ran with: config.yaml inside the Chroma folder; logged for a Chroma server."""
+    if s.url:
+        print(as_line(s), file=sys.stderr)
+        return
+    from collegeadvisor.fsutil import atomic_write_text
+    from collegeadvisor.kb import DEFAULT_PATH
+
+    print(f"settings: {atomic_write_text(Path(s.path or DEFAULT_PATH) / 'config.yaml', as_yaml(s))}")
 
 
 def cmd_build(args) -> int:
     from collegeadvisor.kb import build_kb
 
+    s = KbConfig.from_args(args)
     rows = None
-    if args.limit:
+    if s.limit:
         from collegeadvisor.data.scorecard import load_table
 
-        rows = load_table().head(args.limit)
-    stats = build_kb(args.path, args.url, rows=rows, batch_size=args.batch_size, collection=args.collection)
+        rows = load_table().head(s.limit)
+    stats = build_kb(s.path, s.url, rows=rows, batch_size=s.batch_size, collection=s.collection)
     print(" ".join(f"{k}={v}" for k, v in stats.items()))
+    _record(s)
     return 0
 
 
 def cmd_ingest(args) -> int:
     from collegeadvisor.kb import ingest_documents
 
-    stats = ingest_documents([Path(f) for f in args.files], args.path, args.url, collection=args.collection)
+    s = KbConfig.from_args(args)
+    stats = ingest_documents([Path(f) for f in args.files], s.path, s.url, collection=s.collection)
     print(" ".join(f"{k}={v}" for k, v in stats.items()))
+    _record(s)
     return 0
 
 
 def cmd_query(args) -> int:
     from collegeadvisor.kb import open_store, retriever
 
-    hits = retriever(args.k, args.path, args.url, collection=open_store(args.path, args.url, args.collection))(
-        args.question)
+    s = KbConfig.from_args(args)
+    hits = retriever(s.k, s.path, s.url, collection=open_store(s.path, s.url, s.collection))(args.question)
     for i, h in enumerate(hits, 1):
         print(f"[{i}] {h['id']}  distance={h['distance']:.3f}\n    {h['document']}")
     return 0
@@ -48,33 +59,33 @@ def cmd_recall(args) -> int:
     from collegeadvisor.eval.run import load_questions
     from collegeadvisor.kb import open_store, recall_at_k
 
-    questions = load_questions(args.questions, args.limit)
-    value = recall_at_k(questions, k=args.k, collection=open_store(args.path, args.url, args.collection))
-    print(json.dumps({"questions": len(questions), "k": args.k, "recall": round(value, 4)}))
+    s = KbConfig.from_args(args)
+    questions = load_questions(args.questions, args.question_limit)
+    value = recall_at_k(questions, k=s.k, collection=open_store(s.path, s.url, s.collection))
+    print(json.dumps({"questions": len(questions), "k": s.k, "recall": round(value, 4)}))
     return 0
 
 
+STORE = ("path", "url", "collection")
+
+
 def register(sub) -> None:
-    """Add `kb` and its subcommands to the CLI's subparsers."""
+    """Add `kb` and its subcommands to the CLI's subparsers; their settings are the `kb:` section's."""
     kb = sub.add_parser("kb", help="the ChromaDB knowledge base of College Scorecard facts").add_subparsers(
         dest="kb_command", required=True)
     p = kb.add_parser("build", help="embed every Scorecard row into the store (resumable: adds only what is missing)")
-    _store_options(p)
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the table")
-    p.add_argument("--batch-size", type=int, default=2048)
+    KbConfig.add_arguments(p, only=STORE + ("limit", "batch_size"))
     p.set_defaults(func=cmd_build)
     p = kb.add_parser("ingest", help="add your own Markdown or text files as passages")
-    _store_options(p)
+    KbConfig.add_arguments(p, only=STORE)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_ingest)
     p = kb.add_parser("query", help="show what a question retrieves")
-    _store_options(p)
+    KbConfig.add_arguments(p, only=STORE + ("k",))
     p.add_argument("question")
-    p.add_argument("--k", type=int, default=5)
     p.set_defaults(func=cmd_query)
     p = kb.add_parser("recall", help="recall@k on a held-out question file")
-    _store_options(p)
+    KbConfig.add_arguments(p, only=STORE + ("k",))
     p.add_argument("--questions", required=True, help="held-out JSONL (from collegeadvisor data scorecard)")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", dest="question_limit", type=int, default=None, help="only the first N questions")
     p.set_defaults(func=cmd_recall)

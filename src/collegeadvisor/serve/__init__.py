@@ -71,29 +71,33 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from collegeadvisor.runs import find_run, load_run, retriever_from_args
+    from collegeadvisor.config import ServeConfig, as_line
+    from collegeadvisor.runs import find_run, load_run, retriever_for
     from collegeadvisor.serve.app import create_app
     from collegeadvisor.serve.guard import allow_cors, uvicorn_config
 
-    sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    s = ServeConfig.from_args(args)
+    sock = bind(s.host, s.port)  # before the slow model load: a taken port fails at once
+    api_key = args.api_key or os.environ.get(s.api_key_env) or None
     try:
-        run = find_run(args.run, args.output_dir)
-        retriever = retriever_from_args(args, run)
-        model, tok, manifest = load_run(run, device=args.device, merge=True)
+        run = find_run(s.run, s.output_dir)
+        s.run = str(run)
+        print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
+        retriever = retriever_for(s, run)
+        model, tok, manifest = load_run(run, device=s.device, merge=True)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
-                         default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
-                         batch_size=args.batch_size)
+                         default_max_tokens=s.max_new_tokens, max_tokens_limit=s.max_tokens_limit,
+                         batch_size=s.batch_size)
         limits = app.state.limits
-        limits.max_body_bytes, limits.max_connections = args.max_body_bytes, args.max_connections
-        limits.head_timeout_s = limits.body_timeout_s = args.request_timeout
-        allow_cors(app, args.cors_origin)  # closed unless origins are named
-        if not api_key and not _is_loopback(args.host):
-            print(f"warning: serving on {args.host} without an API key (set --api-key or {API_KEY_ENV})",
+        limits.max_body_bytes, limits.max_connections = s.max_body_bytes, s.max_connections
+        limits.head_timeout_s = limits.body_timeout_s = s.request_timeout
+        allow_cors(app, s.cors_origins)  # closed unless origins are named
+        if not api_key and not _is_loopback(s.host):
+            print(f"warning: serving on {s.host} without an API key (set --api-key or {s.api_key_env})",
                   file=sys.stderr)
-        where = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"serving run {run} at http://{where}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
-        uvicorn.Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
+        where = f"[{s.host}]" if ":" in s.host else s.host
+        print(f"serving run {run} at http://{where}:{s.port}/ (OpenAI API under /v1)", file=sys.stderr)
+        uvicorn.Server(uvicorn_config(app, log_level=s.log_level)).run(sockets=[sock])
     finally:
         sock.close()
     return 0
@@ -101,20 +105,10 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Add the `serve` subcommand to the CLI's subparsers."""
-    from collegeadvisor.runs import add_run_arguments
+    from collegeadvisor.config import ServeConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a trained run")
-    add_run_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
-    p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--batch-size", type=int, default=8, help="non-streaming requests generated together")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from this origin (https://example.org) call the API; repeatable [default: none]")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body [default: 1 MiB]")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections before 503 [default: 256]")
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="seconds a client may take to send a request's headers, and its body [default: 30]")
+    ServeConfig.add_arguments(p)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the key in the "
+                                                   "environment variable api_key_env names); never logged")
     p.set_defaults(func=cmd_serve)

@@ -112,7 +112,7 @@ class Training:
             run_dir = Path(resume)
             manifest = read_manifest(run_dir)
             stop_after = cfg.stop_after_steps
-            cfg = Config(**manifest["config"])
+            cfg = Config.from_manifest(manifest["config"])
             cfg.stop_after_steps = stop_after
         else:
             run_dir, manifest = None, {}  # named below, once every rank can agree on the name
