@@ -38,10 +38,11 @@ def _grounded_reply(model, tokenizer, history: list[dict], hits: Sequence[dict],
     return reply
 
 
-def chat_loop(model, tokenizer, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, max_new_tokens: int = 256,
+def chat_loop(model, tokenizer, inp: TextIO | None = None, out: TextIO | None = None, max_new_tokens: int = 256,
               temperature: float = 0.0, retriever: Callable[[str], Sequence[dict]] | None = None) -> int:
     """Answer each line of `inp`; returns the number of answers given. With a retriever, each answer comes from
     the rows retrieved for its question (checked before it is shown); otherwise replies stream as generated."""
+    inp, out = inp or sys.stdin, out or sys.stdout  # the streams of the moment, not of import time
     interactive = inp.isatty()
     history: list[dict] = []
     answered = 0
