@@ -1,10 +1,8 @@
 """The FastAPI app: OpenAI-compatible chat completions (batched, or streamed as server-sent events), the model
 list, a health check and the web chat page.
 
-All model work runs on one worker thread, in arrival order, so the event loop never blocks and the model never
-runs twice at once. Requests that arrive within `batch_wait_ms` of each other and share sampling settings go
-through one batched `generate` call: non-streaming ones together, streaming ones together (each row's tokens go to
-its own client as they come). Prompts render through chat_format only.
+Model work is scheduled by `batcher.Batcher` (one worker thread, requests that arrive together batched); the
+routes' logic is plain functions of `Served`, the state create_app builds. Prompts render through chat_format only.
 """
 
 from __future__ import annotations
@@ -16,12 +14,12 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +30,7 @@ from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
 from collegeadvisor.generate import answer, stream_batch
 from collegeadvisor.serve import guard
+from collegeadvisor.serve.batcher import Batcher
 from collegeadvisor.serve.schema import CHARS_PER_TOKEN_BOUND, ChatRequest
 
 Retriever = Callable[[str], Sequence[dict]]
@@ -120,6 +119,176 @@ def grounded_fields(hits: Sequence[dict], verdict: dict | None) -> dict[str, Any
                                               "fallback": bool(verdict.get("fallback"))}}
 
 
+@dataclass
+class Served:
+    """What the routes of one app share: the loaded run, its limits and the batcher that runs its model."""
+
+    name: str
+    tokenizer: Any
+    retriever: Retriever | None
+    batcher: Batcher
+    context: int  # the model's context in tokens
+    max_prompt: int
+    default_max_tokens: int
+    max_tokens_limit: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self, kind: str, cid: str) -> dict:
+        return {"id": cid, "object": kind, "created": int(time.time()), "model": self.name}
+
+    def chunk(self, cid: str, delta: dict, finish: str | None = None, **more) -> str:
+        body = {**self.envelope("chat.completion.chunk", cid),
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def usage_chunk(self, cid: str, prompt_tokens: int, completion_tokens: int) -> str:
+        body = {**self.envelope("chat.completion.chunk", cid), "choices": [],
+                "usage": usage(prompt_tokens, completion_tokens)}
+        return f"data: {json.dumps(body)}\n\n"
+
+
+class Prepared(NamedTuple):
+    messages: list[dict]
+    passages: list[str] | None  # None: no retrieval
+    prompt: list[int]
+    hits: list[dict]
+    max_tokens: int
+    temperature: float
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def key_checker(api_key: str | None) -> Callable[[Request], None]:
+    """The dependency that refuses a request without the API key (none needed when no key is set)."""
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    return check_key
+
+
+async def prepare(srv: Served, req: ChatRequest) -> Prepared:
+    """A request's messages, retrieved rows and prompt ids, within the server's limits (APIError otherwise)."""
+    messages = [m.plain() for m in req.messages]
+    max_tokens = req.max_completion_tokens or req.max_tokens or srv.default_max_tokens
+    if max_tokens > srv.max_tokens_limit:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {srv.max_tokens_limit}",
+                       param="max_tokens")
+    if messages[-1]["role"] == "assistant":
+        raise APIError(400, "the last message must come from the user, not the assistant", param="messages")
+    hits: list[dict] = []
+    if srv.retriever is not None:
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        hits = list(await asyncio.to_thread(srv.retriever, question)) if question.strip() else []
+    passages = [h["document"] for h in hits] if srv.retriever is not None else None
+    rendered = with_context(messages, passages or [])
+    chars = sum(len(m["content"]) for m in rendered)
+    if chars > srv.max_prompt * CHARS_PER_TOKEN_BOUND:
+        raise APIError(400, f"the prompt is {chars:,} characters; this server accepts at most {srv.max_prompt} "
+                            "tokens", param="messages", code="context_length_exceeded")
+    try:  # rendering and tokenizing off the event loop: a long conversation holds up no other request
+        prompt = await asyncio.to_thread(encode_prompt, srv.tokenizer, rendered)
+    except TemplateError as exc:
+        raise APIError(400, str(exc), param="messages") from exc
+    if len(prompt) > srv.max_prompt:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens; this server accepts at most {srv.max_prompt}",
+                       param="messages", code="context_length_exceeded")
+    if len(prompt) + max_tokens > srv.context:
+        raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the "
+                            f"model's context of {srv.context} tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    return Prepared(messages, passages, prompt, hits, max_tokens, float(req.temperature or 0.0))
+
+
+async def chat_completion(srv: Served, req: ChatRequest):
+    """POST /v1/chat/completions: streamed as generated when there is nothing to check, otherwise answered through
+    the batcher (and a grounded answer streamed once it has passed its check)."""
+    p = await prepare(srv, req)
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.stream and p.passages is None:  # nothing to check: tokens go out as they are generated
+        return StreamingResponse(sse_stream(srv, cid, p, req.top_p, req.stop, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    key = (p.max_tokens, p.temperature, req.top_p, tuple(req.stop))
+    result = await srv.batcher.answer(key, p.messages, p.passages)
+    extra = grounded_fields(p.hits, result.get("grounding")) if srv.retriever is not None else {}
+    finish = "stop" if result["stopped"] else "length"
+    if req.stream:
+        return StreamingResponse(sse_text(srv, cid, result, len(p.prompt), finish, extra, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return {
+        **srv.envelope("chat.completion", cid),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                     "logprobs": None, "finish_reason": finish}],
+        "usage": usage(len(p.prompt), result["n_tokens"]),
+        **extra,
+    }
+
+
+async def sse_text(srv: Served, cid: str, result: dict, prompt_tokens: int, finish: str, extra: dict,
+                   include_usage: bool):
+    """A finished answer as server-sent events, a word at a time."""
+    yield srv.chunk(cid, {"role": "assistant", "content": ""})
+    for piece in re.findall(r"\S+\s*", result["text"]):
+        yield srv.chunk(cid, {"content": piece})
+    yield srv.chunk(cid, {}, finish, **extra)
+    if include_usage:
+        yield srv.usage_chunk(cid, prompt_tokens, result["n_tokens"])
+    yield "data: [DONE]\n\n"
+
+
+async def sse_stream(srv: Served, cid: str, p: Prepared, top_p: float, stops: Sequence[str], include_usage: bool):
+    """Tokens as server-sent events while they are generated (through the batcher's `stream`): the same text as
+    the batched path, stripped and cut at the first stop string."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def emit(piece: str) -> None:  # called on the model's thread
+        loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+
+    hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
+    text, sent, cut = "", 0, None
+    await srv.batcher.stream(("stream", p.max_tokens, p.temperature, top_p), p.messages, emit, cancel, pieces)
+    try:
+        yield srv.chunk(cid, {"role": "assistant", "content": ""})
+        while True:
+            kind, value = await pieces.get()
+            if kind == "error":
+                yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
+                return
+            if kind == "piece":
+                text = (text + value) if sent else (text + value).lstrip()
+                cut = _cut_at_stop(text, stops)
+                if cut is not None:
+                    cancel.set()
+                shown = text[:cut] if cut is not None else text[: max(len(text) - hold, 0)]
+                upto = len(shown.rstrip())  # trailing spaces wait: the reply may end there
+                if upto > sent:
+                    yield srv.chunk(cid, {"content": text[sent:upto]})
+                    sent = upto
+                continue
+            final = (text[:cut] if cut is not None else text).rstrip()
+            if len(final) > sent:
+                yield srv.chunk(cid, {"content": final[sent:]})
+            yield srv.chunk(cid, {}, "stop" if value["stopped"] or cut is not None else "length")
+            if include_usage:
+                yield srv.usage_chunk(cid, len(p.prompt), value["n_tokens"])
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        cancel.set()  # the client went away: free the model at the next token
+
+
 def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = None, api_key: str | None = None, *,
                model_name: str | None = None, default_max_tokens: int = 256, max_tokens_limit: int = 1024,
                max_prompt_tokens: int | None = None, batch_size: int = 8, batch_wait_ms: float = 10.0) -> FastAPI:
@@ -131,227 +300,41 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
     """
     name = model_name or Path(manifest.get("run_dir") or "collegeadvisor").name
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    max_prompt = max_prompt_tokens if max_prompt_tokens is not None else context - 1
-    default_max_tokens = min(default_max_tokens, max_tokens_limit)
-    created = int(time.time())
-    state: dict[str, Any] = {}
+    batcher = Batcher(partial(answer, model, tokenizer), partial(stream_batch, model, tokenizer), batch_size,
+                      batch_wait_ms)
+    srv = Served(name, tokenizer, retriever, batcher, context,
+                 max_prompt_tokens if max_prompt_tokens is not None else context - 1,
+                 min(default_max_tokens, max_tokens_limit), max_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["worker"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collegeadvisor-model")
-        state["queue"] = asyncio.Queue()
-        batcher = asyncio.create_task(_batcher())
+        batcher.start()
         try:
             yield
         finally:
-            batcher.cancel()
-            state["worker"].shutdown(wait=False, cancel_futures=True)
+            batcher.stop()
 
     app = FastAPI(title="collegeadvisor", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = {"model": model, "tokenizer": tokenizer, "manifest": manifest, "name": name}
     _install_error_handlers(app)
     guard.install(app, api_key)  # key on every route but /health and the page, body size and time limits
-
-    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
-
-    async def _batcher() -> None:
-        queue: asyncio.Queue = state["queue"]
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + batch_wait_ms / 1000
-            while len(batch) < batch_size:
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0)))
-                except asyncio.TimeoutError:
-                    break
-            groups: dict[tuple, list] = {}
-            for job in batch:
-                groups.setdefault(job["key"], []).append(job)
-            for key, jobs in groups.items():
-                if key[0] == "stream":
-                    await _run_streams(loop, key, [j for j in jobs if not j["cancel"].is_set()])
-                    continue
-                max_tokens, temperature, top_p, stops = key
-                jobs = [j for j in jobs if not j["future"].done()]  # the client went away
-                if not jobs:
-                    continue
-                run = partial(answer, model, tokenizer, [j["messages"] for j in jobs], [j["passages"] for j in jobs],
-                              max_tokens, temperature, top_p, len(jobs), stops)
-                try:
-                    results = await loop.run_in_executor(state["worker"], run)
-                except Exception as exc:  # surfaced to each waiting request
-                    results = [exc] * len(jobs)
-                for job, result in zip(jobs, results):
-                    if job["future"].done():
-                        continue
-                    if isinstance(result, Exception):
-                        job["future"].set_exception(result)
-                    else:
-                        job["future"].set_result(result)
-
-    async def _run_streams(loop, key: tuple, jobs: list[dict]) -> None:
-        """Streaming requests that arrived together: one batched generate, each row's pieces to its own client."""
-        if not jobs:
-            return
-        _, max_tokens, temperature, top_p = key
-        run = partial(stream_batch, model, tokenizer, [j["messages"] for j in jobs], max_tokens, temperature, top_p,
-                      [j["cancel"] for j in jobs], [j["emit"] for j in jobs])
-        try:
-            infos = await loop.run_in_executor(state["worker"], run)
-        except Exception as exc:  # reported in each stream
-            infos = [exc] * len(jobs)
-        for job, info in zip(jobs, infos):
-            job["pieces"].put_nowait(("error", info) if isinstance(info, Exception) else ("end", info))
-
-    async def _prepare(req: ChatRequest) -> tuple[list[dict], list[str] | None, list[int], list[dict], int, float]:
-        messages = [m.plain() for m in req.messages]
-        max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-        if max_tokens > max_tokens_limit:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}",
-                           param="max_tokens")
-        if messages[-1]["role"] == "assistant":
-            raise APIError(400, "the last message must come from the user, not the assistant", param="messages")
-        hits: list[dict] = []
-        if retriever is not None:
-            question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            hits = list(await asyncio.to_thread(retriever, question)) if question.strip() else []
-        passages = [h["document"] for h in hits] if retriever is not None else None
-        rendered = with_context(messages, passages or [])
-        chars = sum(len(m["content"]) for m in rendered)
-        if chars > max_prompt * CHARS_PER_TOKEN_BOUND:
-            raise APIError(400, f"the prompt is {chars:,} characters; this server accepts at most {max_prompt} tokens",
-                           param="messages", code="context_length_exceeded")
-        try:  # rendering and tokenizing off the event loop: a long conversation holds up no other request
-            prompt = await asyncio.to_thread(encode_prompt, tokenizer, rendered)
-        except TemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-        if len(prompt) > max_prompt:
-            raise APIError(400, f"the prompt is {len(prompt)} tokens; this server accepts at most {max_prompt}",
-                           param="messages", code="context_length_exceeded")
-        if len(prompt) + max_tokens > context:
-            raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the "
-                                f"model's context of {context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        temperature = float(req.temperature or 0.0)
-        return messages, passages, prompt, hits, max_tokens, temperature
-
-    def _envelope(kind: str, cid: str) -> dict:
-        return {"id": cid, "object": kind, "created": int(time.time()), "model": name}
+    keyed = [Depends(key_checker(api_key))]
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "rag": retriever is not None}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": srv.created,
                                             "owned_by": "collegeadvisor"}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return resources.files("collegeadvisor.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(req: ChatRequest):
-        messages, passages, prompt, hits, max_tokens, temperature = await _prepare(req)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        key = (max_tokens, temperature, req.top_p, tuple(req.stop))
-        if req.stream and passages is None:  # nothing to check: tokens go out as they are generated
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(cid, prompt, messages, max_tokens, temperature, req.top_p, req.stop, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        future = asyncio.get_running_loop().create_future()
-        await state["queue"].put({"key": key, "messages": messages, "passages": passages, "future": future})
-        result = await future
-        extra = grounded_fields(hits, result.get("grounding")) if retriever is not None else {}
-        finish = "stop" if result["stopped"] else "length"
-        if req.stream:  # a grounded answer streams once it has passed its check
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse_text(cid, result, len(prompt), finish, extra, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return {
-            **_envelope("chat.completion", cid),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(len(prompt), result["n_tokens"]),
-            **extra,
-        }
-
-    def _chunk(cid: str, delta: dict, finish: str | None = None, **more) -> str:
-        body = {**_envelope("chat.completion.chunk", cid),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def _usage_chunk(cid: str, prompt_tokens: int, completion_tokens: int) -> str:
-        body = {**_envelope("chat.completion.chunk", cid), "choices": [],
-                "usage": _usage(prompt_tokens, completion_tokens)}
-        return f"data: {json.dumps(body)}\n\n"
-
-    async def _sse_text(cid: str, result: dict, prompt_tokens: int, finish: str, extra: dict, include_usage: bool):
-        yield _chunk(cid, {"role": "assistant", "content": ""})
-        for piece in re.findall(r"\S+\s*", result["text"]):
-            yield _chunk(cid, {"content": piece})
-        yield _chunk(cid, {}, finish, **extra)
-        if include_usage:
-            yield _usage_chunk(cid, prompt_tokens, result["n_tokens"])
-        yield "data: [DONE]\n\n"
-
-    async def _sse(cid, prompt, messages, max_tokens, temperature, top_p, stops, include_usage):
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(piece: str) -> None:  # called on the model's thread
-            loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-
-        def chunk(delta: dict, finish: str | None = None, **more) -> str:
-            return _chunk(cid, delta, finish, **more)
-
-        hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
-        text, sent, cut = "", 0, None
-        await state["queue"].put({"key": ("stream", max_tokens, temperature, top_p), "messages": messages,
-                                  "emit": emit, "cancel": cancel, "pieces": pieces})
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                kind, value = await pieces.get()
-                if kind == "error":
-                    yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
-                    return
-                if kind == "piece":
-                    # the same text as the batched path: stripped, cut at the first stop string
-                    text = (text + value) if sent else (text + value).lstrip()
-                    cut = _cut_at_stop(text, stops)
-                    if cut is not None:
-                        cancel.set()
-                    shown = text[:cut] if cut is not None else text[: max(len(text) - hold, 0)]
-                    upto = len(shown.rstrip())  # trailing spaces wait: the reply may end there
-                    if upto > sent:
-                        yield chunk({"content": text[sent:upto]})
-                        sent = upto
-                    continue
-                final = (text[:cut] if cut is not None else text).rstrip()
-                if len(final) > sent:
-                    yield chunk({"content": final[sent:]})
-                yield chunk({}, "stop" if value["stopped"] or cut is not None else "length")
-                if include_usage:
-                    yield _usage_chunk(cid, len(prompt), value["n_tokens"])
-                yield "data: [DONE]\n\n"
-                return
-        finally:
-            cancel.set()  # the client went away: free the model at the next token
+        return await chat_completion(srv, req)
 
     return app
