@@ -152,7 +152,7 @@ def test_label_only_logits_match_full_logits_in_loss_and_gradient_and_skip_unlab
                   collate_packed([rows[:2], rows[2:]], tinyllama_tokenizer.pad_token_id)):
         count = n_labels(batch)
         mine = lora_model(tinyllama_tiny_model)
-        loss = recipe.LabelLoss(mine)
+        loss = recipe.LabelLoss(mine, fused=False)  # the head as a module (train.fused's kernel: below)
         assert loss.decoder is not None  # the fast path is the one in use
         head_rows = []
         hook = loss.head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape))
@@ -167,6 +167,11 @@ def test_label_only_logits_match_full_logits_in_loss_and_gradient_and_skip_unlab
         ref.backward()
         assert float(got) == pytest.approx(float(ref), rel=FP32_REL)
         assert torch.allclose(lora_grads(mine), lora_grads(ref_model), rtol=1e-4, atol=1e-7)
+        fused_model = lora_model(tinyllama_tiny_model)
+        fused = recipe.LabelLoss(fused_model)(**batch) / count
+        fused.backward()
+        assert float(fused) == pytest.approx(float(ref), rel=FP32_REL)
+        assert torch.allclose(lora_grads(fused_model), lora_grads(ref_model), rtol=1e-4, atol=1e-7)
 
         fallback = recipe.LabelLoss(lora_model(tinyllama_tiny_model))
         fallback.decoder = None  # the path for models that post-process logits (softcapping, logit scale)

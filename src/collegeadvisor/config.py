@@ -68,6 +68,10 @@ class Config(BaseModel):
         False, description="lay examples end to end in rows of max_length (no attention across examples) instead of "
         "padding each pass"
     )
+    fused: bool = Field(
+        True, description="fused LoRA and output-layer kernels: the same loss and gradients as peft's and "
+        "transformers' own path, in less time and memory (off: their path)"
+    )
     compile: bool = Field(False, description="torch.compile the model (pays on long GPU runs; slow to start on CPU)")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: torch's own choice)")
     # monitoring and checkpoints

@@ -155,7 +155,7 @@ def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], p) -> dict
     if p.base_bf16:
         keep_base_in_bf16(model)
     model.train()
-    loss_module = LabelLoss(model)
+    loss_module = LabelLoss(model, fused=cfg.fused)
     autocast = autocast_context(device, p.autocast)
     batches = [{k: v.to(device) for k, v in b.items()} for b in passes_for(chosen, tokenizer.pad_token_id, cfg)]
     one = [{k: v.to(device) for k, v in b.items()} for b in passes_for(chosen[:1], tokenizer.pad_token_id, cfg)]

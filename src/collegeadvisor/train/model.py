@@ -10,15 +10,17 @@ import torch.nn.functional as F
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
+from collegeadvisor.train.fused import fuse_lora, linear_cross_entropy
 
 
 class LabelLoss(torch.nn.Module):
     """Sum of token cross-entropy at labelled positions only: the output layer (49k vocabulary for SmolLM2) runs
     on assistant tokens, not on every prompt token. Wrapping it as a module keeps DDP's gradient hooks intact."""
 
-    def __init__(self, model):
+    def __init__(self, model, fused: bool = True):
         super().__init__()
         self.model = model
+        self.fused = fused
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = causal.config
         plain = getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
@@ -36,8 +38,10 @@ class LabelLoss(torch.nn.Module):
         if self.decoder is None:  # models that post-process logits: full forward
             logits = self.model(**inputs).logits[:, :-1]
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
-        hidden = self.decoder(**inputs).last_hidden_state
-        logits = self.head(hidden[:, :-1][keep])
+        hidden = self.decoder(**inputs).last_hidden_state[:, :-1][keep]
+        if self.fused and self.head.bias is None:  # the logits are never kept (train.fused)
+            return linear_cross_entropy(hidden, self.head.weight, targets[keep])
+        logits = self.head(hidden)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
@@ -63,13 +67,16 @@ class LoraDropout(torch.nn.Module):
         super().__init__()
         self.p = float(p)
 
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The positions of x that are kept (bool, x's shape)."""
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        return words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
-        return x.mul(keep).mul_(1 / (1 - self.p))
+        return x.mul(self.mask(x)).mul_(1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -77,7 +84,8 @@ class LoraDropout(torch.nn.Module):
 
 def lora_model(model, cfg: Config):
     """The base model with LoRA adapters as cfg sets them (r, alpha, dropout, target layers), LoRA weights in fp32
-    even over a bf16 base, and LoRA dropout drawn by LoraDropout. Train and check build it here."""
+    even over a bf16 base, LoRA dropout drawn by LoraDropout, and (cfg.fused) each LoRA layer run as one fused
+    autograd node. Train and check build it here."""
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
@@ -92,6 +100,8 @@ def lora_model(model, cfg: Config):
             for name, d in list(drops.items()):
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
                     drops[name] = LoraDropout(d.p)
+    if cfg.fused:
+        fuse_lora(model)
     return model
 
 

@@ -182,7 +182,7 @@ class Training:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=p.warmup_steps,
                                        num_training_steps=p.total_steps)
-        label_loss = LabelLoss(self.model)
+        label_loss = LabelLoss(self.model, fused=cfg.fused)
         if cfg.compile:
             (label_loss.decoder or label_loss.model).compile(dynamic=True)
         self.loss_module = self.accelerator.prepare(label_loss)
