@@ -131,3 +131,14 @@ def test_a_run_with_fused_kernels_off_trains_the_same(tmp_path, tinyllama_tiny_m
         runs[fused] = step_losses(recipe.train(cfg, log=lambda *_: None))
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
     assert len(runs[True]) == 3
+
+
+def test_the_gated_mlp_runs_fused_only_where_its_forward_is_the_llama_one(tinyllama_tiny_model):
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    from collegeadvisor.train.fused import _computes_gated_mlp
+
+    model = build(tinyllama_tiny_model, fused=True, dropout=0.0, bf16=False).model
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all(hasattr(m, "_plain_forward") for m in mlps)
+    assert not _computes_gated_mlp(Phi3MLP)  # gate and up fused in one projection: peft's path

@@ -1,10 +1,12 @@
-"""Two fused training kernels, written where autograd's generic path wastes time and memory on LoRA over a frozen
+"""Fused training kernels, written where autograd's generic path wastes time and memory on LoRA over a frozen
 base. Each computes the same loss and gradients as the plain path (tests/test_train_fused.py checks both):
 
 - `LoraLinear`: y = x W^T + s (drop(x) A^T) B^T in one autograd node. peft's module saves a dropped copy of x
   for every LoRA layer, a cast copy for autocast and the scaled product; this node saves x (shared by q/k/v and
   gate/up, which take the same input), the dropout mask and the r-wide product, and recomputes drop(x) in
   backward. The frozen W gets no gradient, so its product needs nothing saved but W itself.
+- `GatedDown`: a Llama-style MLP's down(silu(gate) * up) with the activation inside the down projection's node,
+  which saves gate and up only and recomputes silu and the product in backward.
 - `linear_cross_entropy`: the output layer and the cross-entropy at labelled positions, chunk by chunk. The
   frozen head needs no weight gradient, so the gradient with respect to the hidden states is computed in the
   forward pass and the (tokens x vocabulary) logits are never kept: about 240 KB a token for SmolLM2's 49,152
@@ -13,6 +15,8 @@ base. Each computes the same loss and gradients as the plain path (tests/test_tr
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -35,61 +39,140 @@ def _masked(x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x2 if keep is None else x2 * keep.reshape(x2.shape).view(torch.uint8)
 
 
+def _lora_forward(ctx, x2, weight, bias, lora_a, lora_b, scale, keep, keep_scale, dt):
+    """y = x W^T + s (drop(x) A^T) B^T for 2-D x in dtype dt; keeps on ctx what backward needs besides x."""
+    w, a, b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
+    h = _masked(x2, keep) @ a.t()  # dropout: 1/(1-p) goes on the r-wide product, not on the wide input
+    if keep is not None:
+        h.mul_(keep_scale)
+    y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dt))
+    y.addmm_(h, b.t(), alpha=scale)
+    ctx.scale, ctx.keep_scale = scale, keep_scale
+    ctx.dtypes = (lora_a.dtype, lora_b.dtype, bias is not None and bias.requires_grad)
+    return y, (w, a, b, h, keep)
+
+
+def _lora_backward(ctx, gy, x2, saved, need_x: bool):
+    """(grad x, grad bias, grad A, grad B) of _lora_forward, for 2-D x."""
+    w, a, b, h, keep = saved
+    s = ctx.scale
+    a_dtype, b_dtype, bias_grad = ctx.dtypes
+    g = gy.reshape(-1, gy.shape[-1]).to(w.dtype)
+    grad_b = (h.t() @ g).mul_(s).t()  # not g.t() @ h: a transposed wide operand is copied first
+    gh = (g @ b).mul_(s if keep is None else s * ctx.keep_scale)
+    grad_a = gh.t() @ _masked(x2, keep)
+    grad_x = torch.addmm(_masked(gh @ a, keep), g, w) if need_x else None
+    return grad_x, (g.sum(0) if bias_grad else None), grad_a.to(a_dtype), grad_b.to(b_dtype)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, keep, keep_scale):
         dt = _compute_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dt)
-            w, a, b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
-            x2 = x.reshape(-1, x.shape[-1])
-            # dropout: masked x, with 1/(1-p) applied to the r-wide product instead of the wide input
-            h = _masked(x2, keep) @ a.t()
-            if keep is not None:
-                h.mul_(keep_scale)
-            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dt))
-            y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x, w, a, b, h, keep)
-        ctx.scale, ctx.keep_scale = scale, keep_scale
-        ctx.dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.requires_grad)
+            y, saved = _lora_forward(ctx, x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
+                                     keep_scale, dt)
+        ctx.save_for_backward(x, *saved)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, a, b, h, keep = ctx.saved_tensors
-        s = ctx.scale
-        a_dtype, b_dtype, bias_grad = ctx.dtypes
+        x, *saved = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
-            g = gy.reshape(-1, gy.shape[-1]).to(w.dtype)
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_b = (h.t() @ g).mul_(s).t()  # not g.t() @ h: a transposed wide operand is copied first
-            gh = (g @ b).mul_(s if keep is None else s * ctx.keep_scale)
-            grad_a = gh.t() @ _masked(x2, keep)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(_masked(gh @ a, keep), g, w).view(x.shape)
-            grad_bias = g.sum(0) if bias_grad else None
-        return grad_x, None, grad_bias, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None
+            grad_x, grad_bias, grad_a, grad_b = _lora_backward(ctx, gy, x.reshape(-1, x.shape[-1]), saved,
+                                                               ctx.needs_input_grad[0])
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+class _GatedDownFn(torch.autograd.Function):
+    """down(silu(gate) * up) with a LoRA down projection: saves gate and up, not silu(gate) and the product
+    (3 KB a token a layer each for SmolLM2), and recomputes the two elementwise ops in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale, keep, keep_scale):
+        dt = _compute_dtype(gate, weight)
+        with torch.autocast(gate.device.type, enabled=False):
+            gate, up = gate.to(dt), up.to(dt)
+            act = torch.nn.functional.silu(gate).mul_(up)
+            y, saved = _lora_forward(ctx, act.reshape(-1, act.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
+                                     keep_scale, dt)
+        ctx.save_for_backward(gate, up, *saved)
+        return y.view(*gate.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        gate, up, *saved = ctx.saved_tensors
+        with torch.autocast(gy.device.type, enabled=False):
+            silu = torch.nn.functional.silu(gate)
+            act = (silu * up).reshape(-1, gate.shape[-1])
+            grad_act, grad_bias, grad_a, grad_b = _lora_backward(ctx, gy, act, saved, True)
+            grad_act = grad_act.view(gate.shape)
+            grad_up = grad_act * silu
+            grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)
+        return grad_gate, grad_up, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _plain_adapter(layer, args=(), kwargs=None) -> str | None:
+    """The adapter name when a peft LoRA Linear runs one plain LoRA adapter over an nn.Linear (the fused case);
+    None for merged or disabled adapters, several adapters, DoRA and other variants, or extra arguments."""
+    active = layer.active_adapters
+    if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A
+            or active[0] in getattr(layer, "lora_variant", {}) or not isinstance(layer.base_layer, torch.nn.Linear)):
+        return None
+    return active[0]
+
+
+def _lora_args(layer, name: str, x: torch.Tensor) -> tuple:
+    """(weight, bias, A, B, scale, keep mask or None, 1/(1-p)) of a fused LoRA layer, drawing its dropout mask."""
+    drop = layer.lora_dropout[name]
+    keep, keep_scale = (drop.mask(x), 1.0 / (1.0 - drop.p)) if getattr(drop, "p", 0) > 0 and layer.training \
+        else (None, 1.0)
+    base = layer.base_layer
+    return (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]),
+            keep, keep_scale)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's lora.Linear.forward for one plain LoRA adapter, as one autograd node; anything else (merged or
-    disabled adapters, several adapters, DoRA and other variants, extra arguments) takes peft's own path."""
-    active = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
-            or active[0] in getattr(self, "lora_variant", {}) or not isinstance(self.base_layer, torch.nn.Linear)):
+    """peft's lora.Linear.forward for one plain LoRA adapter, as one autograd node; anything else takes peft's
+    own path."""
+    name = _plain_adapter(self, args, kwargs)
+    if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    name = active[0]
-    drop = self.lora_dropout[name]
-    keep, keep_scale = (drop.mask(x), 1.0 / (1.0 - drop.p)) if getattr(drop, "p", 0) > 0 and self.training else (None, 1.0)
-    base = self.base_layer
-    return _LoraLinearFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                               float(self.scaling[name]), keep, keep_scale)
+    return _LoraLinearFn.apply(x, *_lora_args(self, name, x))
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP, down(silu(gate(x)) * up(x)), with the activation inside the down projection's node."""
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    name = _plain_adapter(self.down_proj)
+    if name is None:
+        return self.down_proj(self.act_fn(gate) * up)
+    return _GatedDownFn.apply(gate, up, *_lora_args(self.down_proj, name, gate))
+
+
+GATED_MLP = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_gated_mlp(cls: type) -> bool:
+    """Whether cls.forward is exactly the Llama-style gated MLP (LlamaMLP, Qwen2MLP, MistralMLP...)."""
+    try:
+        return "".join(GATED_MLP.split()) in "".join(inspect.getsource(cls.forward).split())
+    except (OSError, TypeError):
+        return False
+
+
+def _gated_silu_mlp(m) -> bool:
+    """A Llama-style MLP (SmolLM2, TinyLlama, Qwen2, Mistral) with SiLU and a LoRA down projection."""
+    return (hasattr(m, "down_proj") and hasattr(m.down_proj, "lora_A") and hasattr(m, "act_fn")
+            and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") and _computes_gated_mlp(type(m)))
 
 
 def fuse_lora(model) -> int:
-    """Route every peft LoRA Linear of model through the fused node (the modules, their weights and saving are
-    unchanged); returns how many layers now run fused."""
+    """Route every peft LoRA Linear of model through the fused node, and Llama-style MLPs through the gated one
+    (the modules, their weights and saving are unchanged); returns how many LoRA layers now run fused."""
     count = 0
     for m in model.modules():
         if type(m).__name__ == "Linear" and hasattr(m, "lora_A") and hasattr(m, "base_layer"):
@@ -97,6 +180,9 @@ def fuse_lora(model) -> int:
                 m._peft_forward = m.forward
                 m.forward = types.MethodType(_fused_forward, m)
             count += 1
+        elif _gated_silu_mlp(m) and not hasattr(m, "_plain_forward"):
+            m._plain_forward = m.forward
+            m.forward = types.MethodType(_fused_mlp_forward, m)
     return count
 
 
