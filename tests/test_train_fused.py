@@ -11,7 +11,7 @@ import torch
 from collegeadvisor.config import load_config
 from collegeadvisor.train import recipe
 from collegeadvisor.train.batching import collate
-from collegeadvisor.train.fused import fuse_lora, linear_cross_entropy
+from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy
 from test_speed_paths import encoded_rows, lora_grads
 
 FP32_REL = 1e-5
@@ -67,8 +67,8 @@ def test_every_lora_layer_runs_fused_and_peft_paths_stay_for_the_rest(tinyllama_
     loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.0, bf16=False)
     model = loss_module.model
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    assert lora_layers and all(hasattr(m, "_peft_forward") for m in lora_layers)
-    assert fuse_lora(model) == len(lora_layers)  # idempotent: no double wrapping
+    assert lora_layers and all(hasattr(m, "_plain_forward") for m in lora_layers)
+    assert fuse_kernels(model) == len(lora_layers)  # idempotent: no double wrapping
     batch = collate(encoded_rows(tinyllama_tokenizer, 2), tinyllama_tokenizer.pad_token_id)
     with torch.no_grad():
         on = float(loss_module(**batch))
@@ -133,12 +133,13 @@ def test_a_run_with_fused_kernels_off_trains_the_same(tmp_path, tinyllama_tiny_m
     assert len(runs[True]) == 3
 
 
-def test_the_gated_mlp_runs_fused_only_where_its_forward_is_the_llama_one(tinyllama_tiny_model):
+def test_the_gated_mlp_and_rms_norm_run_fused_only_where_their_forward_is_the_llama_one(tinyllama_tiny_model):
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
 
     from collegeadvisor.train.fused import _computes_gated_mlp
 
     model = build(tinyllama_tiny_model, fused=True, dropout=0.0, bf16=False).model
-    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
-    assert mlps and all(hasattr(m, "_plain_forward") for m in mlps)
+    for kind in ("LlamaMLP", "LlamaRMSNorm"):
+        routed = [m for m in model.modules() if type(m).__name__ == kind]
+        assert routed and all(hasattr(m, "_plain_forward") for m in routed), kind
     assert not _computes_gated_mlp(Phi3MLP)  # gate and up fused in one projection: peft's path

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
-from collegeadvisor.train.fused import fuse_lora, linear_cross_entropy
+from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy
 
 
 class LabelLoss(torch.nn.Module):
@@ -101,7 +101,7 @@ def lora_model(model, cfg: Config):
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
                     drops[name] = LoraDropout(d.p)
     if cfg.fused:
-        fuse_lora(model)
+        fuse_kernels(model)
     return model
 
 

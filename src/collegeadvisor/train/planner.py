@@ -21,12 +21,15 @@ from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
 from collegeadvisor.data.prepare import encode_examples
 from collegeadvisor.train.batching import epoch_batches
+from collegeadvisor.train.fused import CHUNK
 
 # RAM model, calibrated on SmolLM2-135M + LoRA r16 all-linear on CPU (peak RSS of one forward+backward):
 # bytes stored for backward per token, per layer, per unit of (hidden + intermediate) size.
 ACT_BYTES_BF16 = 22  # bf16 autocast over a bf16 base (measured 21.5)
+ACT_BYTES_BF16_FUSED = 18  # the same with train.fused's kernels (measured 18.2: 2.75 GB at 4 x 400, AMD EPYC)
 ACT_BYTES_FP32 = 60  # plain fp32 (measured 59)
 LOGIT_BYTES = 12  # per labelled position per vocabulary entry: logits, fp32 copy, softmax gradient
+# (with train.fused's kernels only one chunk of labelled positions at a time: train.fused.CHUNK)
 RUNTIME_BYTES = 600 * 2**20  # python, torch, tokenizer
 VAL_COST = 1 / 3  # a validation token (forward only) costs about a third of a training token
 
@@ -215,8 +218,8 @@ def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
         "weights": max(loaded, shape["params"] * 2) if p.base_bf16 else loaded,
         "lora": shape["lora_params"] * 16,
         "activations": tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
-        * (ACT_BYTES_BF16 if bf16 else ACT_BYTES_FP32),
-        "logits": int(p.label_share * tokens * shape["vocab"] * LOGIT_BYTES),
+        * ((ACT_BYTES_BF16_FUSED if cfg.fused else ACT_BYTES_BF16) if bf16 else ACT_BYTES_FP32),
+        "logits": int(min(p.label_share * tokens, CHUNK if cfg.fused else tokens) * shape["vocab"] * LOGIT_BYTES),
         "runtime": RUNTIME_BYTES,
     }
     parts["total"] = sum(parts.values())
