@@ -247,3 +247,25 @@ def test_train_and_check_put_lora_dropout_on_every_lora_layer(tinyllama_tiny_mod
     off = recipe.lora_model(load_model(str(tinyllama_tiny_model), dtype=torch.float32),
                             load_config(None, dict(base_model=str(tinyllama_tiny_model), lora_dropout=0.0)))
     assert not any(isinstance(m, recipe.LoraDropout) for m in off.modules())
+
+
+def test_a_right_padded_pass_runs_without_its_padding_mask_and_each_example_keeps_its_loss(
+        tinyllama_tiny_model, tinyllama_tokenizer):
+    from collegeadvisor.train.model import right_padded
+
+    rows = encoded_rows(tinyllama_tokenizer, 4)
+    batch = collate(rows, tinyllama_tokenizer.pad_token_id)
+    assert right_padded(batch["attention_mask"]) and not right_padded(batch["attention_mask"].flip(1))
+    loss = recipe.LabelLoss(lora_model(tinyllama_tiny_model))
+    seen = []
+    hook = loss.decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                                  with_kwargs=True)
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            only = torch.full_like(batch["labels"], IGNORE_INDEX)
+            only[i] = batch["labels"][i]
+            got = loss(input_ids=batch["input_ids"], labels=only, attention_mask=batch["attention_mask"])
+            want = loss(**collate([r], tinyllama_tokenizer.pad_token_id))
+            assert float(got) == pytest.approx(float(want), rel=FP32_REL), i
+    hook.remove()
+    assert seen and all(m is None for m in seen)  # the padding mask never reached the model

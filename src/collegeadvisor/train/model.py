@@ -32,6 +32,8 @@ class LabelLoss(torch.nn.Module):
         is what keeps their examples apart."""
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
+        if attention_mask is not None and right_padded(attention_mask):
+            attention_mask = None  # causal attention alone gives every real token the same output (see right_padded)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         if position_ids is not None:
             inputs["position_ids"] = position_ids
@@ -44,6 +46,14 @@ class LabelLoss(torch.nn.Module):
         logits = self.head(hidden)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is its tokens then padding (what batching.collate builds). Then the padding mask can be
+    dropped: under causal attention a real token sees only earlier positions, all real, and pad positions carry no
+    label. Attention then runs as plain causal (is_causal), which skips the blocks above the diagonal; with a
+    padding mask the CPU flash kernel computes every block (8% of a step at 4 x 400, AMD EPYC)."""
+    return bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
 
 
 def keep_base_in_bf16(model) -> None:
