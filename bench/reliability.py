@@ -13,7 +13,6 @@ the table must read 100%; the exit status is 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys

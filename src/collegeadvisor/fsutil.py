@@ -10,6 +10,7 @@ the previous version stays intact.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -215,3 +216,12 @@ def staging_dir(final: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     except OSError as exc:
         raise write_error(final, exc) from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

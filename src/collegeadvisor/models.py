@@ -6,7 +6,6 @@ a cached safetensors folder), a local folder (or a .gguf file), or a Hugging Fac
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from collegeadvisor.errors import ModelError, missing_dependency
-from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_text, staging_dir
+from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_text, file_sha256, staging_dir
 
 DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED = {
@@ -32,14 +31,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COLLEGEADVISOR_CACHE", Path.home() / ".cache" / "collegeadvisor"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_gguf(name: str) -> Path:
@@ -75,7 +66,7 @@ def convert_gguf(gguf: Path) -> Path:
     stage = staging_dir(out)
     fresh.save_pretrained(stage)
     tok.save_pretrained(stage)
-    atomic_write_text(stage / "source.json", json.dumps({"gguf": str(gguf), "sha256": _sha256(gguf)}, indent=2))
+    atomic_write_text(stage / "source.json", json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2))
     atomic_replace_dir(stage, out)
     return out
 
@@ -119,7 +110,7 @@ def base_fingerprint(spec: str, resolved: str) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": spec, "path": resolved}
     folder = Path(resolved)
     if (folder / "config.json").is_file():
-        out["config_sha256"] = _sha256(folder / "config.json")
+        out["config_sha256"] = file_sha256(folder / "config.json")
     if (folder / "source.json").is_file():
         out["gguf_sha256"] = json.loads((folder / "source.json").read_text())["sha256"]
     if not folder.exists():

@@ -66,7 +66,7 @@ def status_findings(run: Path, m: dict) -> list[Finding]:
 
 def changes_findings(cfg, run: Path, m: dict) -> list[Finding]:
     """Data and settings that differ from what the run was trained with."""
-    from collegeadvisor.data.loaders import file_sha256
+    from collegeadvisor.fsutil import file_sha256
 
     out = []
     data = m.get("data") or {}

@@ -19,7 +19,6 @@ from collegeadvisor.errors import DataError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
-MAX_REPORTED = 5
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 # C0 controls other than tab/newline/carriage return, DEL and C1: invisible junk (terminal escapes, NULs, PDF form
 # feeds) that the model would learn to write; and lone UTF-16 surrogates, which are not text at all.
@@ -340,9 +339,3 @@ def train_val(examples: list[dict], val_examples: list[dict] | None, val_fractio
     return train, val, n_dupes
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

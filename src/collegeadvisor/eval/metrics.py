@@ -188,7 +188,7 @@ def score_reply(record: dict, reply: str | None, stopped_at_eos: bool, n_tokens:
     return out
 
 
-def _finite(values: Iterable) -> list[float]:
+def _finite_values(values: Iterable) -> list[float]:
     out = []
     for v in values:
         if isinstance(v, (bool, int, float)) and math.isfinite(float(v)):
@@ -197,7 +197,7 @@ def _finite(values: Iterable) -> list[float]:
 
 
 def _mean(values: Iterable) -> float | None:
-    vals = _finite(values)
+    vals = _finite_values(values)
     return sum(vals) / len(vals) if vals else None
 
 
@@ -212,7 +212,7 @@ def _core(scores: list[dict]) -> dict[str, Any]:
 def _summarize(name: str, value: Any) -> dict[str, Any]:
     """An extra value: a list becomes its mean (under `name`), p50 and p95; a non-finite number becomes None."""
     if isinstance(value, (list, tuple, np.ndarray)):
-        vals = _finite(value)
+        vals = _finite_values(value)
         p50, p95 = (np.percentile(vals, [50, 95]).tolist() if vals else (None, None))
         return {name: _mean(vals), f"{name}_p50": p50, f"{name}_p95": p95}
     if isinstance(value, numbers.Real) and not isinstance(value, bool):

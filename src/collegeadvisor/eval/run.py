@@ -21,6 +21,7 @@ from collegeadvisor.eval.report import write_report
 from collegeadvisor.generate import RETRIES, answer
 from collegeadvisor.runs import load_run
 from collegeadvisor.train.batching import collate
+from collegeadvisor.train.model import LabelLoss
 
 QUESTION_FIELDS = ("question", "answer", "numeric", "kind")
 Retriever = Callable[[str], Sequence[dict]]  # question -> hits {'id', 'document', 'metadata'}, best first
@@ -59,15 +60,13 @@ def perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_si
     if not rows:
         return None
     device = next(model.parameters()).device
+    loss = LabelLoss(model, fused=False)  # the training loss, logits at labelled positions only
     total, count = 0.0, 0
     with torch.inference_mode():
         for b in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[b : b + batch_size], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            targets = batch["labels"][:, 1:]
-            keep = targets != IGNORE_INDEX
-            total += float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
-            count += int(keep.sum())
+            total += float(loss(**batch))
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return math.exp(min(total / max(count, 1), 50))
 
 

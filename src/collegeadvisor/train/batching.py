@@ -27,12 +27,10 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row; padded positions are masked by attention and labelled -100, so a pad id equal
     to EOS never removes EOS from the loss."""
     width = max(len(r["input_ids"]) for r in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -20,7 +20,8 @@ import torch
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
-from collegeadvisor.data.loaders import file_sha256, load_examples, train_val
+from collegeadvisor.data.loaders import load_examples, train_val
+from collegeadvisor.fsutil import file_sha256
 from collegeadvisor.data.scorecard_qa import retrieval_spec
 from collegeadvisor.errors import AdvisorError, TrainingError
 from collegeadvisor.fsutil import append_jsonl, atomic_replace_dir, atomic_write_jsonl, staging_dir
