@@ -184,7 +184,7 @@ def test_a_client_hanging_up_mid_stream_ends_its_generation(served, monkeypatch)
         while not lengths and time.monotonic() < deadline:
             time.sleep(0.05)
         full = http.post("/v1/chat/completions", json={**body, "stream": False}).json()
-    assert full["usage"]["completion_tokens"] == 600  # greedy, this prompt runs to max_tokens ...
+    assert full["usage"]["completion_tokens"] >= 200  # greedy, this prompt runs long (to 600 or its end) ...
     assert lengths and lengths[0] <= 16, lengths  # ... but the row whose client hung up stopped at once
 
 

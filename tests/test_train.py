@@ -154,3 +154,14 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_training(t
     monkeypatch.setattr(check.environment, "find_spec", lambda name: None)
     f = next(f for f in check.run_checks(cfg, measure=False, stages=()) if f.where == "report_to")
     assert f.level == "error" and f.fix == "pip install 'collegeadvisor[wandb]'"
+
+
+def test_setup_then_fit_is_train(tmp_path, tinyllama_tiny_model):
+    from collegeadvisor.train import fit, setup
+    from test_speed_paths import cfg_for, step_losses
+
+    cfg = cfg_for(tmp_path, tinyllama_tiny_model, max_steps=2)
+    state = setup(cfg, log=lambda *_: None)
+    assert state.step == 0 and state.plan.total_steps == 2  # set up, nothing run yet
+    run_dir = fit(state)
+    assert len(step_losses(run_dir)) == 2

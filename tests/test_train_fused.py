@@ -143,3 +143,4 @@ def test_the_gated_mlp_and_rms_norm_run_fused_only_where_their_forward_is_the_ll
         routed = [m for m in model.modules() if type(m).__name__ == kind]
         assert routed and all(hasattr(m, "_plain_forward") for m in routed), kind
     assert not _computes_gated_mlp(Phi3MLP)  # gate and up fused in one projection: peft's path
+

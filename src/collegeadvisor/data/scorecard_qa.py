@@ -25,22 +25,13 @@ import pandas as pd
 
 from collegeadvisor.data.scorecard import (
     HORIZON,
-    _missing,
     _row_ids,
     load_table,
-    program_name,
     row_document,
     row_format_id,
-    row_values,
 )
-from collegeadvisor.data.scorecard_text import (
-    ANSWERS,
-    NO_CONTEXT_ANSWER,
-    NOT_COVERED,
-    SHORT_CREDENTIAL,
-    SUPPRESSED,
-    TEMPLATES,
-)
+from collegeadvisor.data.scorecard_answers import answer_text, question_text, reference_for, row_name, row_source
+from collegeadvisor.data.scorecard_text import NO_CONTEXT_ANSWER, NOT_COVERED, TEMPLATES
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_jsonl
 
@@ -216,108 +207,6 @@ def _row_records(df, rows) -> dict[int, dict]:
     return dict(zip(rows, df.iloc[rows].to_dict("records")))
 
 
-def _what(r, rng) -> tuple[str, str]:
-    cred = str(r["credential_desc"])
-    if rng.random() < 0.5:
-        cred = SHORT_CREDENTIAL.get(cred, cred)
-    what = f"{cred} in {program_name(r)}"
-    return what, ("an " if what[0].lower() in "aeiou" else "a ") + what
-
-
-def _question(kind: str, sub: str, recs: list[dict], template: int, rng) -> str:
-    text = TEMPLATES[kind if kind in ("premium", "open") else sub][template]
-    if sub in ("schools", "programs"):
-        a, b = recs
-        if sub == "schools":
-            what, a_what = _what(a, rng)
-            q = text.format(what=what, a_what=a_what, school_a=a["inst_name"], school_b=b["inst_name"])
-        else:
-            (what_a, a_what_a), (what_b, a_what_b) = _what(a, rng), _what(b, rng)
-            q = text.format(school=a["inst_name"], what_a=what_a, a_what_a=a_what_a, what_b=what_b, a_what_b=a_what_b)
-    elif kind == "open":
-        q = text.format(program=program_name(recs[0]), school=recs[0]["inst_name"])
-    else:
-        what, a_what = _what(recs[0], rng)
-        q = text.format(what=what, a_what=a_what, school=recs[0]["inst_name"])
-    return q[0].upper() + q[1:]
-
-
-def _name(r) -> str:
-    return f"{r['credential_desc']} in {program_name(r)} at {r['inst_name']}"
-
-
-def _earnings_label(r) -> str:
-    return f"Median earnings {HORIZON[r['earnings_horizon']]} after completion"
-
-
-def _source(r, *extra: str) -> dict[str, Any]:
-    out = {"row_id": str(r["row_id"]), "unitid": str(r["unitid"]), "school": str(r["inst_name"]),
-           "program": program_name(r), "credential": str(r["credential_desc"])}
-    for f in extra:
-        v = r[f]
-        out[f] = None if _missing(v) else (float(v) if isinstance(v, (int, float)) else str(v))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ answers
-def _answer(kind: str, sub: str, recs: list[dict], cite: dict[str, int]) -> str:
-    """The reference answer: the citation, the row named, each figure under its field's label."""
-    r = recs[0]
-    if (kind, sub) in ANSWERS:
-        vals = {k: v for k, v in row_values(r).items() if v is not None}
-        horizon = HORIZON.get(r["earnings_horizon"])
-        return ANSWERS[(kind, sub)].format(
-            tag=f"[{cite[r['row_id']]}]", name=_name(r), horizon=horizon, state=r["state"], suppressed=SUPPRESSED,
-            earnings_label=_earnings_label(r) if horizon else "", **vals,
-            missing="median earnings" if "earnings" not in vals else "median debt")
-    if kind == "open":
-        parts = []
-        for i, x in enumerate(sorted(recs, key=lambda x: cite[x["row_id"]])):
-            v = row_values(x)["earnings"]
-            label = _earnings_label(x) if v is not None else "Median earnings"
-            value = v if v is not None else f"no data ({SUPPRESSED})"
-            name = _name(x) if i == 0 else f"{x['credential_desc']}"
-            parts.append(f"[{cite[x['row_id']]}] {name}. {label}: {value}.")
-        return " ".join(parts)
-    a, b = recs
-    hi = a if a["earnings"] > b["earnings"] else b
-    va, vb = row_values(a)["earnings"], row_values(b)["earnings"]
-    if sub == "schools":
-        second, winner = f"At {b['inst_name']}", f"Graduates of {hi['inst_name']} earn more"
-    else:
-        second, winner = f"{b['credential_desc']} in {program_name(b)}", (
-            f"The {hi['credential_desc']} in {program_name(hi)} pays more")
-    return (f"[{cite[a['row_id']]}] {_name(a)}. {_earnings_label(a)}: {va}. [{cite[b['row_id']]}] {second}, "
-            f"{_earnings_label(b).lower()}: {vb}. {winner}.")
-
-
-def _reference(kind: str, sub: str, recs: list[dict]) -> dict[str, Any]:
-    """What eval scores a held-out answer by: the figure, the yes/no, the rows."""
-    r = recs[0]
-    if kind == "earnings":
-        return {"numeric": float(r["earnings"]), "source": _source(r, "earnings", "earnings_horizon")}
-    if kind == "debt":
-        return {"numeric": float(r["debt_median"]), "source": _source(r, "debt_median")}
-    if kind == "debt_to_earnings":
-        return {"numeric": round(float(r["debt_to_earnings_ratio"]), 2),
-                "source": _source(r, "debt_to_earnings_ratio", "debt_median", "earnings")}
-    if kind == "premium":
-        prem = float(r["earnings_premium_state"])
-        return {"numeric": prem, "yes": prem > 0,
-                "source": _source(r, "earnings", "earnings_threshold_state", "earnings_premium_state", "state")}
-    if kind == "no_data":
-        field = {"earnings": "earnings", "premium": "earnings", "debt": "debt"}.get(sub)
-        field = field or ("earnings" if _missing(r["earnings"]) else "debt")
-        return {"numeric": None, "source": _source(r) | {"asked": sub, "suppressed": field}}
-    if kind == "open":
-        values = [float(x["earnings"]) for x in recs if not _missing(x["earnings"])]
-        return {"numeric": None, "values": values, "source": _source(r) | {"rows": [_source(x) for x in recs]}}
-    a, b = recs
-    hi, lo = (a, b) if a["earnings"] > b["earnings"] else (b, a)
-    return {"numeric": float(hi["earnings"]),
-            "source": _source(hi, "earnings") | {"compare_with": _source(lo, "earnings")}}
-
-
 # ------------------------------------------------------------------------------------------ examples
 def _examples(df, keys, pools, part: np.ndarray, n: int, rng, label: str) -> list[dict[str, Any]]:
     """n questions about rows in `part`, in the KIND_MIX, no question twice: {kind, sub, rows, question}."""
@@ -341,7 +230,7 @@ def _examples(df, keys, pools, part: np.ndarray, n: int, rng, label: str) -> lis
         for rows, template in cands:
             if got == need:
                 break
-            question = _question(kind, sub, [recs[r] for r in rows], template, rng)
+            question = question_text(kind, sub, [recs[r] for r in rows], template, rng)
             if question in seen:
                 continue
             seen.add(question)
@@ -406,14 +295,14 @@ def _finish(df, ex: dict, ctx_rows: list[int] | None, recs: dict[int, dict], cov
     asked = [recs[r] for r in ex["rows"]]
     if ctx_rows is None:
         return ex | {"kind": "no_context", "answer": NO_CONTEXT_ANSWER, "context": [],
-                     "source": _source(asked[0]) | {"asked": ex["kind"]}}
+                     "source": row_source(asked[0]) | {"asked": ex["kind"]}}
     context = [row_document(recs[r]) for r in ctx_rows]
     if not covered:
-        return ex | {"kind": "not_in_context", "answer": NOT_COVERED.format(name=_name(asked[0])), "context": context,
-                     "source": _source(asked[0]) | {"asked": ex["kind"]}}
+        return ex | {"kind": "not_in_context", "answer": NOT_COVERED.format(name=row_name(asked[0])), "context": context,
+                     "source": row_source(asked[0]) | {"asked": ex["kind"]}}
     cite = {recs[r]["row_id"]: i for i, r in enumerate(ctx_rows, 1)}
-    return ex | {"answer": _answer(ex["kind"], ex["sub"], asked, cite), "context": context,
-                 "context_ids": [str(recs[r]["row_id"]) for r in ctx_rows], **_reference(ex["kind"], ex["sub"], asked)}
+    return ex | {"answer": answer_text(ex["kind"], ex["sub"], asked, cite), "context": context,
+                 "context_ids": [str(recs[r]["row_id"]) for r in ctx_rows], **reference_for(ex["kind"], ex["sub"], asked)}
 
 
 def _ground(df, examples, keys, allowed: np.ndarray, rng, no_context: set[int], not_covered: set[int]) -> list[dict]:

@@ -37,7 +37,7 @@ from collegeadvisor.train.planner import (Plan, Rows, autocast_context, autocast
                                           plan)
 
 __all__ = ["LabelLoss", "LoraDropout", "Plan", "autocast_for", "cpu_has_bf16", "keep_base_in_bf16", "lora_model",
-           "passes_for", "plan", "prepare_data", "train"]
+           "passes_for", "plan", "prepare_data", "setup", "fit", "train"]
 
 
 def check_parallelism(distributed_type) -> None:
@@ -95,15 +95,27 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[dict], lis
 # ----------------------------------------------------------------------------------------------- the recipe
 def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Train a LoRA adapter; returns the run directory (manifest status 'complete', or 'paused' with stop_after_steps)."""
+    return fit(setup(cfg, resume, log))
+
+
+def setup(cfg: Config, resume: str | Path | None = None, log: Callable[[str], None] = print) -> "Training":
+    """Everything before the first step: run directory and seeds, data, the plan, model, optimizer, a resumed
+    checkpoint, the running manifest. Returns the training state that `fit` runs."""
     run = Training(cfg, resume, log)
     run.prepare()
+    return run
+
+
+def fit(run: "Training") -> Path:
+    """The steps of the plan (guards, logging, validation, checkpoints, a pause), then the final adapter and the
+    complete manifest unless the run paused; returns the run directory."""
     if not run.loop():
         run.finish()
     return run.run_dir
 
 
 class Training:
-    """One invocation of train(), in the recipe's order: run directory and seeds, data, plan, model, optimizer,
+    """The state of one invocation of train() (what `setup` builds and `fit` runs), in the recipe's order: run directory and seeds, data, plan, model, optimizer,
     resume (after the optimizer, so a resumed run continues exactly), manifest; then the loop and the final adapter."""
 
     def __init__(self, cfg: Config, resume: str | Path | None, log: Callable[[str], None]):
