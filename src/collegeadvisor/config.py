@@ -48,7 +48,7 @@ class Config(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout on LoRA inputs (peft's and LLaMA-Factory's default is 0 too; 0.05 costs "
-        "about a fifth of CPU step time in bench/train_throughput.py)"
+        "13% of CPU tokens/s in bench/train_throughput.py)"
     )
     lora_target: str = Field("all-linear", description="'all-linear' or comma-separated module names (q_proj,v_proj)")
     seed: int = 0
