@@ -118,7 +118,7 @@ def test_fused_training_saves_less_for_backward(tinyllama_tiny_model, tinyllama_
         params = {p.untyped_storage().data_ptr() for p in loss_module.model.parameters()}
         sizes[fused] = sum(n for ptr, n in seen.items() if ptr not in params)
     assert vocab_wide[False] > 0 and vocab_wide[True] == 0  # the plain path keeps the logits for backward
-    assert sizes[True] < 0.85 * sizes[False], sizes  # 0.81 on this model; 0.78 on SmolLM2 at 4 x 400
+    assert sizes[True] < 0.85 * sizes[False], sizes  # 0.81 on this model; 0.55 on SmolLM2 at 1 x 400
 
 
 def test_a_run_with_fused_kernels_off_trains_the_same(tmp_path, tinyllama_tiny_model):

@@ -198,7 +198,8 @@ def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _source_has(cls: type, code: str) -> bool:
     """Whether cls.forward's source contains code (whitespace ignored): the exact computation a kernel replaces."""
-    return _compact_source(cls) is not None and "".join(code.split()) in _compact_source(cls)
+    source = _compact_source(cls)
+    return source is not None and "".join(code.split()) in source
 
 
 @functools.lru_cache(maxsize=None)
