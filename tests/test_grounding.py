@@ -66,6 +66,30 @@ def test_check_catches_wrong_figure_wrong_field_wrong_verdict_and_invented(rows)
     assert check("[7] Median debt: $5,000.", docs)["problems"][0].startswith("cites [7]")
 
 
+def test_check_catches_a_row_quoted_under_another_rows_name():
+    """The reading error that figure checks can't see: "[2] Master's Degree ..." where [2] is the bachelor's row.
+    The figure is [2]'s, so it agrees with its citation, but the text gives it to the master's."""
+    df = load_table()
+    earned = df[df["earnings"].notna()]
+    program = earned["unitid"].astype(str) + ":" + earned["cip_code"].astype(str)
+    shared = earned[program.duplicated(keep=False)]  # one school's program at two or more credentials
+    two = shared[program[shared.index] == program[shared.index[0]]].iloc[:2]
+    docs = [row_document(r) for _, r in two.iterrows()]
+    first, second = (read_row(d) for d in docs)
+    name = lambda r: f"{r['credential']} in {r['program']} at {r['school']}"  # noqa: E731
+    said = f"Median earnings: {second['values']['earnings']}."
+    misnamed = check(f"[2] {name(first)}. {said}", docs)
+    assert misnamed["status"] == "unverified"
+    assert misnamed["problems"] == [f"cites [2] but names row [1] ({name(first)})"]
+    assert grounding.forbidden(misnamed)["rows"] == [2]  # a retry may not cite [2] again
+    assert check(f"[2] {name(second)}. {said}", docs)["status"] == "verified"
+    assert check(f"[2] No. {name(first)}. {said}", docs)["problems"][-1].startswith("cites [2] but names row [1]")
+    short = check(f"[1] {name(first)}. [2] {first['credential']}. {said}", docs)  # an open question's form
+    assert short["problems"] == [f"cites [2] but names row [1] ({first['credential']})"]
+    assert check(f"[1] {name(first)}. [2] {second['credential']}. {said}", docs)["status"] == "verified"
+    assert check("[2] Graduates of this program earn more. " + said, docs)["status"] == "verified"  # no name
+
+
 def test_every_training_answer_passes_the_check(tmp_path):
     from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
 

@@ -7,7 +7,9 @@ field a figure belongs to ("Median debt: $23,456"). Three kinds of claim are rea
   in its clause (FIELD_CUES, most specific first), or the field of the figure before it;
 - a yes/no verdict right after the citation: whether graduates out-earn a typical high-school graduate, i.e. the
   sign of the row's earnings premium;
-- "no data" for a field: the row must have that field suppressed.
+- "no data" for a field: the row must have that field suppressed;
+- the row's name right after the citation ("[2] Master's Degree in Social Work at ..."): when it is the name of
+  another retrieved row, the answer quotes one row under another's name.
 
 `check` compares every claim with the cited row, field by field, and gives the verdict that eval scores and chat
 and serve act on. `Rules` answers the same questions for a partial answer, one token at a time: generation uses it
@@ -208,7 +210,33 @@ def claims(answer: str) -> list[dict[str, Any]]:
     for m in NO_DATA_PHRASE.finditer(plain(answer)):
         out.append({"type": "no_data", "row": cited_at(answer, m.start()), "field": field_at(answer, m.start()),
                     "value": None, "text": m.group(), "start": m.start()})
+    for m in _NAMED.finditer(answer):
+        out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": answer[m.end():m.end() + 400],
+                    "text": answer[m.end():m.end() + 400].split(". ")[0], "start": m.end()})
     return sorted(out, key=lambda c: c["start"])
+
+
+_NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)
+
+
+def row_names(row: dict) -> tuple[str, str]:
+    """How an answer names a row: in full ("Master's Degree in Social Work at Western Michigan University."), or by
+    its credential alone where the school and program are already said ("Master's Degree.")."""
+    return f"{row['credential']} in {row['program']} at {row['school']}.", f"{row['credential']}."
+
+
+def _misnamed(claim: dict, ctx: Context) -> str | None:
+    """Why a cited row's name contradicts the citation: it is the name of another retrieved row and not this one's."""
+    n, text = claim["row"], claim["value"]
+    row = ctx.row(n)
+    if row is None or any(text.startswith(name) for name in row_names(row)):
+        return None
+    for m, other in enumerate(ctx.rows, 1):
+        if other is not None and m != n:
+            named = next((name for name in row_names(other) if text.startswith(name)), None)
+            if named:
+                return f"cites [{n}] but names row [{m}] ({named.rstrip('.')})"
+    return None
 
 
 def _problem(claim: dict, ctx: Context) -> str | None:
@@ -218,6 +246,8 @@ def _problem(claim: dict, ctx: Context) -> str | None:
     if n is not None and not 1 <= n <= len(ctx.passages):
         return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
     row = ctx.row(n)
+    if claim["type"] == "name":
+        return _misnamed(claim, ctx)
     if claim["type"] == "verdict":
         passes = ctx.premium_passes(n)
         if claim["value"] is None:
@@ -249,7 +279,7 @@ def check(answer: str, passages: Sequence[str] | Context) -> dict[str, Any]:
         claim["problem"] = _problem(claim, ctx)
     problems = [c["problem"] for c in found if c["problem"]]
     cited = sorted({int(m.group(1)) for m in CITATION.finditer(answer or "")})
-    status = "unverified" if problems else ("verified" if found else "no_claims")
+    status = "unverified" if problems else ("verified" if any(c["type"] != "name" for c in found) else "no_claims")
     return {"status": status, "problems": problems, "cited": cited, "claims": found}
 
 
