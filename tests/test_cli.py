@@ -43,6 +43,22 @@ def test_every_command_is_registered():
     assert list(data.choices) == ["scorecard", "validate", "preview"]
 
 
+def test_every_command_prints_its_help(capsys):
+    """--help formats every option's text (a bare '%' in one crashed `train --help` with a traceback)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = [[name] for name in sub.choices if name not in ("data", "kb")]
+    for group in ("data", "kb"):
+        nested = next(a for a in sub.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
+        commands += [[group, name] for name in nested.choices]
+    for argv in commands:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([*argv, "--help"])
+        assert done.value.code == 0, argv
+        assert capsys.readouterr().out.startswith("usage:"), argv
+    assert len(commands) >= 12
+
+
 def parse(*argv):
     return build_parser().parse_args(["train", *argv])
 

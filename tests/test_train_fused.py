@@ -144,3 +144,29 @@ def test_the_gated_mlp_and_rms_norm_run_fused_only_where_their_forward_is_the_ll
         assert routed and all(hasattr(m, "_plain_forward") for m in routed), kind
     assert not _computes_gated_mlp(Phi3MLP)  # gate and up fused in one projection: peft's path
 
+
+
+def test_lora_layers_reading_a_norm_save_none_of_its_output(tinyllama_tiny_model, tinyllama_tokenizer, monkeypatch):
+    """q/k/v and gate/up read a decoder layer's RMSNorm output; the fused path recomputes it in backward (the
+    gradient tests above show it is the same), so none of those outputs is kept for backward. Without the
+    recomputation each is kept."""
+    from collegeadvisor.train import fused
+
+    batch = collate(encoded_rows(tinyllama_tokenizer, 2), tinyllama_tokenizer.pad_token_id)
+    kept = {}
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(fused._Normed, "of", staticmethod(lambda x: None))
+        loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.1, bf16=True)
+        outputs, saved = [], set()  # the outputs are held, so no later tensor can reuse their memory
+        norms = [m for name, m in loss_module.model.named_modules() if name.endswith("layernorm")]
+        hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in norms]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_module(**batch)
+        for h in hooks:
+            h.remove()
+        loss.backward()  # the recomputation runs, once per norm, and frees its copy after the last reader
+        kept[recompute] = len({o.untyped_storage().data_ptr() for o in outputs} & saved)
+    assert len(norms) >= 4 and kept == {True: 0, False: len(norms)}, kept

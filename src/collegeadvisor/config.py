@@ -245,6 +245,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model: type[BaseModel], only
         help_ = field.description or ""
         if "(default:" not in help_:  # a description may say what the default means
             help_ += f" [default: {field.get_default(call_default_factory=True)}]"
+        help_ = help_.replace("%", "%%")  # argparse reads % as a format: "13%" crashed every --help
         if bool in (field.annotation, *typing.get_args(field.annotation)):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from collegeadvisor.data.scorecard import (
     HORIZON,
@@ -84,6 +83,8 @@ def _split(n: int, shares: dict[str, float]) -> dict[str, int]:
 
 
 def _codes(values) -> np.ndarray:
+    import pandas as pd  # not at import: training reads retrieval_spec from here, and pandas costs ~70 MB
+
     return pd.factorize(values)[0]
 
 
@@ -104,6 +105,8 @@ def _keys(df) -> dict[str, np.ndarray]:
 def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
     """Boolean masks of the rows each (kind, asked-as) can be asked about. Rows whose school, program and
     credential read the same as another row's are never asked about: their question would be ambiguous."""
+    import pandas as pd
+
     named = ~pd.Series(keys["name"]).duplicated(keep=False).to_numpy()
     earn = df["earnings"].notna().to_numpy() & df["earnings_horizon"].isin(list(HORIZON)).to_numpy() & named
     debt = df["debt_median"].notna().to_numpy()
@@ -137,6 +140,8 @@ def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
 def _heldout_mask(df, seed: int, n_heldout: int, earn: np.ndarray, keys) -> np.ndarray:
     """Rows set aside for held-out questions, by a seeded hash of school and program (all credentials of a
     school's program fall on one side, so an open question's rows are all held out or all not)."""
+    import pandas as pd
+
     if n_heldout == 0:
         return np.zeros(len(df), dtype=bool)
     share = min(0.5, max(0.02, 4 * n_heldout / max(1, int(earn.sum()))))

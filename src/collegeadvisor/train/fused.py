@@ -7,7 +7,9 @@ base. Each computes the same loss and gradients as the plain path (tests/test_tr
   backward. The frozen W gets no gradient, so its product needs nothing saved but W itself.
 - `GatedDown`: a Llama-style MLP's down(silu(gate) * up) with the activation inside the down projection's node,
   which saves gate and up only and recomputes silu and the product in backward.
-- `RMSNorm`: Llama's RMSNorm over a frozen weight, saving its input in the stream's dtype, not an fp32 copy.
+- `RMSNorm`: Llama's RMSNorm over a frozen weight, saving its input in the stream's dtype, not an fp32 copy. The
+  LoRA layers that read its output (q, k, v; gate, up) don't save that output: backward recomputes it once from
+  what the norm saved (`_Normed`), one elementwise pass for 2.3 KB a token a norm.
 - `linear_cross_entropy`: the output layer and the cross-entropy at labelled positions, chunk by chunk. The
   frozen head needs no weight gradient, so the gradient with respect to the hidden states is computed in the
   forward pass and the (tokens x vocabulary) logits are never kept: about 240 KB a token for SmolLM2's 49,152
@@ -70,17 +72,20 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, keep, keep_scale):
         dt = _compute_dtype(x, weight)
+        ctx.normed = _Normed.of(x)  # an RMSNorm's output: recomputed in backward from what the norm saves
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dt)
             y, saved = _lora_forward(ctx, x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
                                      keep_scale, dt)
-        ctx.save_for_backward(x, *saved)
+        ctx.save_for_backward(*([] if ctx.normed else [x]), *saved)
+        ctx.dt = dt
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, *saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
         with torch.autocast(gy.device.type, enabled=False):
+            x = ctx.normed.take().to(ctx.dt) if ctx.normed else saved.pop(0)
             grad_x, grad_bias, grad_a, grad_b = _lora_backward(ctx, gy, x.reshape(-1, x.shape[-1]), saved,
                                                                ctx.needs_input_grad[0])
         grad_x = None if grad_x is None else grad_x.view(x.shape)
@@ -167,16 +172,21 @@ def _gated_silu_mlp(m) -> bool:
             and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") and _computes_gated_mlp(type(m)))
 
 
+def _rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """Llama's RMSNorm with a frozen weight: saves its input in the stream's dtype and the r.m.s., not the fp32
-    copy of the input (2.3 KB a token for SmolLM2, twice a layer)."""
+    copy of the input (2.3 KB a token for SmolLM2, twice a layer). Its output is tagged (`_Normed`) so that the
+    fused LoRA layers reading it recompute it in backward instead of saving it."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x, weight, eps, tag):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        tag.x, tag.weight, tag.rstd = x, weight, rstd
+        return _rms_normed(x, weight, rstd)
 
     @staticmethod
     def backward(ctx, gy):
@@ -184,7 +194,35 @@ class _RMSNormFn(torch.autograd.Function):
         gn = (gy * weight).float()
         n = x.float() * rstd
         grad = (gn - n * (gn * n).mean(-1, keepdim=True)).mul_(rstd)
-        return grad.to(x.dtype), None, None
+        return grad.to(x.dtype), None, None, None
+
+
+class _Normed:
+    """An RMSNorm's output as its input, weight and r.m.s. (which the norm's node saves anyway). The LoRA layers
+    that read it (q, k and v; gate and up) save this instead of the output, 2.3 KB a token a norm for SmolLM2, and
+    the first of them to run backward recomputes the output once for all of them: the same ops, so the same
+    values."""
+
+    __slots__ = ("x", "weight", "rstd", "readers", "value")
+
+    def __init__(self):
+        self.x = self.weight = self.rstd = self.value = None
+        self.readers = 0
+
+    @staticmethod
+    def of(x: torch.Tensor) -> "_Normed | None":
+        tag = getattr(x, "_normed", None)
+        if tag is not None:
+            tag.readers += 1
+        return tag
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = _rms_normed(self.x, self.weight, self.rstd)
+        value, self.readers = self.value, self.readers - 1
+        if self.readers <= 0:
+            self.value = None  # the last reader: free it
+        return value
 
 
 RMS_NORM = "hidden_states*torch.rsqrt(variance+self.variance_epsilon)returnself.weight*hidden_states.to(input_dtype)"
@@ -193,7 +231,11 @@ RMS_NORM = "hidden_states*torch.rsqrt(variance+self.variance_epsilon)returnself.
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if self.weight.requires_grad:
         return self._plain_forward(hidden_states)
-    return _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
+    tag = _Normed()
+    out = _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, tag)
+    if torch.is_grad_enabled():
+        out._normed = tag
+    return out
 
 
 def _source_has(cls: type, code: str) -> bool:
