@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from collegeadvisor.data.scorecard import read_row
+from collegeadvisor.data.scorecard import read_row, row_title
 
 # Figures as metrics and the checker read them: $12,345 / 12345 / 12.3k / $1.2 million / 0.19 / -$3,000 / 41%.
 _SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mil": 1e6, "mn": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
@@ -37,6 +37,7 @@ NUMBER = re.compile(
 _CIP = re.compile(r"\bCIP(?:\s*code)?\s*[:#]?\s*\d[\d.]*", re.IGNORECASE)
 _YEAR = re.compile(r"(?:19|20)\d\d")
 CITATION = re.compile(r"\[(\d{1,2})\]")
+_NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
     r"|\b(?:not|isn't|aren't|wasn't|weren't)\s+(?:\w+\s+)?(?:available|reported|published|disclosed)\b"
@@ -211,18 +212,16 @@ def claims(answer: str) -> list[dict[str, Any]]:
         out.append({"type": "no_data", "row": cited_at(answer, m.start()), "field": field_at(answer, m.start()),
                     "value": None, "text": m.group(), "start": m.start()})
     for m in _NAMED.finditer(answer):
-        out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": answer[m.end():m.end() + 400],
-                    "text": answer[m.end():m.end() + 400].split(". ")[0], "start": m.end()})
+        named = answer[m.end():]
+        out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": named,
+                    "text": named.split(". ")[0], "start": m.end()})
     return sorted(out, key=lambda c: c["start"])
-
-
-_NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)
 
 
 def row_names(row: dict) -> tuple[str, str]:
     """How an answer names a row: in full ("Master's Degree in Social Work at Western Michigan University."), or by
     its credential alone where the school and program are already said ("Master's Degree.")."""
-    return f"{row['credential']} in {row['program']} at {row['school']}.", f"{row['credential']}."
+    return row_title(row["credential"], row["program"], row["school"]) + ".", row["credential"] + "."
 
 
 def _misnamed(claim: dict, ctx: Context) -> str | None:

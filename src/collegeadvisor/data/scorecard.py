@@ -48,6 +48,11 @@ def program_name(row) -> str:
     return str(row["cip_desc"]).rstrip(".")
 
 
+def row_title(credential: str, program: str, school: str) -> str:
+    """How answers name a row; the checker reads names back with the same words."""
+    return f"{credential} in {program} at {school}"
+
+
 def row_metadata(row) -> dict[str, Any]:
     """Metadata stored with each knowledge-base document (Chroma accepts str/int/float/bool only)."""
     return {

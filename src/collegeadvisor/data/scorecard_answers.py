@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from collegeadvisor.data.scorecard import HORIZON, _missing, program_name, row_values
+from collegeadvisor.data.scorecard import HORIZON, _missing, program_name, row_title, row_values
 from collegeadvisor.data.scorecard_text import ANSWERS, SHORT_CREDENTIAL, SUPPRESSED, TEMPLATES
 
 
@@ -36,7 +36,7 @@ def question_text(kind: str, sub: str, recs: list[dict], template: int, rng) -> 
 
 
 def row_name(r) -> str:
-    return f"{r['credential_desc']} in {program_name(r)} at {r['inst_name']}"
+    return row_title(r["credential_desc"], program_name(r), r["inst_name"])
 
 
 def _earnings_label(r) -> str:
