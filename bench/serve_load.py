@@ -134,9 +134,14 @@ ROUTES = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/
 
 
 def bad_headers() -> list[list[tuple[bytes, bytes]]]:
+    """Wrong keys only. Never the right key padded with spaces or tabs: HTTP parsers strip whitespace around a
+    header value (RFC 9110 section 5.5), so the app receives the right key and a 200 is no bypass."""
     k = KEY.encode()
+    changed = k[:5] + bytes([k[5] ^ 1]) + k[6:]  # one character changed (XOR 1: always a different printable one)
     return [[], [(b"Authorization", b"Bearer wrong")], [(b"Authorization", b"Bearer ")],
-            [(b"Authorization", b"Basic " + k)], [(b"Authorization", b"Bearer " + k + b" ")],
+            [(b"Authorization", b"Basic " + k)], [(b"Authorization", b"Bearer " + changed)],
+            [(b"Authorization", b"Bearer " + k + b"0")], [(b"Authorization", b"Bearer " + k[:4] + b" " + k[4:])],
+            [(b"Authorization", b"Bearer " + k.upper())],
             [(b"Authorization", b"Bearer " + k[:-1])], [(b"authorization", b"bearer " + k[:-1] + b"x")],
             [(b"x-api-key", b"wrong")], [(b"Authorization", b"Bearer" + k)],
             [(b"Authorization", b"Bearer " + k + "\u00e9".encode())], [(b"x-api-key", k.upper())],

@@ -192,3 +192,24 @@ def test_concurrent_clients_with_wrong_keys_get_nothing(served):
     with serving(create_app(*served, api_key=serve_load.KEY)) as url:
         result = asyncio.run(serve_load.auth_probe(url))
     assert result["ok"] and result["bypasses"] == 0 and result["5xx"] == 0 and result["requests"] >= 200, result
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_whitespace_around_the_key_is_stripped_by_the_parser_inside_it_is_refused(served, monkeypatch, parser):
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    else:
+        monkeypatch.setitem(sys.modules, "httptools", None)  # guarded_http falls back to uvicorn's h11 protocol
+    assert f"{parser}_impl" in guard.guarded_http(guard.Limits()).__mro__[1].__module__
+    k = KEY.encode()
+    cases = [
+        # RFC 9110 5.5: the parser strips spaces/tabs around a field value, so the app sees the right key: accepted
+        ((b"Authorization", b"Bearer " + k + b" "), 200), ((b"Authorization", b"Bearer " + k + b" \t "), 200),
+        ((b"Authorization", b"   Bearer " + k), 200), ((b"x-api-key", b"\t" + k + b"  "), 200),
+        # whitespace inside the value is kept by the parser and makes a different key: refused
+        ((b"Authorization", b"Bearer " + k[:3] + b" " + k[3:]), 401), ((b"Authorization", b"Bearer " + k + b" x"), 401),
+        ((b"Authorization", b"Bearer  " + k), 401), ((b"x-api-key", k + b" " + k), 401),
+    ]
+    with serving(create_app(*served, api_key=KEY)) as url:
+        got = [asyncio.run(serve_load.raw_request(url, "GET", "/v1/models", [h])) for h, _ in cases]
+    assert got == [status for _, status in cases], list(zip(cases, got))
