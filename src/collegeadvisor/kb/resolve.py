@@ -1,0 +1,463 @@
+"""What a conversation asks about, resolved against the Scorecard's own names: the school (or two), the program, the
+credential, the state and the field asked for, plus what the data can't answer (a topic it doesn't cover, a school
+it doesn't hold, a name several schools share).
+
+A question is read the way people write one: lowercase, typos, abbreviations and nicknames. Its words are
+1. corrected where they are no word of a school or program name (rapidfuzz over those names' words);
+2. matched, longest phrase first, against the schools' names and variants (`kb.parse`'s indexes), initialisms
+   generated from the names ("fsu", "njit", "ucla"; "umn" for University of Minnesota), and the alias table kept
+   as data (`aliases.json`: "ou norman", "pitt", "slp", "poli sci"), and against program names and their aliases;
+3. read by `kb.parse` for credential and state words, and for rare words that point to a program.
+`resolve_conversation` folds the user's turns: a follow-up keeps what the conversation fixed and changes only
+what it names ("and at ucsd?" the school, "what about debt?" the field, "and the master's?" the credential).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+
+from collegeadvisor.kb.parse import _campus, _preferred, names, normalize, parse
+
+LONGEST = 14  # words in the longest school or program phrase matched
+COMMON = 4.5  # wordfreq zipf at or above which a word is an ordinary word, not a school's nickname
+ENGLISH = 3.0  # ... at or above which a word is left as written (no typo correction)
+TYPO_SCORE = 84  # rapidfuzz ratio a correction needs
+DOMINANT = 3.0  # an initialism shared by several schools means the one with this many times more rows
+INITIAL_SKIP = {"of", "the", "at", "and", "&", "in", "for", "a", "an", "on"}
+# Words of a question that point to no program, though some program's name has them ("student loans").
+QUESTION_WORDS = {"student", "students", "loan", "loans", "debt", "pay", "paid", "salary", "grads", "graduates",
+                  "earn", "earnings", "money", "job", "jobs", "career", "work", "working", "degree", "program",
+                  "major", "school", "college", "university", "campus", "after", "worth", "median", "typical",
+                  "income", "people", "ppl", "make", "instead", "more", "less", "high", "diploma", "just", "only",
+                  "good", "better", "best", "main", "general", "other", "related", "services", "studies",
+                  "graduate", "graduating", "grad", "study", "studying", "majoring", "data", "scorecard", "says",
+                  "pretend", "project", "counselor", "advisor", "instructions", "previous", "confirm", "tell"}
+COMPARE_PROGRAMS = re.compile(r"\b(?:or|vs|versus|compare|compared)\b")
+SCHOOL_WORDS = r"university|college|institute|academy|polytechnic|conservatory|seminary"
+COMPARE_CUE = re.compile(r"\b(?:or|vs|versus|compare|compared|comparison|which|better|between)\b")
+
+# The field a question asks for, most specific first; a topic the Scorecard doesn't hold (asked without any of
+# these fields) gets a sentence on what the data covers.
+FIELD_CUES = [
+    ("premium", r"high[- ]?school|\bhs\b|diploma|worth it|worth the|pays? off|premium|out-?earn|more than (?:people|ppl"
+                r"|someone|those|folks|somebody|a person)|without (?:a )?(?:college|degree)|not going to college"),
+    ("ratio", r"\bratio\b|debt[- ](?:to|vs\.?|versus)[- ](?:earnings|income|salary|pay)|manageable|relative to (?:what|pay|"
+              r"earnings|income|salary)|stack up against|handle the (?:loans|debt)|afford (?:the )?(?:loans|debt)"),
+    ("debt", r"\bdebt|\bloans?\b|\bowe\b|\bborrow"),
+    ("earnings", r"\bearn|salar|\bpay\b|\bpaid\b|\bmake\b|\bmakes\b|\bmaking\b|income|money|wages?\b|compensation|"
+                 r"\bpaycheck"),
+]
+OFF_TOPIC = [
+    ("tuition and costs", r"tuition|cost of attendance|sticker price|\bfees?\b|\bcosts?\b|\bprice\b|expensive"),
+    ("admissions", r"admission|acceptance rate|admit rate|get in(?:to)?\b|selectiv|\bapply\b|application|admitted"),
+    ("test scores", r"\bsat\b|\bact scores?\b|\bgpa\b|test scores?"),
+    ("campus housing and student life", r"housing|dorms?\b|residence hall|room and board|meal plan|campus life|"
+                                        r"roommate|\bclubs?\b|"
+                                        r"dining|\bfood\b|party|parties|nightlife"),
+    ("rankings", r"\brank(?:ed|ing|ings)?\b|prestig|reputation"),
+    ("graduation and retention rates", r"graduation rate|retention|drop ?out"),
+    ("financial aid and scholarships", r"financial aid|scholarship|\bgrants?\b|fafsa"),
+    ("sports", r"football|basketball|athletic|\bsports?\b"),
+    ("campus safety", r"safety|\bcrime|\bsafe\b"),
+    ("class sizes and faculty", r"class size|student[- ]to[- ]faculty|professors?|faculty|teachers are"),
+    ("location and weather", r"weather|climate|parking|\bcity like\b"),
+]
+_FIELD_RE = [(name, re.compile(p, re.I)) for name, p in FIELD_CUES]
+_OFF_RE = [(name, re.compile(p, re.I)) for name, p in OFF_TOPIC]
+_UNKNOWN_SCHOOL = re.compile(
+    rf"\b((?:the\s+)?(?:[a-z][a-z&'.-]*\s+){{0,3}}(?:{SCHOOL_WORDS})(?:\s+of(?:\s+[a-z][a-z&'.-]*){{1,3}})?)\b")
+PHRASE_STOP = {"at", "from", "of", "in", "for", "to", "the", "a", "an", "and", "or", "grads", "graduates",
+               "students", "alumni", "attend", "attending", "go", "going", "about", "my", "with", "salary", "pay",
+               "earnings", "degree", "major", "program"}
+_AT_WORD = re.compile(r"\b(?:at|from|attend|attending|to)\s+([a-z][a-z&'.-]{2,}(?:\s+[a-z][a-z&'.-]{2,}){0,2})")
+
+
+@dataclass
+class School:
+    text: str  # as the question wrote it
+    names: tuple[str, ...]  # the school names it can mean
+    units: tuple[tuple[str, str, str], ...] = ()  # (unitid, name, state) it can mean: one resolved, several ambiguous
+    start: int = -1  # its first word's place in the message
+
+
+@dataclass
+class Resolution:
+    """What the conversation asks about so far; `off_topic` and `unknown_school` are the last turn's."""
+    schools: list[School] = field(default_factory=list)  # two for a comparison of schools
+    programs: list[tuple[str, ...]] = field(default_factory=list)  # per program named: candidates, best first
+    program_levels: list[tuple[str, ...]] = field(default_factory=list)  # per program: the credential said with it
+    program_text: str = ""
+    levels: tuple[str, ...] = ()  # Scorecard credential_level codes
+    state: str | None = None
+    field: str | None = None  # earnings | debt | ratio | premium
+    off_topic: str | None = None
+    unknown_school: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def aliases() -> dict[str, dict]:
+    text = resources.files("collegeadvisor.kb").joinpath("aliases.json").read_text(encoding="utf-8")
+    table = json.loads(text)
+    return {kind: {" ".join(normalize(k)): v for k, v in entries.items()}
+            for kind, entries in table.items() if not kind.startswith("_")}
+
+
+@lru_cache(maxsize=1)
+def _zipf():
+    from wordfreq import zipf_frequency
+    return lambda word: zipf_frequency(word, "en")
+
+
+def _initialisms(name: str) -> set[str]:
+    """Initialisms a school goes by: its words' initials ("Florida State University" fsu, "University of
+    California-Los Angeles" ucla) and, for "University of <State>", "u" and the state's code ("umn", "uga")."""
+    from collegeadvisor.kb.parse import STATES
+
+    out = set()
+    base, _ = _campus(name)
+    for words in (normalize(name), base.split()):
+        letters = "".join(w[0] for w in words if w not in INITIAL_SKIP and w.isalpha())
+        if len(letters) >= 3:
+            out.add(letters)
+    state_code = {" ".join(normalize(v)): k.lower() for k, v in STATES.items()}
+    place = base[14:] if base.startswith("university of ") else ""
+    if place in state_code:
+        out.add("u" + state_code[place])
+    if place and " " not in place:  # "uiowa", "umich"
+        out |= {"u" + place, "u" + place[:4]}
+    if place:  # "uofu", "u of sc"
+        letters = "".join(w[0] for w in place.split() if w not in INITIAL_SKIP)
+        out |= {"uof" + letters, "u of " + letters}
+    return out
+
+
+@lru_cache(maxsize=1)
+def _indexes() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]], set[str]]:
+    """(school key -> names, program key -> programs, the words of every name), from the table and the aliases."""
+    from collegeadvisor.data.scorecard import load_table
+
+    table, idx, zipf = load_table(), names(), _zipf()
+    grouped = table.groupby("inst_name")["completers_count"]
+    sizes = (grouped.sum() * grouped.size()).to_dict()  # graduates x programs: how well known a school is
+    taken = set(aliases()["programs"]) | set(aliases()["credentials"]) | set(_credential_keys())
+    schools: dict[str, tuple[str, ...]] = {}
+    generated: dict[str, set[str]] = {}
+    for name in table["inst_name"].dropna().unique():
+        for key in _initialisms(name):
+            if zipf(key) < COMMON and key not in taken:
+                generated.setdefault(key, set()).add(name)
+    for key, found in generated.items():
+        schools[key] = _dominant(found, sizes)
+    for key, (_, found) in idx.short_schools.items():  # one word, "University"/"College" left out
+        if not key.startswith("?") and (len(key.split()) > 1 or (zipf(key) < COMMON and len(key) > 3)):
+            schools[key] = _narrowed(key, found, sizes)  # "temple": Temple University, not Temple College
+    for key, found in _at_campus_keys(table["inst_name"].dropna().unique(), sizes).items():
+        schools.setdefault(key, found)
+    for key, (_, found) in idx.passes[0][1].items():  # names, their variants, shortened ones of 2+ words
+        schools[key] = _narrowed(key, found)
+    schools.update({k: (v,) for k, v in aliases()["schools"].items()})
+    programs: dict[str, tuple[str, ...]] = {}
+    for key, (kind, found) in idx.passes[1][1].items():
+        if kind == "program" and not _vague(key, found):
+            programs[key] = tuple(found)
+    for key, value in aliases()["programs"].items():  # after the exact names: "computer science" may also mean
+        named = (value,) if isinstance(value, str) else tuple(value)  # "Computer and Information Sciences, General"
+        programs[key] = tuple(dict.fromkeys(programs.get(key, ()) + named))
+    words = {w for key in list(schools) + list(programs) for w in key.split() if w.isalpha()}
+    return schools, programs, words
+
+
+def _vague(key: str, found) -> bool:
+    """A program's short form that is one ordinary word and not the program's plain name ("science" for "Science,
+    Technology and Society"): it names no program by itself."""
+    if " " in key or _zipf()(key) < COMMON:
+        return False
+    plain = {" ".join(normalize(p)) for p in found} | {" ".join(normalize(p.split(",")[0])) for p in found
+                                                        if p.split(",")[-1].strip() in ("General", "Other")}
+    return key not in plain
+
+
+def _credential_keys() -> list[str]:
+    from collegeadvisor.kb.parse import CREDENTIAL_WORDS
+
+    return [" ".join(normalize(p)) for phrases in CREDENTIAL_WORDS.values() for p in phrases]
+
+
+def _at_campus_keys(all_names, sizes: dict[str, float]) -> dict[str, tuple[str, ...]]:
+    """"Kent State University at Kent" is a campus of "Kent State University": the school's name, and its name with
+    "University"/"College" left out ("kent state"), mean its campus with the most graduates."""
+    from collegeadvisor.kb.parse import _shortened
+
+    groups: dict[str, set[str]] = {}
+    for name in all_names:
+        if " at " in name and "-" not in name:
+            base = " ".join(normalize(name.split(" at ")[0]))
+            for key in [base, *_shortened(base)]:
+                if len(key.split()) > 1:
+                    groups.setdefault(key, set()).add(name)
+    return {k: (max(sorted(v), key=lambda n: sizes.get(n, 0)),) for k, v in groups.items()}
+
+
+def _narrowed(key: str, found, sizes: dict | None = None) -> tuple[str, ...]:
+    """The schools a name key means: its main campus where it names several campuses of one school; for a name
+    with a word left out (`sizes` given), the far best-known school where several share it."""
+    preferred = names().preferred.get(key)
+    if preferred:
+        return tuple(sorted(preferred))
+    return _dominant(set(found), sizes) if sizes and len(set(found)) > 1 else tuple(sorted(found))
+
+
+def _dominant(found: set[str], sizes: dict[str, int]) -> tuple[str, ...]:
+    """An initialism's schools: each school's main campus, then the one with DOMINANT times more rows than the
+    next, if any (people say "fsu" for Florida State University), else all of them."""
+    by_base: dict[str, set[str]] = {}
+    for name in found:
+        by_base.setdefault(_campus(name)[0], set()).add(name)
+    mains = sorted((_preferred(group, sizes) or group for group in by_base.values()), key=len)
+    picked = sorted({n for group in mains for n in group}, key=lambda n: -sizes.get(n, 0))
+    if len(picked) > 1 and sizes.get(picked[0], 0) >= DOMINANT * sizes.get(picked[1], 0):
+        return (picked[0],)
+    return tuple(sorted(picked))
+
+
+@lru_cache(maxsize=1)
+def _units() -> dict[str, tuple[tuple[str, str, str], ...]]:
+    """school name -> its (unitid, name, state): a name may belong to several schools ("Columbia College")."""
+    from collegeadvisor.data.scorecard import load_table
+
+    pairs = load_table()[["inst_name", "unitid", "state"]].drop_duplicates()
+    out: dict[str, list] = {}
+    for name, unitid, state in pairs.itertuples(index=False):
+        out.setdefault(str(name), []).append((str(unitid), str(name), str(state)))
+    return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
+def with_units(school: School, state: str | None = None) -> School:
+    """The school with the schools its names mean, narrowed to `state` where that leaves any."""
+    units = tuple(u for name in school.names for u in _units().get(name, ()))
+    narrowed = tuple(u for u in units if u[2] == state) if state else ()
+    return replace(school, units=narrowed or units)
+
+
+def _clean(text: str) -> str:
+    """The text with possessives, dots of initialisms ("U.C.L.A.") and hyphens inside nicknames ("k-state") undone."""
+    text = re.sub(r"['\u2019]s\b", "", text)
+    text = re.sub(r"\b((?:[A-Za-z]\.){2,})", lambda m: m.group(1).replace(".", ""), text)
+    return text
+
+
+@lru_cache(maxsize=4096)
+def _corrected(word: str) -> str:
+    """A typo fixed: the closest word of a school or program name, where the word is no ordinary word."""
+    from rapidfuzz import fuzz, process
+
+    schools, programs, words = _indexes()
+    if (len(word) < 5 or not word.isalpha() or word in words or word in schools or word in programs
+            or _zipf()(word) >= ENGLISH):
+        return word
+    found = process.extractOne(word, sorted(words), scorer=fuzz.ratio, score_cutoff=TYPO_SCORE)
+    return found[0] if found else word
+
+
+def _variants(key: str) -> list[str]:
+    """A phrase as written, then with its short words spelled out ("portland st" -> "portland state")."""
+    spelled = " ".join(aliases()["words"].get(w, w) for w in key.split())
+    return [key] if spelled == key else [key, spelled]
+
+
+def _spans(tokens: list[str]) -> tuple[list[School], list[tuple[str, ...]], list[str], list[bool]]:
+    """The schools and programs a token list names, longest phrase first, and the tokens they use."""
+    schools, programs, _ = _indexes()
+    used = [False] * len(tokens)
+    found: list[tuple[int, str, object, str]] = []
+    for n in range(min(LONGEST, len(tokens)), 0, -1):
+        for i in range(len(tokens) - n + 1):
+            if any(used[i:i + n]):
+                continue
+            key = " ".join(tokens[i:i + n])
+            for variant in _variants(key):
+                if variant in schools:
+                    found.append((i, "school", schools[variant], key))
+                elif variant in programs:
+                    found.append((i, "program", programs[variant], key))
+                else:
+                    continue
+                used[i:i + n] = [True] * n
+                break
+    found.sort(key=lambda f: f[0])
+    found = _campus_words_dropped(tokens, found)
+    school_list = [School(text, values, start=i) for i, kind, values, text in found if kind == "school"]
+    program_list = [values for _, kind, values, _ in found if kind == "program"]
+    program_text = [text for _, kind, _, text in found if kind == "program"]
+    levels = [_level_before(tokens, i) for i, kind, _, _ in found if kind == "program"]
+    return school_list, list(zip(program_list, levels)), program_text, used
+
+
+def _campus_words_dropped(tokens: list[str], found: list[tuple]) -> list[tuple]:
+    """A school named right after another, with no "or"/"vs" between, is the first one's campus or city
+    ("purdue west lafayette"), not a second school."""
+    out: list[tuple] = []
+    for item in found:
+        before = next((f for f in reversed(out) if f[1] == "school"), None)
+        if item[1] == "school" and before is not None:
+            gap = tokens[before[0] + len(before[3].split()):item[0]]
+            if len(gap) <= 1 and not COMPARE_PROGRAMS.search(" ".join(gap) or "-") and "and" not in gap:
+                continue
+        out.append(item)
+    return out
+
+
+def _level_before(tokens: list[str], start: int) -> tuple[str, ...]:
+    """The credential named just before a program ("the master's in X"): its levels, or ()."""
+    from collegeadvisor.kb.parse import _phrase_index
+
+    phrases = _phrase_index()
+    credentials = aliases()["credentials"]
+    end = start
+    while end > 0 and tokens[end - 1] in ("in", "of", "the", "a", "an", "degree", "program", "s"):
+        end -= 1
+    for n in (3, 2, 1):
+        if end - n < 0:
+            continue
+        key = " ".join(credentials.get(t, t) for t in tokens[end - n:end])
+        kind, levels = phrases.get(key, ("", ()))
+        if kind == "credential_level":
+            return tuple(levels)
+    return ()
+
+
+def _credential_words(tokens: list[str]) -> list[str]:
+    """Credential words people use that `kb.parse` spells out ("cert", "undergrad"); "diploma" after "high
+    school" or "hs" is the yardstick of the earnings premium, not a credential."""
+    table = aliases()["credentials"]
+    out = []
+    for i, t in enumerate(tokens):
+        if t == "diploma" and i and tokens[i - 1] in ("hs", "school", "ged"):
+            continue
+        out.append(table.get(t, t))
+    return out
+
+
+def _words_programs(words: list[str]) -> tuple[str, ...]:
+    """Programs named by rare words only ("criminal justice", "nutrition"): those sharing the most weight of the
+    question's words, the one those words cover most of first ("Nutrition Sciences" before "Dietetics and Clinical
+    Nutrition Services")."""
+    from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD
+
+    idx = names()
+    content = {w for w in words if w in idx.word_programs and w not in QUESTION_WORDS and w not in NOT_PROGRAM_WORDS}
+    candidates = {p for w in content if len(idx.word_programs[w]) <= RARE_WORD for p in idx.word_programs[w]}
+
+    def score(program: str) -> tuple[float, float]:
+        own = idx.program_words[program] - NOT_PROGRAM_WORDS
+        matched = sum(idx.idf[w] for w in content & own)
+        return matched, matched / max(sum(idx.idf.get(w, 0.0) for w in own), 1e-9)
+
+    ranked = sorted(candidates, key=lambda p: (-score(p)[0], -score(p)[1], p))
+    return tuple(p for p in ranked if score(p)[0] >= score(ranked[0])[0] - 1e-9)
+
+
+def _field(text: str) -> str | None:
+    return next((name for name, pattern in _FIELD_RE if pattern.search(text)), None)
+
+
+def _off_topic(text: str, asked: str | None) -> str | None:
+    if asked is not None:
+        return None
+    return next((name for name, pattern in _OFF_RE if pattern.search(text)), None)
+
+
+def _unknown_school(text: str, tokens_left: list[str]) -> str | None:
+    """A phrase that names a school the data doesn't hold ("Hogwarts University", "at hogwarts")."""
+    lowered = " ".join(tokens_left)
+    m = _UNKNOWN_SCHOOL.search(lowered)
+    if m:
+        words = m.group(1).split()
+        at = max((i for i, w in enumerate(words) if re.fullmatch(SCHOOL_WORDS, w)), default=0)
+        start = max((i + 1 for i, w in enumerate(words[:at]) if w in PHRASE_STOP), default=0)
+        phrase = " ".join(words[start:])
+        if not re.fullmatch(rf"(?:{SCHOOL_WORDS})(?: of)?", phrase) and phrase not in ("high school",):
+            return phrase
+    _, _, words = _indexes()
+    for m in _AT_WORD.finditer(text.lower()):
+        first = m.group(1).split()[0]
+        if first not in words and _zipf()(first) < ENGLISH and first.isalpha():
+            return m.group(1).split(" for ")[0].strip()
+    return None
+
+
+def _longer_unknown(tokens: list[str], schools: list[School]) -> str | None:
+    """A known name inside an unknown one ("wakanda institute of technology" holds "Institute of Technology"):
+    the word before the name is no word of any name and no ordinary word."""
+    _, _, words = _indexes()
+    for s in schools:
+        before = tokens[s.start - 1] if s.start > 0 else ""
+        if (before.isalpha() and before not in words and before not in PHRASE_STOP
+                and _zipf()(before) < ENGLISH and re.match(SCHOOL_WORDS, s.text)):
+            return f"{before} {s.text}"
+    return None
+
+
+def resolve_turn(text: str) -> Resolution:
+    """What one message names (see the module)."""
+    cleaned = _clean(text or "")
+    tokens = [_corrected(t) for t in normalize(cleaned)]
+    found_schools, found_programs, program_text, used = _spans(tokens)
+    left = [t for t, u in zip(tokens, used) if not u]
+    parsed = parse(" ".join(_credential_words(left)))
+    programs = [(p, lv) for p, lv in found_programs if p]
+    programs += [(tuple(sorted(p)), tuple(sorted(lv or ()))) for p, lv in parsed.pairs if p]
+    by_words = _words_programs(left)
+    if by_words and (not programs or (len(programs) == 1 and COMPARE_PROGRAMS.search(cleaned.lower()))):
+        programs.append((by_words, ()))  # named in other words, or the other side of "X or Y"
+    state = next(iter(sorted(parsed.fields["state"])), None)
+    schools: list[School] = []
+    for s in found_schools:
+        if all(set(s.names) != set(o.names) for o in schools):
+            schools.append(with_units(s, state))
+    unknown = _unknown_school(cleaned, left) if not schools else _longer_unknown(tokens, schools)
+    if unknown:
+        schools = []
+    asked = _field(cleaned)
+    return Resolution(
+        schools=schools, programs=[p for p, _ in programs], program_levels=[lv for _, lv in programs],
+        program_text=" / ".join(program_text),
+        levels=tuple(sorted(parsed.fields["credential_level"], key=lambda lv: -parsed.levels.get(lv, 0.0))),
+        state=state, field=asked, off_topic=_off_topic(cleaned, asked),
+        unknown_school=unknown)
+
+
+def resolve_conversation(messages: list[dict]) -> Resolution:
+    """The user's turns folded: each keeps what earlier turns fixed and changes only what it names."""
+    state = Resolution()
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        turn = resolve_turn(str(message.get("content") or ""))
+        state = replace(
+            state,
+            schools=turn.schools or state.schools,
+            programs=turn.programs or state.programs,
+            program_levels=turn.program_levels if turn.programs else state.program_levels,
+            program_text=turn.program_text if turn.programs else state.program_text,
+            levels=turn.levels or state.levels,
+            state=turn.state or (state.state if not turn.schools else None),
+            field=turn.field or state.field,
+            off_topic=turn.off_topic, unknown_school=turn.unknown_school)
+        if turn.unknown_school:  # a school the data doesn't hold replaces the one before
+            state.schools = []
+        elif turn.state and not turn.schools:  # "the one in Missouri" narrows the school named before
+            state.schools = [with_units(s, turn.state) for s in state.schools]
+    return state
+
+
+def compare_cue(text: str) -> bool:
+    """Whether a message asks to compare ("X or Y", "vs", "which pays more")."""
+    return bool(COMPARE_CUE.search((text or "").lower()))
