@@ -47,17 +47,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 # ------------------------------------------------------------------------------------------ the constraint
 @lru_cache(maxsize=8)
-def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], str]]]]:
-    """The tokens the grounding rules can object to, grouped by what the rules see of them
-    (`grounding.signature` -> (ids, a representative text)): those with a digit, "$" or "%" (a figure), those that
-    go on a figure ("," "."), and yes/no and the words that start a "no data"."""
-    groups: dict[str, dict[tuple, tuple[list[int], str]]] = {"figure": {}, "cont": {}, "word": {}}
-    words = set(grounding.YES_NO) | grounding.NO_WORDS | set(grounding.TEST_WORDS)
+def _token_texts(tokenizer) -> dict[str, list[int]]:
+    """Every token's text (as it reads after other text: SentencePiece's word-start marker "▁" as a space) -> the
+    ids that spell it."""
+    out: dict[str, list[int]] = {}
     for token, i in tokenizer.get_vocab().items():
         text = tokenizer.convert_tokens_to_string([token])
         if token.startswith("\u2581") and not text.startswith(" "):  # SentencePiece's word-start marker
             text = " " + text
-        if any(c.isdigit() or c in "$%" for c in text):
+        out.setdefault(text, []).append(i)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], str]]]]:
+    """The tokens the grounding rules can object to, grouped by what the rules see of them
+    (`grounding.signature` -> (ids, a representative text)): those with "[" (a citation), those with a digit, "$"
+    or "%" (a figure), those that go on a figure ("," "."), and yes/no and the words that start a "no data"; and,
+    one text a group, those that may follow an open "[" (a digit or "]" first: any other token, a letter above all,
+    would write no citation)."""
+    groups: dict[str, dict[tuple, tuple[list[int], str]]] = {"bracket": {}, "figure": {}, "cont": {}, "word": {},
+                                                              "after_open": {}}
+    words = set(grounding.YES_NO) | grounding.NO_WORDS | set(grounding.TEST_WORDS)
+    for text, ids in _token_texts(tokenizer).items():
+        if text[:1].isdigit() or text[:1] == "]":
+            groups["after_open"][("text", text)] = (list(ids), text)
+        if "[" in text:
+            kind = "bracket"
+        elif any(c.isdigit() or c in "$%" for c in text):
             kind = "figure"
         elif text[:1] in (",", "."):
             kind = "cont"
@@ -65,17 +82,20 @@ def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], st
             kind = "word"
         else:
             continue
-        groups[kind].setdefault(grounding.signature(text), ([], text))[0].append(i)
+        groups[kind].setdefault(grounding.signature(text), ([], text))[0].extend(ids)
     return {kind: list(found.items()) for kind, found in groups.items()}
 
 
 class GroundedDecoding(LogitsProcessor):
     """Masks, for each row with passages, every token that `grounding.Rules` would not admit after the text so far.
-    Inside a figure only its valid continuations remain (and the figure may end only where it is complete)."""
+    Inside a figure only its valid continuations remain (and the figure may end only where it is complete); inside a
+    "[" only a citable index and "]"; right after a citation only tokens that go on spelling the cited row's name."""
 
     def __init__(self, tokenizer, rules: Sequence[grounding.Rules | None], prompt_width: int):
         self.tokenizer, self.rules, self.width = tokenizer, list(rules), prompt_width
         self.classes = _token_classes(tokenizer)
+        self.texts = _token_texts(tokenizer)
+        self.longest = max(map(len, self.texts), default=0)
         self.stops = set(stop_token_ids(tokenizer))
         self.cache: dict = {}
 
@@ -106,11 +126,26 @@ class GroundedDecoding(LogitsProcessor):
         elif banned:
             row_scores[banned] = float("-inf")
 
+    def spelling(self, rests: Sequence[str]) -> list[int]:
+        """The ids of tokens whose text begins one of `rests` (rests[:j] for some j >= 1): a lookup per prefix, no
+        scan of the vocabulary."""
+        return sorted({i for rest in rests for j in range(1, min(len(rest), self.longest) + 1)
+                       for i in self.texts.get(rest[:j], ())})
+
     def _decide(self, rules: grounding.Rules, text: str) -> tuple[list[int], list[int] | None]:
-        """(banned ids, or the only ids kept inside a figure that can't end yet). Tokens that the rules can't tell
-        apart (same `grounding.signature`) are asked about once."""
+        """(banned ids, or the only ids kept: in a name after a citation, inside a "[", inside a figure that can't
+        end yet). Tokens that the rules can't tell apart (same `grounding.signature`) are asked about once. Where no
+        token spells the name on (a character no token has alone), the name does not constrain that step."""
+        rests = rules.name_slot(text)
+        keep = self.spelling(rests) if rests is not None else []
+        if keep:
+            return [], keep
+        if rules.open_citation(text) is not None:
+            keep = [i for _, (ids, piece) in self.classes["after_open"] if rules.admits(text, piece) for i in ids]
+            if keep:
+                return [], keep
         open_figure = rules.open_figure(text)
-        groups = self.classes["figure"] + self.classes["word"]
+        groups = self.classes["figure"] + self.classes["word"] + self.classes["bracket"]
         if open_figure is not None:
             groups = groups + self.classes["cont"]
         admitted = {sig: rules.admits(text, ids_piece[1]) for sig, ids_piece in groups}
@@ -120,20 +155,22 @@ class GroundedDecoding(LogitsProcessor):
         return [i for sig, (ids, _) in groups if not admitted[sig] for i in ids], None
 
 
-def _processors(tokenizer, passages, width: int, forbid=None) -> LogitsProcessorList:
+def _processors(tokenizer, passages, width: int, forbid=None, expected=None) -> LogitsProcessorList:
     """The constraint for rows answered from retrieved passages (an empty list: retrieval found none, so no figure
-    at all); rows with passages None decode freely."""
+    at all); rows with passages None decode freely. expected[i]: the rows conversation i asks about (or None)."""
     if not passages or all(p is None for p in passages):
         return LogitsProcessorList()
     forbid = forbid or [None] * len(passages)
-    rules = [grounding.Rules(p, f) if p is not None else None for p, f in zip(passages, forbid)]
+    expected = expected or [None] * len(passages)
+    rules = [grounding.Rules(p, f, e) if p is not None else None for p, f, e in zip(passages, forbid, expected)]
     return LogitsProcessorList([GroundedDecoding(tokenizer, rules, width)])
 
 
 def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Sequence[str] = (),
             rules: grounding.Rules | None = None) -> dict:
     """The reply's text, cut at the end-of-turn token or a stop string. A grounded reply that ran out of tokens in
-    the middle of a figure ("$34,0") loses that partial figure: it is no figure of any row."""
+    the middle of a figure ("$34,0") loses that partial figure: it is no figure of any row; one that ran out in a
+    citation or the row's name after it ("[1] Bachelor's Deg") loses that citation."""
     stopped = False
     for i, t in enumerate(new_ids):
         if t in stops:
@@ -146,6 +183,9 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     partial = rules.open_figure(text) if rules is not None and not stopped else None
     if partial is not None and not rules.complete(partial.group(), text[:partial.start()]):
         text = text[:partial.start()]
+    cut = rules.unfinished(text) if rules is not None and not stopped else None
+    if cut is not None:
+        text = text[:cut]
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
@@ -153,13 +193,15 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = (),
              passages: Sequence[Sequence[str] | None] | None = None, forbid: Sequence[dict | None] | None = None,
-             grounded: bool = True) -> list[dict]:
+             grounded: bool = True, expected: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
     """Replies for many conversations: [{'text', 'ids', 'stopped' (ended at end-of-turn), 'n_tokens'}].
 
     passages[i]: the rows conversation i is answered from; they are rendered into its prompt and, with `grounded`,
-    constrain its decoding (forbid[i]: what a failed check found)."""
+    constrain its decoding (forbid[i]: what a failed check found; expected[i]: the rows (1-based) the question
+    resolved to, the only Scorecard rows it may cite)."""
     passages = list(passages) if passages is not None else [None] * len(conversations)
     forbid = list(forbid) if forbid is not None else [None] * len(conversations)
+    expected = list(expected) if expected is not None else [None] * len(conversations)
     prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict] = [{} for _ in prompts]
@@ -172,8 +214,8 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
             idx = order[b : b + batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
             width = ids.shape[1]
-            procs = _processors(tokenizer, [passages[i] for i in idx], width, [forbid[i] for i in idx]) if grounded \
-                else LogitsProcessorList()
+            procs = _processors(tokenizer, [passages[i] for i in idx], width, [forbid[i] for i in idx],
+                                [expected[i] for i in idx]) if grounded else LogitsProcessorList()
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=procs,
                                  **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             rules = procs[0].rules if procs else [None] * len(idx)
@@ -186,19 +228,22 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
 
 def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], passages: Sequence[Sequence[str] | None],
            max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16,
-           stop: Sequence[str] = (), grounded: bool = True, retries: int = RETRIES) -> list[dict]:
+           stop: Sequence[str] = (), grounded: bool = True, retries: int = RETRIES,
+           expected: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
     """Replies checked against their rows: generate's fields plus 'grounding' (the check's verdict, with
     'attempts' and 'fallback'), 'raw' (the first reply's text) and 'raw_grounding' (its verdict). A reply whose
     check fails is generated again with the offending claims forbidden, at most `retries` times; then the answer is
-    the cited row's own facts, said to be that."""
+    the row's own facts (a cited row asked about where there is one), said to be that. expected[i]: the rows
+    (1-based) conversation i's question resolved to: the reply must cite them and no other Scorecard row."""
+    expected = list(expected) if expected is not None else [None] * len(conversations)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, stop=stop,
               grounded=grounded)
-    out = generate(model, tokenizer, conversations, passages=passages, **kw)
+    out = generate(model, tokenizer, conversations, passages=passages, expected=expected, **kw)
     forbid: list[dict | None] = [None] * len(out)
+    checked = lambda i, text: grounding.check(text, passages[i], expected[i])  # noqa: E731
     for i, r in enumerate(out):
         r["raw"] = r["text"]
-        verdict = grounding.check(r["text"], passages[i]) if passages[i] is not None else None
-        r["grounding"] = r["raw_grounding"] = verdict
+        r["grounding"] = r["raw_grounding"] = checked(i, r["text"]) if passages[i] is not None else None
     for attempt in range(1, retries + 1):
         todo = [i for i, r in enumerate(out) if r["grounding"] and r["grounding"]["status"] == "unverified"]
         if not todo:
@@ -206,14 +251,13 @@ def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], passages: 
         for i in todo:
             forbid[i] = grounding.forbidden(out[i]["grounding"], forbid[i])
         again = generate(model, tokenizer, [conversations[i] for i in todo], passages=[passages[i] for i in todo],
-                         forbid=[forbid[i] for i in todo], **kw)
+                         forbid=[forbid[i] for i in todo], expected=[expected[i] for i in todo], **kw)
         for i, r in zip(todo, again):
-            out[i].update(r, grounding=grounding.check(r["text"], passages[i]) | {"attempts": attempt + 1})
+            out[i].update(r, grounding=checked(i, r["text"]) | {"attempts": attempt + 1})
     for i, r in enumerate(out):
         if r["grounding"] and r["grounding"]["status"] == "unverified":
-            text = grounding.fallback_answer(passages[i], r["grounding"]["cited"])
-            r.update(text=text, grounding=grounding.check(text, passages[i]) | {"fallback": True,
-                                                                                 "attempts": retries + 1})
+            text = grounding.fallback_answer(passages[i], r["grounding"]["cited"], expected[i])
+            r.update(text=text, grounding=checked(i, text) | {"fallback": True, "attempts": retries + 1})
     return out
 
 
@@ -280,10 +324,11 @@ class _RowsStreamer(BaseStreamer):
 @torch.inference_mode()
 def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int, temperature: float,
                  top_p: float, cancels: Sequence[threading.Event], emits: Sequence[Callable[[str], None]],
-                 passages: Sequence[Sequence[str] | None] | None = None) -> list[dict]:
+                 passages: Sequence[Sequence[str] | None] | None = None,
+                 expected: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
     """Several replies in one left-padded batch on the calling thread, each row's text pieces to its own `emit` as
-    they come (under the same grounding constraint as `generate`); returns [{'stopped', 'n_tokens'}] per row.
-    Greedy text equals `generate`'s."""
+    they come (under the same grounding constraint as `generate`, expected[i] as there); returns
+    [{'stopped', 'n_tokens'}] per row. Greedy text equals `generate`'s."""
     passages = list(passages) if passages is not None else [None] * len(conversations)
     prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
     device = next(model.parameters()).device
@@ -295,7 +340,7 @@ def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_
     try:
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=_RowsStreamer(rows, cancels),
                        stopping_criteria=StoppingCriteriaList([_Cancel(cancels)]),
-                       logits_processor=_processors(tokenizer, passages, ids.shape[1]),
+                       logits_processor=_processors(tokenizer, passages, ids.shape[1], None, expected),
                        **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
     finally:
         model.train(was_training)

@@ -8,8 +8,12 @@ field a figure belongs to ("Median debt: $23,456"). Three kinds of claim are rea
 - a yes/no verdict right after the citation: whether graduates out-earn a typical high-school graduate, i.e. the
   sign of the row's earnings premium;
 - "no data" for a field: the row must have that field suppressed;
-- the row's name right after the citation ("[2] Master's Degree in Social Work at ..."): when it is the name of
-  another retrieved row, the answer quotes one row under another's name.
+- the row's name right after the citation ("[2] Master's Degree in Social Work at ..."): it must be one of the
+  cited row's own names (`row_names`); another retrieved row's name quotes one row under another's name;
+- a comparison's winner ("Graduates of X earn more", "The Bachelor's Degree in X pays more"): it must be the cited
+  row with the higher median earnings.
+A figure needs a citation before it: "(1)", "[I]" or "[1a]" are no citations (the figures after them cite nothing),
+and with `expected` (the rows the question resolved to) the answer must cite those rows and no other Scorecard row.
 
 `check` compares every claim with the cited row, field by field, and gives the verdict that eval scores and chat
 and serve act on. `Rules` answers the same questions for a partial answer, one token at a time: generation uses it
@@ -21,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from collegeadvisor.data.scorecard import read_row, row_title
 
@@ -37,6 +41,14 @@ NUMBER = re.compile(
 _CIP = re.compile(r"\bCIP(?:\s*code)?\s*[:#]?\s*\d[\d.]*", re.IGNORECASE)
 _YEAR = re.compile(r"(?:19|20)\d\d")
 CITATION = re.compile(r"\[(\d{1,2})\]")
+# What reads like a citation but isn't one: "[I]", "[a]", "[1a]", "[]", "[123]", "(1)", "(ii)", "(b)", "{1}" or a
+# numbered line ("2. ..."). A figure after one cites nothing.
+PSEUDO_CITATION = re.compile(
+    r"\[(?!\d{1,2}\])[^\[\]\n]{0,12}\]|(?<!\w)\((?:\d{1,3}|[a-z]|(?=[ivx])x{0,3}(?:ix|iv|v?i{0,3}))\)|\{\d{1,3}\}"
+    r"|^[ \t]*\d{1,2}[.)][ \t]", re.I | re.M)
+# A comparison's winner, in the dataset's words: the school (two schools' same program) or the credential and program
+# (two programs at one school).
+WINNER = re.compile(r"\bGraduates of (?P<school>[^\n]{1,200}?) earn more\b|\bThe (?P<what>[^\n]{1,200}?) pays more\b")
 _NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
@@ -156,9 +168,13 @@ def field_at(text: str, pos: int | None = None) -> str | None:
 
 
 def cited_at(text: str, pos: int) -> int | None:
-    """The row index (1-based) cited last before pos, or None."""
+    """The row index (1-based) cited last before pos, or None (also after a pseudo-citation such as "(2)" or "[II]"
+    that follows the last citation)."""
     found = list(CITATION.finditer(text[:pos]))
-    return int(found[-1].group(1)) if found else None
+    if not found:
+        return None
+    pseudo = [m for m in PSEUDO_CITATION.finditer(text[:pos], found[-1].end())]
+    return None if pseudo else int(found[-1].group(1))
 
 
 # ------------------------------------------------------------------------------------------ the context
@@ -177,12 +193,13 @@ class Context:
 
     def values(self, n: int | None, name: str | None) -> list[str] | None:
         """Value texts a figure under row n and field `name` may state: the one value (empty when suppressed or
-        not in the row), every value of the row when the field is unknown, every figure of the passages when no
-        row is cited; None when row n is not a Scorecard row (its passage's own figures then apply)."""
+        not in the row), every value of the row when the field is unknown, the passage's own figures when row n is
+        not a Scorecard row; nothing when no retrieved row is cited (a figure needs its citation)."""
+        if n is None or not 1 <= n <= len(self.passages):
+            return []
         row = self.row(n)
         if row is None:
-            texts = self.passages if n is None or not 1 <= n <= len(self.passages) else [self.passages[n - 1]]
-            return [f.text.strip() for p in texts for f in figures(p) if f.counts]
+            return [f.text.strip() for f in figures(self.passages[n - 1]) if f.counts]
         if name is None:
             return [v for v in row["values"].values() if v is not None]
         v = row["values"].get(name)
@@ -196,7 +213,8 @@ class Context:
 
 # ------------------------------------------------------------------------------------------ the check
 def claims(answer: str) -> list[dict[str, Any]]:
-    """Claims in an answer: {"type": "figure"|"verdict"|"no_data", "row", "field", "value", "text", "start"}."""
+    """Claims in an answer: {"type": "figure"|"verdict"|"no_data"|"name"|"winner", "row", "field", "value", "text",
+    "start"} ("winner" also carries "cited", the rows the answer cites)."""
     out: list[dict[str, Any]] = []
     lead = _LEADING_VERDICT.match(answer)
     if lead:
@@ -215,17 +233,26 @@ def claims(answer: str) -> list[dict[str, Any]]:
         named = answer[m.end():]
         out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": named,
                     "text": named.split(". ")[0], "start": m.end()})
+    cited = sorted({int(m.group(1)) for m in CITATION.finditer(answer)})
+    for m in WINNER.finditer(answer):
+        kind = "school" if m["school"] is not None else "what"
+        out.append({"type": "winner", "row": None, "field": "earnings", "value": (kind, m[kind]), "text": m.group(),
+                    "start": m.start(), "cited": cited})
     return sorted(out, key=lambda c: c["start"])
 
 
-def row_names(row: dict) -> tuple[str, str]:
-    """How an answer names a row: in full ("Master's Degree in Social Work at Western Michigan University."), or by
-    its credential alone where the school and program are already said ("Master's Degree.")."""
-    return row_title(row["credential"], row["program"], row["school"]) + ".", row["credential"] + "."
+def row_names(row: dict) -> tuple[str, ...]:
+    """Every way an answer names a row right after its citation: in full ("Master's Degree in Social Work at Western
+    Michigan University."), by its credential alone where the school and program are already said ("Master's
+    Degree."), and as the second row of a comparison: by its school ("At Western Michigan University,") or by its
+    credential and program ("Master's Degree in Social Work,")."""
+    cred, program, school = row["credential"], row["program"], row["school"]
+    return (row_title(cred, program, school) + ".", cred + ".", f"At {school},", f"{cred} in {program},")
 
 
 def _misnamed(claim: dict, ctx: Context) -> str | None:
-    """Why a cited row's name contradicts the citation: it is the name of another retrieved row and not this one's."""
+    """Why a cited row's name contradicts the citation: it is not one of the row's own names (another retrieved row's
+    name, when it is one)."""
     n, text = claim["row"], claim["value"]
     row = ctx.row(n)
     if row is None or any(text.startswith(name) for name in row_names(row)):
@@ -234,19 +261,60 @@ def _misnamed(claim: dict, ctx: Context) -> str | None:
         if other is not None and m != n:
             named = next((name for name in row_names(other) if text.startswith(name)), None)
             if named:
-                return f"cites [{n}] but names row [{m}] ({named.rstrip('.')})"
+                return f"cites [{n}] but names row [{m}] ({named.rstrip('.,')})"
+    said = text.split(".")[0][:60]
+    return f"cites [{n}] but names it '{said}' (row [{n}] is {_title(row)})"
+
+
+def _title(row: dict) -> str:
+    return row_title(row["credential"], row["program"], row["school"])
+
+
+def _citation_problem(claim: dict, ctx: Context, expected: set[int] | None) -> str | None:
+    """Why a citation and the name after it are wrong: a row that wasn't retrieved or wasn't asked about, or a
+    name that isn't the row's."""
+    n = claim["row"]
+    if not 1 <= n <= len(ctx.passages):
+        return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
+    row = ctx.row(n)
+    if expected is not None and n not in expected and row is not None:
+        return f"cites [{n}] ({_title(row)}), which is not the row asked about"
+    return _misnamed(claim, ctx)
+
+
+def _winner_problem(claim: dict, ctx: Context) -> str | None:
+    """Why a comparison's winner is wrong: it is not the cited row with the highest median earnings (ties allowed),
+    it names no cited row, or a cited row has no earnings to compare."""
+    rows = {n: ctx.row(n) for n in claim["cited"] if ctx.row(n) is not None}
+    if not rows:
+        return f"says '{claim['text']}' without citing the rows it compares"
+    missing = [n for n, r in rows.items() if r["values"].get("earnings") is None]
+    if missing:
+        return f"says '{claim['text']}', but row [{missing[0]}] has no median earnings"
+    kind, said = claim["value"]
+    name = {"school": lambda r: r["school"], "what": lambda r: f"{r['credential']} in {r['program']}"}[kind]
+    named = [n for n, r in rows.items() if name(r) == said]
+    top = max(value_of(r["values"]["earnings"]) for r in rows.values())
+    best = next(n for n, r in rows.items() if value_of(r["values"]["earnings"]) == top)
+    if not named:
+        return f"says '{claim['text']}', which names none of the cited rows"
+    if any(value_of(rows[n]["values"]["earnings"]) < top for n in named):
+        return (f"says '{claim['text']}', but row [{best}] ({_title(rows[best])}) has the higher median earnings "
+                f"({rows[best]['values']['earnings']})")
     return None
 
 
-def _problem(claim: dict, ctx: Context) -> str | None:
+def _problem(claim: dict, ctx: Context, expected: set[int] | None = None) -> str | None:
     """Why the context contradicts a claim, or None."""
     n, name = claim["row"], claim["field"]
     label = FIELD_NAMES.get(name, "a figure")
+    if claim["type"] == "name":
+        return _citation_problem(claim, ctx, expected)
+    if claim["type"] == "winner":
+        return _winner_problem(claim, ctx)
     if n is not None and not 1 <= n <= len(ctx.passages):
         return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
     row = ctx.row(n)
-    if claim["type"] == "name":
-        return _misnamed(claim, ctx)
     if claim["type"] == "verdict":
         passes = ctx.premium_passes(n)
         if claim["value"] is None:
@@ -260,42 +328,49 @@ def _problem(claim: dict, ctx: Context) -> str | None:
             return None
         value = row["values"].get(name)
         return None if value is None else f"says no data for the {label}, but row [{n}] has {value}"
+    if n is None:
+        return f"states {claim['text']} without citing its row"
     allowed = ctx.values(n, name)
     if any(same_value(claim["value"], v) for v in allowed or []):
         return None
-    where = f"row [{n}]'s {label}" if row is not None and name else (f"row [{n}]" if n else "the retrieved rows")
+    where = f"row [{n}]'s {label}" if row is not None and name else f"row [{n}]"
     if row is not None and name and row["values"].get(name, "absent") is None:
         return f"states {claim['text']} as {where}, which is suppressed (no data)"
     return f"states {claim['text']}, which is not {where}" + (f" ({allowed[0]})" if len(allowed or []) == 1 else "")
 
 
-def check(answer: str, passages: Sequence[str] | Context) -> dict[str, Any]:
+def check(answer: str, passages: Sequence[str] | Context, expected: Collection[int] | None = None) -> dict[str, Any]:
     """The verdict on an answer given its passages: status "verified" (every claim agrees with its cited row),
-    "unverified" (each bad claim carries its "problem"), or "no_claims"; with the cited row indices."""
+    "unverified" (each bad claim carries its "problem"), or "no_claims"; with the cited row indices. `expected`:
+    the rows (1-based) the question resolved to; the answer must cite one of them and no other Scorecard row."""
     ctx = passages if isinstance(passages, Context) else Context(list(passages))
+    wanted = None if expected is None else {int(i) for i in expected}
     found = claims(answer or "")
     for claim in found:
-        claim["problem"] = _problem(claim, ctx)
+        claim["problem"] = _problem(claim, ctx, wanted)
     problems = [c["problem"] for c in found if c["problem"]]
     cited = sorted({int(m.group(1)) for m in CITATION.finditer(answer or "")})
+    if wanted and found and not wanted.intersection(cited):
+        problems.append(f"cites none of the rows asked about ({', '.join(f'[{i}]' for i in sorted(wanted))})")
     status = "unverified" if problems else ("verified" if any(c["type"] != "name" for c in found) else "no_claims")
     return {"status": status, "problems": problems, "cited": cited, "claims": found}
 
 
 def forbidden(verdict: dict, before: dict | None = None) -> dict[str, list]:
     """What a retry must not say again (added to `before`): the offending figures, verdicts, "no data" slots and
-    citations of a failed check."""
+    citations of a failed check (a figure that cited nothing, or a row's misspelt name, forbids nothing: decoding
+    already holds both)."""
     out = {k: list(v) for k, v in (before or {"figures": [], "verdicts": [], "rows": [], "no_data": []}).items()}
     for claim in verdict["claims"]:
         if not claim.get("problem"):
             continue
-        if claim["type"] == "figure":
+        if claim["type"] == "figure" and claim["row"] is not None:
             out["figures"].append(digits(claim["text"]))
         elif claim["type"] == "verdict":
             out["verdicts"].append(claim["value"])
         elif claim["type"] == "no_data":
             out["no_data"].append(claim["field"])
-        if claim["row"] is not None and claim["problem"].startswith("cites"):
+        if claim["row"] is not None and claim["problem"].startswith("cites") and "names it" not in claim["problem"]:
             out["rows"].append(claim["row"])
     return out
 
@@ -304,13 +379,24 @@ def digits(text: str) -> str:
     return re.sub(r"\D", "", text.split(".")[0]) + ("." + re.sub(r"\D", "", text.split(".")[1]) if "." in text else "")
 
 
-def fallback_answer(passages: Sequence[str], cited: Sequence[int]) -> str:
-    """The cited row's own facts, said to be that: the answer when generation could not be verified."""
-    n = next((i for i in cited if 1 <= i <= len(passages)), 1 if passages else None)
+def fallback_answer(passages: Sequence[str], cited: Sequence[int], expected: Collection[int] | None = None) -> str:
+    """The row's own facts under its name, said to be that: the answer when generation could not be verified. The
+    row is a cited row that was asked about, else the first row asked about, else the first cited (or first) row;
+    with `expected` given but none of its rows retrieved, no row."""
+    valid = lambda i: 1 <= i <= len(passages)  # noqa: E731
+    if expected is not None:
+        asked = [i for i in expected if valid(i)]
+        order = [i for i in cited if i in asked] + sorted(asked)
+    else:
+        order = [i for i in cited if valid(i)] + ([1] if passages else [])
+    n = next(iter(order), None)
     if n is None:
         return ("I couldn't check an answer against the College Scorecard, so I won't guess. Name a school, a "
                 "program and a credential, and I'll look them up.")
-    return f"I couldn't phrase a checked answer, so here is the College Scorecard row itself: [{n}] {passages[n - 1].strip()}"
+    row = read_row(passages[n - 1])
+    name = row_names(row)[0] + " " if row is not None else ""
+    return (f"I couldn't phrase a checked answer, so here is the College Scorecard row itself: [{n}] {name}"
+            f"{passages[n - 1].strip()}")
 
 
 # ------------------------------------------------------------------------------------------ rules for decoding
@@ -322,8 +408,15 @@ _LEAD = re.compile(r"[-$0-9.,%]*")
 NO_WORDS = {"no", "not", "none", "n", "na", "n/a", "unavailable", "unknown", "suppressed"}
 
 
+_BRACKET = re.compile(r"\[([^\[\]]*)(\]?)")  # a "[...]" expression: its content, and "]" when closed
+VERDICT_WORDS = ("Yes", "No", "Unknown")  # how an answer opens its verdict: "[1] Yes. <name>."
+
+
 def signature(piece: str) -> tuple:
-    """What `Rules.admits` reads of a token's text: two texts with one signature are admitted alike."""
+    """What `Rules.admits` reads of a token's text: two texts with one signature are admitted alike (a text with
+    "[" is read whole: the citation it writes)."""
+    if "[" in piece:
+        return ("bracket", piece)
     word = piece.strip().lower()
     if word in YES_NO or word in NO_WORDS or word in TEST_WORDS:
         return ("word", word, piece[:1] == " ")
@@ -342,16 +435,26 @@ def _variants(value: str) -> set[str]:
 
 class Rules:
     """What may follow a partial answer, given the passages: `admits(text, piece)` is False when appending
-    `piece` would write a figure that is not the cited row's value for the field being spoken of (or, before any
-    citation, not a figure of the passages), a yes/no that the cited row's premium contradicts, "no data" for a
-    field the row has, or a citation of a row that wasn't retrieved. `forbid` adds what a failed check found."""
+    `piece` would write a figure that is not the cited row's value for the field being spoken of (or any figure
+    before the first citation), a yes/no that the cited row's premium contradicts, "no data" for a field the row
+    has, a "[...]" that is not the citation of a retrieved row ("[I]", "[1a]"; with `expected`, a Scorecard row the
+    question resolved to), or, right after a citation of a Scorecard row, anything but the row's own name
+    (`row_names`, after an opening verdict). `forbid` adds what a failed check found."""
 
-    def __init__(self, passages: Sequence[str], forbid: dict | None = None):
+    def __init__(self, passages: Sequence[str], forbid: dict | None = None, expected: Collection[int] | None = None):
         self.ctx = Context(list(passages))
         self.forbid = forbid or {}
-        self._forbid_key = repr(sorted((k, sorted(map(str, v))) for k, v in self.forbid.items()))
+        self.expected = None if expected is None else {int(i) for i in expected}
+        banned = set(self.forbid.get("rows", ()))
+        self.citable = {n for n in range(1, len(self.ctx.passages) + 1) if n not in banned and (
+            self.expected is None or n in self.expected or self.ctx.row(n) is None)}
+        forbid_key = repr(sorted((k, sorted(map(str, v))) for k, v in self.forbid.items()))
+        self._key = (forbid_key, tuple(sorted(self.citable)), tuple(self.ctx.passages))
         self._allowed: dict[str, tuple[set[str], bool]] = {}
+        self._names: dict[tuple[int, bool], tuple[str, ...]] = {}
         self._open: tuple[str | None, re.Match | None] = (None, None)
+        self._bracket: tuple[str | None, int | None] = (None, None)
+        self._slot: tuple[str | None, list[str] | None] = (None, None)
 
     def allowed(self, before: str) -> set[str]:
         """Figure texts admitted at the end of `before`."""
@@ -378,6 +481,48 @@ class Rules:
             self._open = (text, _OPEN.search(text))
         return self._open[1]
 
+    def open_citation(self, text: str) -> int | None:
+        """Where the "[" that text ends inside (not closed yet) starts, or None (cached like `open_figure`)."""
+        if self._bracket[0] != text:
+            at = text.rfind("[")
+            self._bracket = (text, at if at >= 0 and "]" not in text[at:] else None)
+        return self._bracket[1]
+
+    def _name_texts(self, n: int, opening: bool) -> tuple[str, ...]:
+        """What may follow the citation [n] up to the end of its row's name: " <name>" for each of `row_names`, and,
+        where the citation opens the answer, " <verdict>. <name>" for a verdict the row's premium supports."""
+        key = (n, opening)
+        if key not in self._names:
+            names = [" " + name for name in row_names(self.ctx.row(n))]
+            passes, banned = self.ctx.premium_passes(n), self.forbid.get("verdicts", ())
+            words = [w for w in VERDICT_WORDS if opening and YES_NO[w.lower()] == passes and passes not in banned]
+            self._names[key] = tuple(names + [f" {w}.{name}" for w in words for name in names])
+        return self._names[key]
+
+    def _after_citation(self, text: str) -> tuple[tuple[str, ...], str] | None:
+        """(the texts that may follow the last citation in text, what follows it so far) where that citation is of
+        a Scorecard row; else None."""
+        at = text.rfind("[")
+        m = CITATION.match(text, at) if at >= 0 else None
+        if m is None or self.ctx.row(int(m.group(1))) is None:
+            return None
+        return self._name_texts(int(m.group(1)), not text[:at].strip()), text[m.end():]
+
+    def name_slot(self, text: str) -> list[str] | None:
+        """Where text ends in the name after a citation of a Scorecard row (the citation, perhaps its opening verdict,
+        part of a name): the rests of the texts that may complete it; None elsewhere and once a name is complete."""
+        if self._slot[0] != text:
+            found, rests = self._after_citation(text), None
+            if found is not None and not any(found[1].startswith(f) for f in found[0]):
+                rests = [f[len(found[1]):] for f in found[0] if f.startswith(found[1])] or None
+            self._slot = (text, rests)
+        return self._slot[1]
+
+    def unfinished(self, text: str) -> int | None:
+        """Where a citation that text ends inside starts (an open "[", or a citation whose name isn't complete)."""
+        at = self.open_citation(text)
+        return text.rfind("[") if at is None and self.name_slot(text) is not None else at
+
     def _free(self, figure: str, before: str) -> bool:
         """A 1-2 digit number is no figure ("[1]", "4 years"), except in a field's value slot ("Median debt: ")."""
         return bool(_FREE.fullmatch(figure)) and not self._at(before)[1]
@@ -391,13 +536,41 @@ class Rules:
             return True
         return figure[-1:] in (".", ",") and self.complete(figure[:-1], before)
 
-    def _words(self, text: str, piece: str) -> bool:
-        """Citations, a leading yes/no and "no data" in a value slot."""
-        index = re.match(r"[0-9]+", piece) if text.endswith("[") else None
-        if index:
-            n = int(index.group())
-            if not 1 <= n <= len(self.ctx.passages) or n in self.forbid.get("rows", ()):
+    def _brackets(self, text: str, piece: str) -> bool:
+        """Every "[...]" that piece writes into (closed or still open) holds a citable row's index: 1-2 digits, or
+        the first digit of one while open ("[I]", "[a]", "[1a]", "[]", "[123]" are refused)."""
+        start = self.open_citation(text)
+        if start is None:
+            if "[" not in piece:
+                return True
+            start = len(text)
+        new = text + piece
+        for m in _BRACKET.finditer(new, start):
+            content, number = m.group(1), _FREE.fullmatch(m.group(1)) is not None
+            if m.group(2):
+                ok = number and int(content) in self.citable
+            elif m.end() == len(new):
+                ok = not content or (number and any(str(n).startswith(content) for n in self.citable))
+            else:
+                ok = False  # a "[" left open by another "["
+            if not ok:
                 return False
+        return True
+
+    def _named(self, text: str, piece: str) -> bool:
+        """After a citation of a Scorecard row, only that row's name (after the opening verdict) may be written."""
+        rests = self.name_slot(text)
+        if rests is not None:
+            return any(r.startswith(piece) or piece.startswith(r) for r in rests)
+        if "]" not in piece:
+            return True
+        found = self._after_citation(text + piece)
+        if found is None or len(found[1]) >= len(piece):  # no citation closed by this piece
+            return True
+        return any(f.startswith(found[1]) or found[1].startswith(f) for f in found[0])
+
+    def _words(self, text: str, piece: str) -> bool:
+        """A leading yes/no, the test's verdict and "no data" in a value slot."""
         word = piece.strip().lower()
         at = _AT_VERDICT.fullmatch(text) if word in YES_NO else None
         if at:
@@ -415,20 +588,22 @@ class Rules:
         return True
 
     def decision_key(self, text: str):
-        """What `admits(text, piece)` depends on for any piece, hashable; None where it depends on more (right
-        after "[", at the verdict, in a value slot). Decoding caches its token masks under it."""
-        if text.endswith("[") or text.rstrip().endswith(":") or _AT_VERDICT.fullmatch(text):
+        """What `admits(text, piece)` depends on for any piece, hashable; None where it depends on more (inside a
+        "[", in the name after a citation, at the verdict, in a value slot). Decoding caches its token masks under
+        it (across the rows of a batch: the key holds what sets one row's rules apart)."""
+        if self.open_citation(text) is not None or self.name_slot(text) is not None or text.rstrip().endswith(":") \
+                or _AT_VERDICT.fullmatch(text):
             return None
         open_ = self.open_figure(text)
         verdict = self.ctx.premium_passes(cited_at(text, len(text)))  # what "passes"/"fails" may say here
         if open_ is not None:
-            return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])), verdict, self._forbid_key)
+            return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])), verdict, self._key)
         wordy = bool(text[-1:]) and (text[-1].isalnum() or text[-1] in "_.,$")
-        return ("free", wordy, frozenset(self.allowed(text)), verdict, self._forbid_key)
+        return ("free", wordy, frozenset(self.allowed(text)), verdict, self._key)
 
     def admits(self, text: str, piece: str) -> bool:
         """Whether `piece` may follow `text` (see the class)."""
-        if not self._words(text, piece):
+        if not (self._words(text, piece) and self._brackets(text, piece) and self._named(text, piece)):
             return False
         open_ = self.open_figure(text)
         if open_ is None:
