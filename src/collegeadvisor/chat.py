@@ -7,7 +7,8 @@ import sys
 import threading
 from typing import Callable, Sequence, TextIO
 
-from collegeadvisor.generate import answer, stream_batch
+from collegeadvisor.advise import respond
+from collegeadvisor.generate import stream_batch
 
 HELP = "commands: /reset (forget the conversation), /exit"
 
@@ -20,17 +21,31 @@ def _stream_reply(model, tokenizer, history: list[dict], out: TextIO, max_new_to
     return result[0]["text"].strip()
 
 
-def _grounded_reply(model, tokenizer, history: list[dict], hits: Sequence[dict], out: TextIO, max_new_tokens: int,
-                    temperature: float) -> str:
-    """The answer from the retrieved rows, checked (and retried) before it is shown, then the rows it cites."""
-    passages = [h["document"] for h in hits]
-    result = answer(model, tokenizer, [history], [passages], max_new_tokens=max_new_tokens, temperature=temperature)[0]
-    reply, verdict = result["text"], result["grounding"]
+def _resolved(described: dict) -> str:
+    """One line on what the conversation resolved to, or what is missing or ambiguous."""
+    parts = [s["candidates"][0]["name"] if len(s["candidates"]) == 1 else f"{s['text']}?"
+             for s in described["schools"]]
+    parts += [p[0] for p in described["programs"][:2]] + [f"field {described['field']}"]
+    why = f"; {described['why']}" if described["why"] else ""
+    return f"resolved: {', '.join(parts)} ({described['decision']}{why})"
+
+
+def _grounded_reply(model, tokenizer, history: list[dict], retriever: Callable[[str], Sequence[dict]], out: TextIO,
+                    max_new_tokens: int, temperature: float) -> str:
+    """The answer to what the conversation resolved to, checked (and retried) before it is shown, then the rows it
+    cites."""
+    plan, result = respond(model, tokenizer, [history], retriever, max_new_tokens=max_new_tokens,
+                           temperature=temperature)[0]
+    reply, verdict, hits = result["text"], result["grounding"], plan.hits
+    passages = plan.passages
     print(reply, end="", file=out)
+    print(f"\n   ({_resolved(plan.describe())})", end="", file=out)
     note = {"verified": "checked against the cited row", "no_claims": "no figures to check",
             "unverified": "NOT verified"}[verdict["status"]]
     if verdict.get("fallback"):
-        note = "the model's answer failed the check; this is the row itself"
+        note = "the model's answer failed the check; this answer is written from the row itself"
+    if verdict.get("fixed"):
+        note = "said from the Scorecard table; the model wasn't asked"
     print(f"\n   ({note})", end="", file=out)
     for n in verdict["cited"]:
         if 1 <= n <= len(hits):
@@ -69,7 +84,7 @@ def chat_loop(model, tokenizer, inp: TextIO | None = None, out: TextIO | None = 
         history.append({"role": "user", "content": text})
         print("advisor> ", end="", file=out, flush=True)
         if retriever is not None:
-            reply = _grounded_reply(model, tokenizer, history, retriever(text), out, max_new_tokens, temperature)
+            reply = _grounded_reply(model, tokenizer, history, retriever, out, max_new_tokens, temperature)
         else:
             reply = _stream_reply(model, tokenizer, history, out, max_new_tokens, temperature)
         if not reply:

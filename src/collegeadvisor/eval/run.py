@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from collegeadvisor import advise
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.data.loaders import load_examples
 from collegeadvisor.data.prepare import encode_examples
@@ -88,22 +89,31 @@ def adapter_state(model, on: bool):
 
 def replies_for(model, tokenizer, questions: list[dict], max_new_tokens: int, batch_size: int,
                 retriever: Retriever | None = None, retries: int = RETRIES) -> tuple[list[dict], list[list[dict]], dict]:
-    """Answers through `generate.answer` (the one grounded path: constraint, check, retries), the hits each was
-    answered from, per-question latency (the wall time of its batch) and generated tokens/s."""
-    hits = [list(retriever(q["question"])) if retriever else [] for q in questions]
+    """Answers as served (`advise`: resolve, find the asked rows, decide, then `generate.answer` with its
+    constraint, check and retries), the hits each was answered from, per-question latency (the wall time of its
+    batch) and generated tokens/s. Without a retriever, the questions go to the model as they are."""
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
-    passages = [[h["document"] for h in hs] if retriever else None for hs in hits]
-    replies, latency = [], []
+    plans = [advise.plan(c, retriever) for c in convs] if retriever else [None] * len(convs)
+    replies: list[dict | None] = [advise.fixed_result(p) if p and p.reply is not None else None for p in plans]
+    todo = [i for i, r in enumerate(replies) if r is None]
+    latency = [0.0] * len(convs)
     start = time.perf_counter()
-    for b in tqdm(range(0, len(convs), batch_size), desc="eval", unit="batch", disable=None, leave=False):
-        t = time.perf_counter()
-        out = answer(model, tokenizer, convs[b : b + batch_size], passages[b : b + batch_size],
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, retries=retries)
+    for b in tqdm(range(0, len(todo), batch_size), desc="eval", unit="batch", disable=None, leave=False):
+        idx, t = todo[b : b + batch_size], time.perf_counter()
+        out = answer(model, tokenizer, [advise.model_messages(plans[i], convs[i]) if plans[i] else convs[i]
+                                        for i in idx],
+                     [plans[i].passages if plans[i] else None for i in idx], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, retries=retries,
+                     expected=[plans[i].expected or None if plans[i] else None for i in idx])
         dt = time.perf_counter() - t
-        replies += out
-        latency += [dt] * len(out)
+        for i, r in zip(idx, out):
+            replies[i], latency[i] = advise.finish(plans[i], r) if plans[i] else r, dt
     elapsed = time.perf_counter() - start
     tokens = sum(r["n_tokens"] for r in replies)
+    hits = [p.hits if p else [] for p in plans]
+    for r, p in zip(replies, plans):
+        if p is not None:
+            r["resolution"] = p.describe()
     return replies, hits, {"latency_s": latency, "tokens_per_s": tokens / max(elapsed, 1e-9)}
 
 
@@ -118,7 +128,8 @@ def _sample_rows(questions, replies, hits, scores, text_key: str) -> list[dict]:
     return [{"question": q["question"], "reference": q["answer"], "kind": q["kind"], "reply": r[text_key],
              "grounding": (r.get("grounding") or {}).get("status") if text_key == "text" else
              (r.get("raw_grounding") or {}).get("status"),
-             "rows": [str(h["id"]) for h in hs], "scores": s}
+             "rows": [str(h["id"]) for h in hs], "scores": s,
+             "resolution": {k: (r.get("resolution") or {}).get(k) for k in ("decision", "why", "rows")}}
             for q, r, hs, s in zip(questions, replies, hits, scores)]
 
 

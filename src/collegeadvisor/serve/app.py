@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from collegeadvisor import advise
 from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
 from collegeadvisor.generate import answer, stream_batch
@@ -131,6 +132,7 @@ class Served:
     max_prompt: int
     default_max_tokens: int
     max_tokens_limit: int
+    k: int = 3  # rows a grounded answer reads
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, kind: str, cid: str) -> dict:
@@ -154,6 +156,7 @@ class Prepared(NamedTuple):
     hits: list[dict]
     max_tokens: int
     temperature: float
+    plan: advise.Plan | None = None  # what the conversation resolved to and how it is answered
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -185,11 +188,12 @@ async def prepare(srv: Served, req: ChatRequest) -> Prepared:
     if messages[-1]["role"] == "assistant":
         raise APIError(400, "the last message must come from the user, not the assistant", param="messages")
     hits: list[dict] = []
-    if srv.retriever is not None:
-        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        hits = list(await asyncio.to_thread(srv.retriever, question)) if question.strip() else []
+    plan, model_messages = None, messages
+    if srv.retriever is not None:  # resolve the conversation, find its rows, decide (off the event loop)
+        plan = await asyncio.to_thread(advise.plan, messages, srv.retriever, srv.k)
+        hits, model_messages = plan.hits, advise.model_messages(plan, messages)
     passages = [h["document"] for h in hits] if srv.retriever is not None else None
-    rendered = with_context(messages, passages or [])
+    rendered = with_context(model_messages, passages or [])
     chars = sum(len(m["content"]) for m in rendered)
     if chars > srv.max_prompt * CHARS_PER_TOKEN_BOUND:
         raise APIError(400, f"the prompt is {chars:,} characters; this server accepts at most {srv.max_prompt} "
@@ -205,7 +209,7 @@ async def prepare(srv: Served, req: ChatRequest) -> Prepared:
         raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the "
                             f"model's context of {srv.context} tokens", param="max_tokens",
                        code="context_length_exceeded")
-    return Prepared(messages, passages, prompt, hits, max_tokens, float(req.temperature or 0.0))
+    return Prepared(model_messages, passages, prompt, hits, max_tokens, float(req.temperature or 0.0), plan)
 
 
 async def chat_completion(srv: Served, req: ChatRequest):
@@ -219,8 +223,14 @@ async def chat_completion(srv: Served, req: ChatRequest):
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     key = (p.max_tokens, p.temperature, req.top_p, tuple(req.stop))
-    result = await srv.batcher.answer(key, p.messages, p.passages)
+    if p.plan is not None and p.plan.reply is not None:  # decided without the model: said as it is
+        result = advise.fixed_result(p.plan)
+    else:
+        result = await srv.batcher.answer(key, p.messages, p.passages, p.plan.expected or None if p.plan else None)
+        result = advise.finish(p.plan, result) if p.plan is not None else result
     extra = grounded_fields(p.hits, result.get("grounding")) if srv.retriever is not None else {}
+    if p.plan is not None:
+        extra["resolution"] = p.plan.describe()
     finish = "stop" if result["stopped"] else "length"
     if req.stream:
         return StreamingResponse(sse_text(srv, cid, result, len(p.prompt), finish, extra, include_usage),
@@ -304,7 +314,8 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
                       batch_wait_ms)
     srv = Served(name, tokenizer, retriever, batcher, context,
                  max_prompt_tokens if max_prompt_tokens is not None else context - 1,
-                 min(default_max_tokens, max_tokens_limit), max_tokens_limit)
+                 min(default_max_tokens, max_tokens_limit), max_tokens_limit,
+                 int((manifest.get("retrieval") or {}).get("k") or 3))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-# answer(conversations, passages, max_tokens, temperature, top_p, batch_size, stops) -> one result per conversation
+# answer(conversations, passages, max_tokens, temperature, top_p, batch_size, stops, expected=) -> one result each
 Answer = Callable[..., list[dict]]
 # stream(conversations, max_tokens, temperature, top_p, cancels, emits) -> one final info per conversation
 Stream = Callable[..., list[dict]]
@@ -23,6 +23,7 @@ class Job:
     key: tuple  # (max_tokens, temperature, top_p, stops), or ("stream", max_tokens, temperature, top_p)
     messages: list[dict]
     passages: list[str] | None = None
+    expected: list[int] | None = None  # the rows the question asked about (1-based among passages)
     future: asyncio.Future | None = None  # an answered job's result
     emit: Callable[[str], None] | None = None  # a streamed job's pieces, called on the worker thread
     cancel: threading.Event | None = None  # set when a streamed job's client has gone
@@ -52,10 +53,11 @@ class Batcher:
         self.task.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)
 
-    async def answer(self, key: tuple, messages: list[dict], passages: list[str] | None) -> dict:
+    async def answer(self, key: tuple, messages: list[dict], passages: list[str] | None,
+                     expected: list[int] | None = None) -> dict:
         """The result of `answer` for one conversation, generated in a batch with those that arrived beside it."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Job(key, messages, passages, future=future))
+        await self.queue.put(Job(key, messages, passages, expected, future=future))
         return await future
 
     async def stream(self, key: tuple, messages: list[dict], emit: Callable[[str], None], cancel: threading.Event,
@@ -100,7 +102,7 @@ class Batcher:
         max_tokens, temperature, top_p, stops = key
         results = await self._on_worker(jobs, partial(self.answer_fn, [j.messages for j in jobs],
                                                       [j.passages for j in jobs], max_tokens, temperature, top_p,
-                                                      len(jobs), stops))
+                                                      len(jobs), stops, expected=[j.expected for j in jobs]))
         for job, result in zip(jobs, results):
             if job.future.done():  # the client went away meanwhile
                 continue
