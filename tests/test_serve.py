@@ -200,7 +200,9 @@ def test_rag_answers_carry_sources(served):
     assert body["usage"]["prompt_tokens"] == len(encode_prompt(tok, grounded))  # the passages went in
     expected = answer(model, tok, [ASK], [[h["document"] for h in HITS]], max_new_tokens=8)[0]
     assert body["choices"][0]["message"]["content"] == expected["text"]
-    assert body["grounding"]["status"] == expected["grounding"]["status"]
+    # the question names no school or program the data resolves: its rows may not be the ones meant
+    assert body["grounding"]["status"] == expected["grounding"]["status"].replace("verified", "unresolved")
+    assert body["resolution"]["decision"] == "retrieval"
     assert body["grounding"]["fallback"] == bool(expected["grounding"].get("fallback"))
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == expected["text"]
     assert events[-1]["grounding"] == body["grounding"]

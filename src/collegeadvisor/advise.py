@@ -292,8 +292,12 @@ def fixed_result(p: Plan) -> dict:
 
 def finish(p: Plan, result: dict) -> dict:
     """A generated answer that failed its check after every retry becomes the dataset's own answer for the asked
-    rows (the form the model was trained to write), checked like any other."""
+    rows (the form the model was trained to write), checked like any other. An answer to a question that resolved
+    to no row is "unresolved" at best: its figures match the rows it cites, but nothing says those are the rows
+    meant."""
     verdict = result.get("grounding") or {}
+    if p.decision == "retrieval" and verdict.get("status") == "verified":  # its rows may not be the ones meant
+        return result | {"grounding": verdict | {"status": "unresolved"}}
     if not verdict.get("fallback") or not p.kind or not p.rows:
         return result
     cite = {str(r["row_id"]): i for i, r in enumerate(p.rows, 1)}

@@ -40,8 +40,9 @@ def _grounded_reply(model, tokenizer, history: list[dict], retriever: Callable[[
     passages = plan.passages
     print(reply, end="", file=out)
     print(f"\n   ({_resolved(plan.describe())})", end="", file=out)
-    note = {"verified": "checked against the cited row", "no_claims": "no figures to check",
-            "unverified": "NOT verified"}[verdict["status"]]
+    note = {"verified": "checked: the asked row, and every figure matches it", "no_claims": "no figures to check",
+            "unverified": "NOT verified",
+            "unresolved": "figures match the cited rows, but the question resolved to no row"}[verdict["status"]]
     if verdict.get("fallback"):
         note = "the model's answer failed the check; this answer is written from the row itself"
     if verdict.get("fixed"):
