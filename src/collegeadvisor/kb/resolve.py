@@ -14,20 +14,16 @@ what it names ("and at ucsd?" the school, "what about debt?" the field, "and the
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from importlib import resources
 
-from collegeadvisor.kb.parse import _campus, _preferred, names, normalize, parse
+from collegeadvisor.kb.nameindex import name_indexes, zipf_of, aliases
+from collegeadvisor.kb.parse import names, normalize, parse
 
 LONGEST = 14  # words in the longest school or program phrase matched
-COMMON = 4.5  # wordfreq zipf at or above which a word is an ordinary word, not a school's nickname
-ENGLISH = 3.0  # ... at or above which a word is left as written (no typo correction)
+ENGLISH = 3.0  # wordfreq zipf at or above which a word is left as written (no typo correction)
 TYPO_SCORE = 84  # rapidfuzz ratio a correction needs
-DOMINANT = 3.0  # an initialism shared by several schools means the one with this many times more rows
-INITIAL_SKIP = {"of", "the", "at", "and", "&", "in", "for", "a", "an", "on"}
 # Words of a question that point to no program, though some program's name has them ("student loans").
 QUESTION_WORDS = {"student", "students", "loan", "loans", "debt", "pay", "paid", "salary", "grads", "graduates",
                   "earn", "earnings", "money", "job", "jobs", "career", "work", "working", "degree", "program",
@@ -102,132 +98,6 @@ class Resolution:
 
 
 @lru_cache(maxsize=1)
-def aliases() -> dict[str, dict]:
-    text = resources.files("collegeadvisor.kb").joinpath("aliases.json").read_text(encoding="utf-8")
-    table = json.loads(text)
-    return {kind: {" ".join(normalize(k)): v for k, v in entries.items()}
-            for kind, entries in table.items() if not kind.startswith("_")}
-
-
-@lru_cache(maxsize=1)
-def _zipf():
-    from wordfreq import zipf_frequency
-    return lambda word: zipf_frequency(word, "en")
-
-
-def _initialisms(name: str) -> set[str]:
-    """Initialisms a school goes by: its words' initials ("Florida State University" fsu, "University of
-    California-Los Angeles" ucla) and, for "University of <State>", "u" and the state's code ("umn", "uga")."""
-    from collegeadvisor.kb.parse import STATES
-
-    out = set()
-    base, _ = _campus(name)
-    for words in (normalize(name), base.split()):
-        letters = "".join(w[0] for w in words if w not in INITIAL_SKIP and w.isalpha())
-        if len(letters) >= 3:
-            out.add(letters)
-    state_code = {" ".join(normalize(v)): k.lower() for k, v in STATES.items()}
-    place = base[14:] if base.startswith("university of ") else ""
-    if place in state_code:
-        out.add("u" + state_code[place])
-    if place and " " not in place:  # "uiowa", "umich"
-        out |= {"u" + place, "u" + place[:4]}
-    if place:  # "uofu", "u of sc"
-        letters = "".join(w[0] for w in place.split() if w not in INITIAL_SKIP)
-        out |= {"uof" + letters, "u of " + letters}
-    return out
-
-
-@lru_cache(maxsize=1)
-def _indexes() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]], set[str]]:
-    """(school key -> names, program key -> programs, the words of every name), from the table and the aliases."""
-    from collegeadvisor.data.scorecard import load_table
-
-    table, idx, zipf = load_table(), names(), _zipf()
-    grouped = table.groupby("inst_name")["completers_count"]
-    sizes = (grouped.sum() * grouped.size()).to_dict()  # graduates x programs: how well known a school is
-    taken = set(aliases()["programs"]) | set(aliases()["credentials"]) | set(_credential_keys())
-    schools: dict[str, tuple[str, ...]] = {}
-    generated: dict[str, set[str]] = {}
-    for name in table["inst_name"].dropna().unique():
-        for key in _initialisms(name):
-            if zipf(key) < COMMON and key not in taken:
-                generated.setdefault(key, set()).add(name)
-    for key, found in generated.items():
-        schools[key] = _dominant(found, sizes)
-    for key, (_, found) in idx.short_schools.items():  # one word, "University"/"College" left out
-        if not key.startswith("?") and (len(key.split()) > 1 or (zipf(key) < COMMON and len(key) > 3)):
-            schools[key] = _narrowed(key, found, sizes)  # "temple": Temple University, not Temple College
-    for key, found in _at_campus_keys(table["inst_name"].dropna().unique(), sizes).items():
-        schools.setdefault(key, found)
-    for key, (_, found) in idx.passes[0][1].items():  # names, their variants, shortened ones of 2+ words
-        schools[key] = _narrowed(key, found)
-    schools.update({k: (v,) for k, v in aliases()["schools"].items()})
-    programs: dict[str, tuple[str, ...]] = {}
-    for key, (kind, found) in idx.passes[1][1].items():
-        if kind == "program" and not _vague(key, found):
-            programs[key] = tuple(found)
-    for key, value in aliases()["programs"].items():  # after the exact names: "computer science" may also mean
-        named = (value,) if isinstance(value, str) else tuple(value)  # "Computer and Information Sciences, General"
-        programs[key] = tuple(dict.fromkeys(programs.get(key, ()) + named))
-    words = {w for key in list(schools) + list(programs) for w in key.split() if w.isalpha()}
-    return schools, programs, words
-
-
-def _vague(key: str, found) -> bool:
-    """A program's short form that is one ordinary word and not the program's plain name ("science" for "Science,
-    Technology and Society"): it names no program by itself."""
-    if " " in key or _zipf()(key) < COMMON:
-        return False
-    plain = {" ".join(normalize(p)) for p in found} | {" ".join(normalize(p.split(",")[0])) for p in found
-                                                        if p.split(",")[-1].strip() in ("General", "Other")}
-    return key not in plain
-
-
-def _credential_keys() -> list[str]:
-    from collegeadvisor.kb.parse import CREDENTIAL_WORDS
-
-    return [" ".join(normalize(p)) for phrases in CREDENTIAL_WORDS.values() for p in phrases]
-
-
-def _at_campus_keys(all_names, sizes: dict[str, float]) -> dict[str, tuple[str, ...]]:
-    """"Kent State University at Kent" is a campus of "Kent State University": the school's name, and its name with
-    "University"/"College" left out ("kent state"), mean its campus with the most graduates."""
-    from collegeadvisor.kb.parse import _shortened
-
-    groups: dict[str, set[str]] = {}
-    for name in all_names:
-        if " at " in name and "-" not in name:
-            base = " ".join(normalize(name.split(" at ")[0]))
-            for key in [base, *_shortened(base)]:
-                if len(key.split()) > 1:
-                    groups.setdefault(key, set()).add(name)
-    return {k: (max(sorted(v), key=lambda n: sizes.get(n, 0)),) for k, v in groups.items()}
-
-
-def _narrowed(key: str, found, sizes: dict | None = None) -> tuple[str, ...]:
-    """The schools a name key means: its main campus where it names several campuses of one school; for a name
-    with a word left out (`sizes` given), the far best-known school where several share it."""
-    preferred = names().preferred.get(key)
-    if preferred:
-        return tuple(sorted(preferred))
-    return _dominant(set(found), sizes) if sizes and len(set(found)) > 1 else tuple(sorted(found))
-
-
-def _dominant(found: set[str], sizes: dict[str, int]) -> tuple[str, ...]:
-    """An initialism's schools: each school's main campus, then the one with DOMINANT times more rows than the
-    next, if any (people say "fsu" for Florida State University), else all of them."""
-    by_base: dict[str, set[str]] = {}
-    for name in found:
-        by_base.setdefault(_campus(name)[0], set()).add(name)
-    mains = sorted((_preferred(group, sizes) or group for group in by_base.values()), key=len)
-    picked = sorted({n for group in mains for n in group}, key=lambda n: -sizes.get(n, 0))
-    if len(picked) > 1 and sizes.get(picked[0], 0) >= DOMINANT * sizes.get(picked[1], 0):
-        return (picked[0],)
-    return tuple(sorted(picked))
-
-
-@lru_cache(maxsize=1)
 def _units() -> dict[str, tuple[tuple[str, str, str], ...]]:
     """school name -> its (unitid, name, state): a name may belong to several schools ("Columbia College")."""
     from collegeadvisor.data.scorecard import load_table
@@ -258,9 +128,9 @@ def _corrected(word: str) -> str:
     """A typo fixed: the closest word of a school or program name, where the word is no ordinary word."""
     from rapidfuzz import fuzz, process
 
-    schools, programs, words = _indexes()
+    schools, programs, words = name_indexes()
     if (len(word) < 5 or not word.isalpha() or word in words or word in schools or word in programs
-            or _zipf()(word) >= ENGLISH):
+            or zipf_of()(word) >= ENGLISH):
         return word
     found = process.extractOne(word, sorted(words), scorer=fuzz.ratio, score_cutoff=TYPO_SCORE)
     return found[0] if found else word
@@ -274,7 +144,7 @@ def _variants(key: str) -> list[str]:
 
 def _spans(tokens: list[str]) -> tuple[list[School], list[tuple[str, ...]], list[str], list[bool]]:
     """The schools and programs a token list names, longest phrase first, and the tokens they use."""
-    schools, programs, _ = _indexes()
+    schools, programs, _ = name_indexes()
     used = [False] * len(tokens)
     found: list[tuple[int, str, object, str]] = []
     for n in range(min(LONGEST, len(tokens)), 0, -1):
@@ -385,10 +255,10 @@ def _unknown_school(text: str, tokens_left: list[str]) -> str | None:
         phrase = " ".join(words[start:])
         if not re.fullmatch(rf"(?:{SCHOOL_WORDS})(?: of)?", phrase) and phrase not in ("high school",):
             return phrase
-    _, _, words = _indexes()
+    _, _, words = name_indexes()
     for m in _AT_WORD.finditer(text.lower()):
         first = m.group(1).split()[0]
-        if first not in words and _zipf()(first) < ENGLISH and first.isalpha():
+        if first not in words and zipf_of()(first) < ENGLISH and first.isalpha():
             return m.group(1).split(" for ")[0].strip()
     return None
 
@@ -396,11 +266,11 @@ def _unknown_school(text: str, tokens_left: list[str]) -> str | None:
 def _longer_unknown(tokens: list[str], schools: list[School]) -> str | None:
     """A known name inside an unknown one ("wakanda institute of technology" holds "Institute of Technology"):
     the word before the name is no word of any name and no ordinary word."""
-    _, _, words = _indexes()
+    _, _, words = name_indexes()
     for s in schools:
         before = tokens[s.start - 1] if s.start > 0 else ""
         if (before.isalpha() and before not in words and before not in PHRASE_STOP
-                and _zipf()(before) < ENGLISH and re.match(SCHOOL_WORDS, s.text)):
+                and zipf_of()(before) < ENGLISH and re.match(SCHOOL_WORDS, s.text)):
             return f"{before} {s.text}"
     return None
 
