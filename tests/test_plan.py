@@ -85,3 +85,26 @@ def test_eta_and_memory_come_from_the_plan(tmp_path, smol_tiny_model):
     ram = next(f for f in findings if f.code == "ram")
     assert eta.data["plan"] == plan and f"for {plan['total_steps']} steps ({plan['epochs']:.2f} epochs)" in eta.message
     assert {k: ram.data[k] for k in plan["memory"]} == plan["memory"]
+
+
+def test_check_reports_the_steps_train_plans_for_max_time(tmp_path, tinyllama_tiny_model, monkeypatch):
+    """With max_time, check's ETA gives the steps the budget allows at its measured speed: at the same speed, the
+    steps train plans at its start."""
+    data = write_jsonl(tmp_path / "data.jsonl", advisor_rows(40))
+    cfg = load_config(None, dict(base_model=str(tinyllama_tiny_model), data=str(data), output_dir=str(tmp_path / "runs"),
+                                 run_name="r", batch_size=4, grad_accum=2, epochs=3, sample_every=0,
+                                 max_time="00:00:00:30"))
+    # the same speed (50 tokens/s) for check's measured micro-batch and for train's measured first step
+    monkeypatch.setattr(check, "measure_step", lambda *a: {"tokens_per_s": 50.0, "seconds": 4.0, "tokens": 200,
+                                                           "peak_rss": 0, "rss_before": 0})
+    monkeypatch.setattr(recipe.Training, "measure_step", lambda self: {"seconds": 14.0, "tokens": 700})
+    findings = check.run_checks(cfg, stages=("train",))
+    plan = next(f for f in findings if f.code == "plan")
+    eta = next(f for f in findings if f.code == "eta")
+    assert "max_time 00:00:00:30: train plans the steps that fit it (at most these)" in plan.message
+    state = recipe.setup(cfg, log=lambda *_: None)
+    assert eta.data["steps"] == state.plan.total_steps < plan.data["total_steps"]
+    n = state.plan.total_steps
+    assert eta.where == "max_time" and f"for {n} steps" in eta.message
+    assert f"max_time 00:00:00:30 allows {n} steps" in eta.message
+    assert eta.data["eta_seconds"] <= 30

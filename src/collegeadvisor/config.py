@@ -4,12 +4,15 @@ are the corrected recipe); eval, chat, serve, kb and export each read their own 
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from collegeadvisor.errors import AdvisorError
 from collegeadvisor.export import GGUF_TYPES, TARGETS
@@ -89,10 +92,33 @@ class Config(BaseModel):
     stop_after_steps: Optional[int] = Field(
         None, ge=1, description="stop this invocation after N steps with a checkpoint; continue with --resume"
     )
+    max_time: Optional[Union[str, dict[str, Union[int, float]]]] = Field(
+        None, description="time budget of training, counted from its first step (model loading not counted): "
+        "'DD:HH:MM:SS' or 'HH:MM:SS' (quote it in YAML), or in YAML a mapping {hours: 1, minutes: 30} of days, hours, "
+        "minutes, seconds. The steps are planned (warmup, decay) to fit it at the speed measured at the start, the "
+        "fewer of these and max_steps (or epochs); training stops at the first step past it, with a checkpoint. With "
+        "--resume: this invocation's budget (the planned steps stay)"
+    )
     report_to: Optional[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         None, description="also send the metrics of metrics.jsonl to this tracker, through accelerate (an optional "
         "extra each: pip install 'collegeadvisor[tensorboard]')"
     )
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _check_max_time(cls, value: Any) -> Any:
+        if isinstance(value, datetime.timedelta):  # the Python API may pass what Lightning's Trainer takes
+            value = {"seconds": value.total_seconds()}
+        try:
+            max_time_seconds(value)
+        except ValueError as exc:
+            raise PydanticCustomError("max_time", "{why}", {"why": str(exc)}) from None
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def max_time_s(self) -> float | None:
+        """max_time in seconds (None: no time budget)."""
+        return max_time_seconds(self.max_time)
 
     @classmethod
     def from_manifest(cls, saved: dict[str, Any]) -> "Config":
@@ -111,6 +137,57 @@ class Config(BaseModel):
         """The --config file, then every option given on the command line; 'none' (or 'null') unsets a setting that
         may be unset (--max-steps none). A bad value is one line naming the option."""
         return _build(cls, getattr(args, "config", None), flags_given(cls, args), from_flags=True)
+
+
+# ------------------------------------------------------------------------------------------ max_time
+DURATION_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+DURATION_FORMS = "'DD:HH:MM:SS' or 'HH:MM:SS', or a mapping of days, hours, minutes, seconds"
+
+
+def max_time_seconds(value: Any) -> float | None:
+    """Seconds of a max_time setting (None: none). Accepted: 'DD:HH:MM:SS' (Lightning's Trainer form) or 'HH:MM:SS',
+    each field a whole number >= 0 (not capped: '00:90:00' is 90 minutes); a mapping of days, hours, minutes and
+    seconds (numbers >= 0). Refused, with a ValueError of one line: 'MM:SS' (is 10:00 ten hours or ten minutes?),
+    plain numbers (YAML reads an unquoted 1:30:00 as the number 5400) and a total of 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"expected {DURATION_FORMS}, got {value!r}")
+    if isinstance(value, (int, float)):
+        raise ValueError(f"got the number {value!r}; write a quoted 'HH:MM:SS' or a mapping such as {{minutes: 10}} "
+                         "(YAML reads an unquoted 1:30:00 as a number of seconds in base 60)")
+    if isinstance(value, str):
+        parts = value.strip().split(":")
+        if len(parts) == 2:
+            raise ValueError(f"{value!r} is ambiguous (hours:minutes or minutes:seconds?); write 'HH:MM:SS' or "
+                             "'DD:HH:MM:SS'")
+        if len(parts) not in (3, 4) or not all(p.isascii() and p.isdigit() for p in parts):
+            raise ValueError(f"{value!r} is not a duration; expected {DURATION_FORMS}")
+        fields = [0] * (4 - len(parts)) + [int(p) for p in parts]
+        seconds = float(sum(n * unit for n, unit in zip(fields, DURATION_UNITS.values())))
+    elif isinstance(value, dict):
+        seconds = 0.0
+        for key, n in value.items():
+            if key not in DURATION_UNITS:
+                raise ValueError(f"unknown key {key!r}; expected {', '.join(DURATION_UNITS)}")
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+                raise ValueError(f"{key}: expected a number >= 0, got {n!r}")
+            seconds += n * DURATION_UNITS[key]
+    else:
+        raise ValueError(f"expected {DURATION_FORMS}, got {type(value).__name__}")
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is no time at all; give more than 0 seconds")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as DD:HH:MM:SS (with a fraction of a second where there is one)."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    frac = f"{seconds - whole:.3f}".lstrip("0") if seconds - whole >= 0.0005 else ""
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}{frac}"
 
 
 # A top-level key that no longer exists, and where its setting went.

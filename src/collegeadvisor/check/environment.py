@@ -194,12 +194,21 @@ def _peak_rss() -> int:
 
 def check_eta(cfg, speed: dict, p) -> list[Finding]:
     """How long the plan's run takes at the measured speed."""
-    seconds = p.eta(speed["tokens_per_s"])
-    return [finding("info", "environment", "max_steps" if cfg.max_steps else "epochs",
-                    f"ETA {duration(seconds)} for {p.total_steps} steps ({p.epochs:.2f} epochs) at "
+    timed, budget = p, ""
+    if p.max_time_s is not None:  # the steps train would plan for max_time at this speed (it measures again)
+        from collegeadvisor.config import duration_text
+        from collegeadvisor.train.planner import for_time
+
+        timed = for_time(cfg, p, speed)
+        budget = f"; max_time {duration_text(p.max_time_s)} allows {timed.budget['allowed_steps']} steps at this speed"
+    seconds = timed.eta(speed["tokens_per_s"])
+    where = "max_time" if p.max_time_s is not None else "max_steps" if cfg.max_steps else "epochs"
+    return [finding("info", "environment", where,
+                    f"ETA {duration(seconds)} for {timed.total_steps} steps ({timed.epochs:.2f} epochs) at "
                     f"{speed['tokens_per_s']:.0f} tokens/s measured on {p.device} (one forward + backward of "
-                    f"{speed['tokens']} tokens in {speed['seconds']:.2f} s; sample generations not counted); peak RSS "
-                    f"{gb(speed['peak_rss'])}", code="eta", eta_seconds=seconds, step=speed, plan=p.as_dict())]
+                    f"{speed['tokens']} tokens in {speed['seconds']:.2f} s; sample generations not counted){budget}; "
+                    f"peak RSS {gb(speed['peak_rss'])}", code="eta", eta_seconds=seconds, step=speed,
+                    plan=p.as_dict(), steps=timed.total_steps)]
 
 
 def duration(seconds: float) -> str:

@@ -31,9 +31,15 @@ def check_plan(p) -> list[Finding]:
     cut = f", {p.dropped['truncated']} cut at max_length" if p.dropped["truncated"] else ""
     precision = f"{str(p.dtype).replace('torch.', '')}" + (" with bf16 autocast" if p.autocast else "") + (
         ", base weights in bf16" if p.base_bf16 else "")
+    budget = ""
+    if p.max_time_s is not None:
+        from collegeadvisor.config import duration_text
+
+        budget = (f"; max_time {duration_text(p.max_time_s)}: train plans the steps that fit it (at most these) at "
+                  "the speed of its first step")
     return [finding("info", "setup", "train", f"{p.total_steps} steps of {p.effective_batch} examples "
                     f"({p.epochs:.2f} epochs) over {p.kept} training examples ({dropped} dropped{cut}); {precision} "
-                    f"on {p.device}", code="plan", **p.as_dict())]
+                    f"on {p.device}{budget}", code="plan", **p.as_dict())]
 
 
 def check_precision(cfg, device: str) -> list[Finding]:

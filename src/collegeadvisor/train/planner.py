@@ -4,11 +4,13 @@ it and never works any of it out again.
 
     rows = encode(cfg, tokenizer, train_examples, val_examples)   # the kept (and dropped) rows
     p = plan(cfg, rows, device)                                    # precision, steps, epochs, memory, ETA
+    p = for_time(cfg, p, measured)   # with max_time: the steps that fit it at a measured step's speed
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -132,8 +134,16 @@ class Plan:
     train_tokens: float  # padded tokens of every training pass of the run, per rank
     val_tokens: int  # tokens of one validation pass
     label_share: float
+    limit: str = "epochs"  # what sets total_steps: max_steps, epochs, or max_time (the steps its budget allows)
+    max_time_s: float | None = None  # the time budget (cfg.max_time)
+    budget: dict | None = None  # with max_time, once measured (for_time): the speed and the steps the budget allows
     memory: dict | None = None  # the memory estimate of a training step (given the model's shape)
     rows: Rows | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def step_tokens(self) -> float:
+        """Padded tokens of an average optimizer step, per rank."""
+        return self.train_tokens / self.total_steps
 
     def eta(self, tokens_per_s: float) -> float:
         """Seconds the run takes at a measured training speed: every training pass and a validation pass at each
@@ -147,12 +157,12 @@ class Plan:
         return out
 
 
-def schedule(cfg: Config, rows: Rows, world: int = 1) -> dict[str, Any]:
+def schedule(cfg: Config, rows: Rows, world: int = 1, steps: int | None = None) -> dict[str, Any]:
     """The rows kept and dropped, steps, epochs and tokens of a run of cfg on these rows with `world` data-parallel
-    ranks (each rank takes every world-th micro-batch of an epoch)."""
+    ranks (each rank takes every world-th micro-batch of an epoch); `steps` replaces max_steps and epochs."""
     lengths = [len(r["input_ids"]) for r in rows.train]
     micro = max(1, math.ceil(len(lengths) / cfg.batch_size) // world)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    total = steps or cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
     epochs = total * cfg.grad_accum / micro
     batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
@@ -164,17 +174,60 @@ def schedule(cfg: Config, rows: Rows, world: int = 1) -> dict[str, Any]:
         micro_batches_per_epoch=micro, total_steps=total, warmup_steps=math.ceil(cfg.warmup_ratio * total),
         epochs=epochs, effective_batch=cfg.batch_size * cfg.grad_accum * world, tokens_per_pass=pass_tokens(cfg),
         train_tokens=padded / world * epochs, val_tokens=sum(len(r["input_ids"]) for r in rows.val),
-        label_share=label_share(rows.train),
+        label_share=label_share(rows.train), limit="max_steps" if cfg.max_steps else "epochs",
     )
 
 
 def plan(cfg: Config, rows: Rows, device: str, world: int = 1, shape: dict | None = None) -> Plan:
     """The plan of a run of cfg on these rows, on device with `world` data-parallel ranks: its precision and
     schedule; with the model's shape (model_shape), also the memory a training step takes."""
-    p = Plan(device=device, world=world, **precision(cfg, device), **schedule(cfg, rows, world), rows=rows)
+    p = Plan(device=device, world=world, **precision(cfg, device), **schedule(cfg, rows, world), rows=rows,
+             max_time_s=cfg.max_time_s)
     if shape is not None:
         p.memory = memory_estimate(cfg, shape, p)
     return p
+
+
+# ----------------------------------------------------------------------------------------------- a time budget
+def step_seconds(p: Plan, measured: dict) -> float:
+    """Seconds of the plan's average step at the speed of a measured one ({"seconds", "tokens"}: its forward and
+    backward passes over that many padded tokens)."""
+    return measured["seconds"] / max(measured["tokens"], 1) * p.step_tokens
+
+
+def steps_in_time(cfg: Config, p: Plan, seconds: float, step_s: float) -> int:
+    """The most optimizer steps that train in `seconds` at step_s seconds a step, with a validation pass at each
+    epoch's end (VAL_COST of a training token each); at least 1. Samples and checkpoints are not counted: the clock
+    stops the run if they take the rest."""
+    val_s = p.val_tokens * VAL_COST * step_s / max(p.step_tokens, 1e-9)
+
+    def cost(n: int) -> float:
+        return n * step_s + val_s * max(1, math.ceil(n * cfg.grad_accum / p.micro_batches_per_epoch))
+
+    lo, hi = 1, int(seconds / max(step_s, 1e-9)) + 1
+    while lo < hi:  # the largest n with cost(n) <= seconds (cost grows with n)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid - 1)
+    return lo
+
+
+def with_steps(cfg: Config, p: Plan, steps: int, limit: str, budget: dict | None = None) -> Plan:
+    """The plan with its schedule (steps, warmup, epochs, tokens) worked out for `steps` optimizer steps."""
+    return dataclasses.replace(p, **schedule(cfg, p.rows, p.world, steps) | {"limit": limit}, budget=budget)
+
+
+def for_time(cfg: Config, p: Plan, measured: dict) -> Plan:
+    """The plan of a run with a time budget (p.max_time_s): the fewer of its steps (max_steps or epochs) and those
+    the budget allows at the measured speed, its warmup and decay planned for them, so the learning rate ends
+    near the budget instead of being cut mid-decay."""
+    step_s = step_seconds(p, measured)
+    allowed = steps_in_time(cfg, p, p.max_time_s, step_s)
+    budget = {"max_time_s": p.max_time_s, "step_s": step_s, "allowed_steps": allowed,
+              "measured_seconds": measured["seconds"], "measured_tokens": measured["tokens"],
+              "tokens_per_s": measured["tokens"] / max(measured["seconds"], 1e-9)}
+    if allowed < p.total_steps:
+        return with_steps(cfg, p, allowed, "max_time", budget)
+    return dataclasses.replace(p, budget=budget)
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -19,7 +19,7 @@ import torch
 
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
-from collegeadvisor.config import Config
+from collegeadvisor.config import Config, duration_text
 from collegeadvisor.data.loaders import load_examples, train_val
 from collegeadvisor.fsutil import file_sha256
 from collegeadvisor.data.scorecard_qa import retrieval_spec
@@ -33,8 +33,8 @@ from collegeadvisor.train import checkpoint
 from collegeadvisor.train.batching import epoch_batches, forward_batches
 from collegeadvisor.train.metrics import Metrics, missing_tracker
 from collegeadvisor.train.model import LabelLoss, LoraDropout, adapter_digest, keep_base_in_bf16, lora_model
-from collegeadvisor.train.planner import (Plan, Rows, autocast_context, autocast_for, cpu_has_bf16, encode, pass_tokens,
-                                          plan)
+from collegeadvisor.train.planner import (Plan, Rows, autocast_context, autocast_for, cpu_has_bf16, encode, for_time,
+                                          pass_tokens, plan, with_steps)
 
 __all__ = ["LabelLoss", "LoraDropout", "Plan", "autocast_for", "cpu_has_bf16", "keep_base_in_bf16", "lora_model",
            "passes_for", "plan", "prepare_data", "setup", "fit", "train"]
@@ -47,6 +47,12 @@ def check_parallelism(distributed_type) -> None:
     if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise AdvisorError(f"accelerate config: {name} is not supported by the training recipe yet; use data "
                            "parallel (configs/accelerate/ddp.yaml or torchrun), see docs/scaling.md")
+
+
+# The clock of the time budget (max_time); tests replace it.
+clock = time.monotonic
+# Why an invocation ends with the run trained as planned (the others pause it: stop_after_steps, a signal's name).
+ENDS = ("max_steps", "epochs", "max_time")
 
 
 def passes_for(rows: list[dict], pad_id: int, cfg: Config) -> list[dict]:
@@ -94,7 +100,8 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[dict], lis
 
 # ----------------------------------------------------------------------------------------------- the recipe
 def train(cfg: Config, resume: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Train a LoRA adapter; returns the run directory (manifest status 'complete', or 'paused' with stop_after_steps)."""
+    """Train a LoRA adapter; returns the run directory (manifest status 'complete', or 'paused' with stop_after_steps
+    or a signal; manifest["stopped"] says why it stopped)."""
     return fit(setup(cfg, resume, log))
 
 
@@ -107,8 +114,8 @@ def setup(cfg: Config, resume: str | Path | None = None, log: Callable[[str], No
 
 
 def fit(run: "Training") -> Path:
-    """The steps of the plan (guards, logging, validation, checkpoints, a pause), then the final adapter and the
-    complete manifest unless the run paused; returns the run directory."""
+    """The steps of the plan (guards, logging, validation, checkpoints, a pause, the max_time clock), then the final
+    adapter and the complete manifest unless the run paused; returns the run directory."""
     if not run.loop():
         run.finish()
     return run.run_dir
@@ -124,9 +131,9 @@ class Training:
         if resume:
             run_dir = Path(resume)
             manifest = read_manifest(run_dir)
-            stop_after = cfg.stop_after_steps
+            stop_after, max_time = cfg.stop_after_steps, cfg.max_time  # limits of this invocation, not the run's
             cfg = Config.from_manifest(manifest["config"])
-            cfg.stop_after_steps = stop_after
+            cfg.stop_after_steps, cfg.max_time = stop_after, max_time
         else:
             run_dir, manifest = None, {}  # named below, once every rank can agree on the name
         if missing := missing_tracker(cfg.report_to):
@@ -178,14 +185,18 @@ class Training:
                  f"p50 {ds['lengths']['p50']} p99 {ds['lengths']['p99']} max {ds['lengths']['max']}")
         rows = Rows(self.train_rows, self.val_rows, data_info["train"], data_info["val"])
         self.plan = plan(cfg, rows, self.device, self.world)
+        saved = (self.manifest.get("schedule") or {}) if self.resume else {}
+        if saved.get("budget"):  # planned for a time budget at its start: those steps (and that schedule) stay
+            self.plan = with_steps(cfg, self.plan, saved["total_steps"], saved["limit"], saved["budget"])
         self.build_model()
+        if cfg.max_time is not None and not self.resume:
+            self.plan_for_time()
+        self.build_schedule()
         self.restore()
         self.write_running_manifest(fmt, data_info)
 
     def build_model(self) -> None:
-        """The base model with LoRA in the plan's precision, AdamW, the LR schedule and the (DDP-wrapped) loss."""
-        from transformers import get_scheduler
-
+        """The base model with LoRA in the plan's precision, AdamW and the (DDP-wrapped) loss."""
         cfg, p = self.cfg, self.plan
         self.model = lora_model(load_model(self.resolved, dtype=p.dtype, device=self.device), cfg)
         self.autocast = autocast_context(self.device, p.autocast)
@@ -193,12 +204,58 @@ class Training:
             keep_base_in_bf16(self.model)
         self.trainable = [w for w in self.model.parameters() if w.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=p.warmup_steps,
-                                       num_training_steps=p.total_steps)
         label_loss = LabelLoss(self.model, fused=cfg.fused)
         if cfg.compile:
             (label_loss.decoder or label_loss.model).compile(dynamic=True)
         self.loss_module = self.accelerator.prepare(label_loss)
+
+    def build_schedule(self) -> None:
+        """The LR schedule (warmup, then decay) over the plan's steps."""
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.plan.warmup_steps,
+                                       num_training_steps=self.plan.total_steps)
+
+    def plan_for_time(self) -> None:
+        """max_time: the steps that fit the budget at the speed of this run's first step, measured here (set-up, not
+        counted in the budget), and the schedule planned for them."""
+        cap = self.plan
+        self.plan = for_time(self.cfg, cap, self.measure_step())
+        b = self.plan.budget
+        line = f"max_time {duration_text(cap.max_time_s)} -> {self.plan.total_steps} steps planned at " \
+               f"{b['step_s']:.3g} s/step measured ({b['tokens_per_s']:.0f} tokens/s on the first step)"
+        if self.plan.limit != "max_time":
+            line += f"; {cap.limit} {cap.total_steps} ends the run first (the budget allows {b['allowed_steps']})"
+        self.say(line)
+
+    def measure_step(self) -> dict:
+        """Seconds and padded tokens of the first step's forward and backward passes on this run's model, after a
+        warm-up pass on a sliver (one-time set-up); gradients and RNG are left as they were, the weights untouched.
+        Every rank measures (DDP syncs the gradients); rank 0's figures count."""
+        cfg = self.cfg
+        stream = self.micro_stream(0)
+        micro = [next(stream)[1] for _ in range(cfg.grad_accum)]
+        group = [self.train_rows[i] for b in micro for i in b]
+        tokens = sum(len(b) * max(len(self.train_rows[i]["input_ids"]) for i in b) for b in micro)
+        batches = passes_for(group, self.tokenizer.pad_token_id, cfg)
+        rng = checkpoint.rng_state()
+        self.model.train()
+        try:
+            self.forward_backward([{k: v[:1, :32] for k, v in batches[0].items()}], 1)
+            start = clock()
+            self.forward_backward(batches, 1)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = clock() - start
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            checkpoint.set_rng_state(rng)
+        measured = {"seconds": seconds, "tokens": tokens}
+        if self.world > 1:  # every rank plans the same steps
+            from accelerate.utils import broadcast_object_list
+
+            measured = broadcast_object_list([measured])[0]
+        return measured
 
     def restore(self) -> None:
         """Weights, optimizer, scheduler, RNG, position and last losses of the newest intact checkpoint (verified
@@ -229,7 +286,8 @@ class Training:
             "forward_passes": {"packing": cfg.packing, "max_tokens": p.tokens_per_pass, "compile": cfg.compile,
                                "threads": torch.get_num_threads()},
             "schedule": {"total_steps": p.total_steps, "micro_batches_per_epoch": p.micro_batches_per_epoch,
-                         "effective_batch": p.effective_batch},
+                         "effective_batch": p.effective_batch, "limit": p.limit, "budget": p.budget},
+            "stopped": None,  # why this invocation stopped: set once it does (Training.stopped)
         })
         if self.main:
             write_manifest(self.run_dir, self.manifest)
@@ -285,9 +343,11 @@ class Training:
     # ------------------------------------------------------------------------------------------- the loop
     def loop(self) -> bool:
         """Optimizer steps up to the plan's total; True when this invocation pauses first (stop_after_steps, or
-        SIGINT/SIGTERM: the step finishes, a checkpoint is saved and the manifest names the signal)."""
+        SIGINT/SIGTERM: the step finishes, a checkpoint is saved and the manifest names the signal). A step that ends
+        past max_time ends the run there (checkpoint, then the adapter as at the planned end: False)."""
         from tqdm.auto import tqdm
 
+        self.fit_start = clock()  # max_time counts from here: loading and planning were set-up
         cfg, total = self.cfg, self.plan.total_steps
         self.metrics = Metrics(self.run_dir, cfg.report_to, self.main, cfg.model_dump())
         stream = self.micro_stream(self.step * cfg.grad_accum)
@@ -297,13 +357,15 @@ class Training:
         self.window_tokens, self.window_start = 0, time.time()
         self.epoch = (self.step * cfg.grad_accum) // self.plan.micro_batches_per_epoch
         self.stop = checkpoint.StopRequest.install(self.world == 1, self.say)
+        reason = None
         try:
             while self.step < total:
                 group = [self.train_rows[i] for _ in range(cfg.grad_accum) for i in next(stream)[1]]
                 self.loss, grad_norm = self.optimizer_step(group)
                 bar.update(1)
-                if self.after_step(self.loss, grad_norm, bar):
-                    return True
+                if reason := self.after_step(self.loss, grad_norm, bar):
+                    break
+            return self.stopped(reason or self.plan.limit)
         except KeyboardInterrupt:
             last = self.last_ckpt
             self.fail(AdvisorError(f"interrupted at step {self.step}; resume from {last}" if last else "interrupted"))
@@ -315,7 +377,26 @@ class Training:
             self.stop.restore()
             bar.close()
             self.metrics.close()
-        return False
+
+    def stopped(self, reason: str) -> bool:
+        """Why this invocation stopped, in the manifest ("stopped": reason, step, seconds since fit started); True
+        when that pauses the run (stop_after_steps, a signal): the paused manifest is written here; otherwise
+        finish() writes it with the complete one."""
+        cfg, step, total = self.cfg, self.step, self.plan.total_steps
+        elapsed = clock() - self.fit_start
+        self.manifest["stopped"] = {"reason": reason, "step": step, "planned_steps": total,
+                                    "elapsed_s": round(elapsed, 3)}
+        if reason == "max_time" and step < total:
+            self.say(f"max_time {duration_text(cfg.max_time_s)} used up at step {step} of {total} ({elapsed:.0f} s): "
+                     f"checkpoint {self.last_ckpt}; the adapter is this step's; train the remaining steps with: "
+                     f"collegeadvisor train --resume {self.run_dir}")
+        if reason in ENDS:
+            return False
+        self.manifest.update(status="paused", stopped_by=self.stop.name)
+        if self.main:
+            write_manifest(self.run_dir, self.manifest)
+        self.say(f"paused at step {step}; continue with: collegeadvisor train --resume {self.run_dir}")
+        return True
 
     def optimizer_step(self, group: list[dict]) -> tuple[float, float]:
         """One optimizer step over a step's examples: forward passes, backward, clipping, the guards, the update."""
@@ -323,16 +404,7 @@ class Training:
         batches = passes_for(group, self.tokenizer.pad_token_id, cfg)
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_tokens = sum(len(r["input_ids"]) for r in group)
-        loss_sum = 0.0
-        for j, batch in enumerate(batches):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if j == len(batches) - 1 else self.accelerator.no_sync(self.loss_module)
-            with sync:
-                with self.autocast():
-                    part = self.loss_module(**batch)
-                check_finite(part.item(), "loss", step + 1, self.last_ckpt, cfg)
-                self.accelerator.backward(part / max(n_labels, 1))
-            loss_sum += part.item()
+        loss_sum = self.forward_backward(batches, n_labels, step + 1)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf")))
         check_finite(grad_norm, "gradient norm", step + 1, self.last_ckpt, cfg)
         loss = loss_sum / max(n_labels, 1)
@@ -345,11 +417,45 @@ class Training:
         self.window_tokens += n_tokens
         return loss, grad_norm
 
-    def after_step(self, loss: float, grad_norm: float, bar) -> bool:
-        """Metrics, validation at each epoch's end, samples, checkpoints; True when this invocation pauses here."""
+    def forward_backward(self, batches: list[dict], n_labels: int, step: int | None = None) -> float:
+        """Forward and backward passes over one step's batches (gradients summed, synced under DDP on the last);
+        their summed loss. With `step`, a NaN/Inf loss stops training (check_finite)."""
+        loss_sum = 0.0
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            sync = contextlib.nullcontext() if j == len(batches) - 1 else self.accelerator.no_sync(self.loss_module)
+            with sync:
+                with self.autocast():
+                    part = self.loss_module(**batch)
+                if step is not None:
+                    check_finite(part.item(), "loss", step, self.last_ckpt, self.cfg)
+                self.accelerator.backward(part / max(n_labels, 1))
+            loss_sum += part.item()
+        return loss_sum
+
+    def stop_reason(self) -> str | None:
+        """Why this invocation stops after the step just taken: a signal's name, stop_after_steps, or max_time (the
+        step ended past the budget; under DDP when it did on any rank), else None."""
+        cfg = self.cfg
+        if self.stop.signal:
+            return self.stop.name
+        if cfg.stop_after_steps is not None and self.step - self.start_step >= cfg.stop_after_steps:
+            return "stop_after_steps"
+        if cfg.max_time is None:
+            return None
+        over = clock() - self.fit_start > cfg.max_time_s
+        if self.world > 1:  # every rank stops at the same step
+            over = bool(self.accelerator.reduce(torch.tensor([float(over)], device=self.device), "sum").item())
+        return "max_time" if over else None
+
+    def after_step(self, loss: float, grad_norm: float, bar) -> str | None:
+        """Metrics, validation at each epoch's end, samples, checkpoints; the reason this invocation stops here
+        (stop_reason: the clock is read at the step's end, before any of these), or None."""
         cfg, step, total, micro = self.cfg, self.step, self.plan.total_steps, self.plan.micro_batches_per_epoch
         epoch_now = (step * cfg.grad_accum) // micro
-        if step % cfg.log_every == 0 or step == total:
+        reason = self.stop_reason()
+        last = step == total or reason == "max_time"  # the run's adapter is this step's: log and validate it
+        if step % cfg.log_every == 0 or last:
             elapsed = time.time() - self.window_start
             tps = self.window_tokens * self.world / max(elapsed, 1e-9)
             self.metrics.log({"step": step, "epoch": round(step * cfg.grad_accum / micro, 3), "loss": loss,
@@ -357,7 +463,7 @@ class Training:
                               "tokens_seen": self.tokens_seen * self.world, "elapsed_s": time.time() - self.start_time})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
             self.window_tokens, self.window_start = 0, time.time()
-        if epoch_now != self.epoch or step == total:
+        if epoch_now != self.epoch or last:
             self.last_val = self.val_loss()
             if self.last_val is not None:
                 self.metrics.log({"step": step, "epoch": round(step * cfg.grad_accum / micro, 3),
@@ -366,21 +472,13 @@ class Training:
             self.epoch = epoch_now
         if cfg.sample_every and self.main and (step % cfg.sample_every == 0 or step == total):
             self.sample(step)
-        stopping = (cfg.stop_after_steps is not None and step - self.start_step >= cfg.stop_after_steps) or bool(
-            self.stop.signal)
-        if self.main and (step % cfg.save_every == 0 or (stopping and step < total)):
+        if self.main and (step % cfg.save_every == 0 or (reason and step < total)):
             self.last_ckpt = checkpoint.save(self.run_dir, step, self.model, self.optimizer, self.scheduler,
                                              {"step": step, "tokens_seen": self.tokens_seen, "loss": loss,
                                               "val_loss": self.last_val}, cfg.keep_checkpoints)
             self.manifest["last_checkpoint"] = str(self.last_ckpt)
             write_manifest(self.run_dir, self.manifest)
-        if stopping and step < total:
-            self.manifest.update(status="paused", stopped_by=self.stop.name)
-            if self.main:
-                write_manifest(self.run_dir, self.manifest)
-            self.say(f"paused at step {step}; continue with: collegeadvisor train --resume {self.run_dir}")
-            return True
-        return False
+        return reason if step < total else None
 
     # ------------------------------------------------------------------------------------------- the end
     def finish(self) -> None:
