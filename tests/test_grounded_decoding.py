@@ -155,3 +155,17 @@ def test_stream_batch_passes_the_rows_asked_about(smol_tiny_model, monkeypatch):
     stream_batch(model, tok, [[{"role": "user", "content": "Earnings?"}]], 3, 0.0, 1.0, [threading.Event()],
                  [lambda piece: None], passages=[DOCS], expected=[[1]])
     assert seen and seen[0] == [{1}]
+
+
+def test_a_comparisons_winner_can_only_be_the_row_that_earns_more(tokenizer):
+    both = "[1] Bachelor's Degree in Computer Science at University of Colorado Boulder. Median earnings four years " \
+           "after completion: $78,922. [3] At Colorado State University-Fort Collins, median earnings four years " \
+           "after completion: $58,922."
+    rules = Rules(DOCS)
+    assert rules.name_slot(both + " Graduates of ") == ["University of Colorado Boulder earn more"]
+    assert rules.name_slot(both + " The") == [" Bachelor's Degree in Computer Science pays more"]
+    assert rules.name_slot(both + " Graduates of University of Colorado Boulder earn more") is None
+    assert rules.name_slot("The retrieved rows") is None  # one cited row or none: no comparison
+    assert _rivals_banned(tokenizer, rules, both + " Graduates of", ["Colorado State University-Fort Collins"])
+    wrong = both + " Graduates of Colorado State University-Fort Collins earn more."
+    assert grounding.check(wrong, DOCS)["status"] == "unverified"

@@ -49,6 +49,8 @@ PSEUDO_CITATION = re.compile(
 # A comparison's winner, in the dataset's words: the school (two schools' same program) or the credential and program
 # (two programs at one school).
 WINNER = re.compile(r"\bGraduates of (?P<school>[^\n]{1,200}?) earn more\b|\bThe (?P<what>[^\n]{1,200}?) pays more\b")
+# Where a comparison's winner sentence opens, after two rows are cited: the winner's name is forced there.
+WINNER_OPEN = re.compile(r"(?:\bGraduates of|(?:^|[.!?]\s)The)(?P<rest>(?:\s[^.\n]*)?)$")
 _NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
@@ -508,20 +510,40 @@ class Rules:
             return None
         return self._name_texts(int(m.group(1)), not text[:at].strip()), text[m.end():]
 
+    def _winner_texts(self, text: str) -> tuple[tuple[str, ...], str] | None:
+        """(the winner sentence's rest, what is written of it) where text ends inside one ("Graduates of ", "The ")
+        after two or more cited rows that all have earnings: the row that earns most, named as the dataset does."""
+        m = WINNER_OPEN.search(text)
+        if m is None:
+            return None
+        cited = {int(c.group(1)) for c in CITATION.finditer(text[:m.start()])}
+        rows = [r for r in (self.ctx.row(n) for n in sorted(cited)) if r is not None]
+        if len(rows) < 2 or any(r["values"].get("earnings") is None for r in rows):
+            return None
+        best = max(rows, key=lambda r: value_of(r["values"]["earnings"]))
+        form = (f" {best['school']} earn more" if m.group().lstrip(".!? ").startswith("Graduates")
+                else f" {best['credential']} in {best['program']} pays more")
+        return (form,), m.group("rest")
+
+    @staticmethod
+    def _rests(found: tuple[tuple[str, ...], str] | None) -> list[str] | None:
+        if found is None or any(found[1].startswith(f) for f in found[0]):
+            return None
+        return [f[len(found[1]):] for f in found[0] if f.startswith(found[1])] or None
+
     def name_slot(self, text: str) -> list[str] | None:
         """Where text ends in the name after a citation of a Scorecard row (the citation, perhaps its opening verdict,
-        part of a name): the rests of the texts that may complete it; None elsewhere and once a name is complete."""
+        part of a name), or in a comparison's winner: the rests of the texts that may complete it; None elsewhere
+        and once it is complete."""
         if self._slot[0] != text:
-            found, rests = self._after_citation(text), None
-            if found is not None and not any(found[1].startswith(f) for f in found[0]):
-                rests = [f[len(found[1]):] for f in found[0] if f.startswith(found[1])] or None
-            self._slot = (text, rests)
+            rests = self._rests(self._after_citation(text))
+            self._slot = (text, rests if rests is not None else self._rests(self._winner_texts(text)))
         return self._slot[1]
 
     def unfinished(self, text: str) -> int | None:
         """Where a citation that text ends inside starts (an open "[", or a citation whose name isn't complete)."""
         at = self.open_citation(text)
-        return text.rfind("[") if at is None and self.name_slot(text) is not None else at
+        return text.rfind("[") if at is None and self._rests(self._after_citation(text)) is not None else at
 
     def _free(self, figure: str, before: str) -> bool:
         """A 1-2 digit number is no figure ("[1]", "4 years"), except in a field's value slot ("Median debt: ")."""
