@@ -23,6 +23,7 @@ quickstart: install
 	$(BIN)/collegeadvisor quickstart --config configs/quickstart.yaml
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The reliability and security suite (about 8 minutes on 2 cores; its short versions run in `make test`): kills with

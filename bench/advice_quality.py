@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import write_section  # noqa: E402
 
-from collegeadvisor.eval.run import evaluate, load_questions  # noqa: E402
+from collegeadvisor.data.heldout import load_questions  # noqa: E402
+from collegeadvisor.eval.run import evaluate  # noqa: E402
 from collegeadvisor.generate import generate  # noqa: E402
 from collegeadvisor.kb import retriever  # noqa: E402
 from collegeadvisor.runs import find_run, load_run, read_manifest  # noqa: E402

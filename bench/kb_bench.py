@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import write_section  # noqa: E402
 
-from collegeadvisor.eval.run import load_questions  # noqa: E402
+from collegeadvisor.data.heldout import load_questions  # noqa: E402
 from collegeadvisor.kb import build_kb, open_store, retrieve  # noqa: E402
 from collegeadvisor.kb.retrieve import expected_rows, found_at_k, right_first  # noqa: E402
 

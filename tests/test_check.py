@@ -354,9 +354,9 @@ def small_kb(path, n=12):
 def trained_on(**changes):
     """A run manifest's "retrieval" section as train writes it for this version."""
     from collegeadvisor.data.scorecard import row_format_id
-    from collegeadvisor.kb.embed import MODEL_NAME
+    from collegeadvisor.models import EMBEDDING_MODEL
 
-    return {"k": 3, "embedder": MODEL_NAME, "row_format": row_format_id()} | changes
+    return {"k": 3, "embedder": EMBEDDING_MODEL, "row_format": row_format_id()} | changes
 
 
 def test_knowledge_base_built_as_the_run_was_trained_is_one_info_line(tmp_path):
@@ -416,10 +416,10 @@ def test_knowledge_base_of_another_embedder_or_row_format(tmp_path):
 
 def test_knowledge_base_built_before_builds_recorded_their_row_format(tmp_path):
     from collegeadvisor.kb import build_kb, open_store
-    from collegeadvisor.kb.embed import MODEL_NAME
+    from collegeadvisor.models import EMBEDDING_MODEL
 
     kb = small_kb(tmp_path / "kb")
-    open_store(kb).modify(metadata={"embedder": MODEL_NAME})  # what builds recorded before
+    open_store(kb).modify(metadata={"embedder": EMBEDDING_MODEL})  # what builds recorded before
     f = only(check.check_kb(kb, table_rows=12), "kb-unrecorded")
     assert f.level == "warning" and "row format" in f.message
     build_kb(kb, rows=kb_rows(12), progress=False)  # its documents read as this version writes: stamped

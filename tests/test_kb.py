@@ -61,11 +61,11 @@ def test_build_records_embedder_and_row_format_and_kb_info_creates_nothing(store
     from chromadb.config import Settings
 
     from collegeadvisor.data.scorecard import row_format_id
-    from collegeadvisor.kb.embed import MODEL_NAME
+    from collegeadvisor.models import EMBEDDING_MODEL
 
     info = kb_info(store_path)
     assert info == {"where": str(store_path), "exists": True, "rows": len(rows), "passages": 0,
-                    "embedder": MODEL_NAME, "row_format": row_format_id()}
+                    "embedder": EMBEDDING_MODEL, "row_format": row_format_id()}
     assert not kb_info(tmp_path / "none")["exists"] and not (tmp_path / "none").exists()
     assert not kb_info(store_path, collection="elsewhere")["exists"]
     client = chromadb.PersistentClient(path=str(store_path), settings=Settings(anonymized_telemetry=False))

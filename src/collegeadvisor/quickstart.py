@@ -12,9 +12,14 @@ from pathlib import Path
 
 from collegeadvisor.check import preflight
 from collegeadvisor.config import load_config
-from collegeadvisor.eval.run import adapter_state, evaluate, load_questions
+from collegeadvisor.data.heldout import load_questions
+from collegeadvisor.data.scorecard import load_table
+from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
+from collegeadvisor.eval.run import adapter_state, evaluate
 from collegeadvisor.generate import answer
+from collegeadvisor.kb import build_kb, open_store, retriever
 from collegeadvisor.runs import load_run
+from collegeadvisor.train import train
 
 SAMPLE_KINDS = ("earnings", "no_data", "premium", "open")
 BASE_MAX_NEW_TOKENS = 64  # the untuned model rarely stops on its own: cap what it may spend
@@ -23,9 +28,6 @@ BASE_MAX_NEW_TOKENS = 64  # the untuned model rarely stops on its own: cap what 
 def quickstart_kb(questions: list[dict], kb_dir: Path, full_path: str = "kb_store"):
     """(store, its path): a knowledge base to retrieve from: the full one at `full_path` if `collegeadvisor kb build` made it, else
     (built once, in seconds) every row of the schools the questions name: the right row among its neighbours."""
-    from collegeadvisor.data.scorecard import load_table
-    from collegeadvisor.kb import build_kb, open_store
-
     table = load_table()
     if Path(full_path).is_dir() and open_store(full_path).count() >= len(table):
         print(f"      using the full knowledge base at {full_path}")
@@ -54,10 +56,6 @@ def _show(questions: list[dict], hits: list[list[dict]], before: list[dict], aft
 
 
 def quickstart(config: str | None = None, out: str | Path = "out/quickstart", eval_questions: int = 48) -> Path:
-    from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
-    from collegeadvisor.kb import retriever
-    from collegeadvisor.train import train
-
     t0 = time.time()
     out = Path(out)
     cfg = load_config(config, {})  # the run goes to output_dir (default runs/), where `--run latest` looks

@@ -14,8 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from collegeadvisor.chat_format import template_hash
 from collegeadvisor.errors import ManifestError, ModelError
 from collegeadvisor.fsutil import atomic_write_json
+from collegeadvisor.integrity import verify_adapter, verify_manifest
+from collegeadvisor.kb import retriever
+from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
 
 MANIFEST = "manifest.json"
 PACKAGES = ("collegeadvisor", "torch", "transformers", "peft", "accelerate", "chromadb", "sentence-transformers")
@@ -95,9 +99,6 @@ def run_mismatches(manifest: dict[str, Any], base_model: str | None = None, reso
                    chat_template: str | None = None) -> list[Mismatch]:
     """How a run's manifest differs from a base model spec, the resolved files of its base model and a chat template;
     only what is given is compared, [] when it all matches. Loading refuses on these; check reports them."""
-    from collegeadvisor.chat_format import template_hash
-    from collegeadvisor.models import base_fingerprint
-
     base = manifest.get("base_model") or {}
     out = []
     if base_model is not None and base_model != base.get("spec"):
@@ -118,10 +119,7 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
 
     merge: fold the LoRA weights into the base weights (same greedy text, ~30% faster generation on CPU); the
     model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
-    import torch
-
-    from collegeadvisor.integrity import verify_adapter, verify_manifest
-    from collegeadvisor.models import load_model, load_tokenizer, pick_device, resolve_base_model
+    import torch  # torch and peft: not loaded until a run is (train, check and the CLI import this module)
 
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
@@ -152,7 +150,7 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(resolved, dtype=dtype, device=dev)
     if adapter:
-        from peft import PeftModel
+        from peft import PeftModel  # see torch above
 
         adir = verify_adapter(run_dir, m)  # inside the run, no symlink or pickle, sha256 as recorded
         cfg_path = adir / "adapter_config.json"
@@ -175,8 +173,6 @@ def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = 
     trained = read_manifest(run_dir).get("retrieval") or {}
     if not (rag if rag is not None else bool(trained)):
         return None
-    from collegeadvisor.kb import retriever
-
     return retriever(k=k or trained.get("k") or 3, path=kb_path, url=kb_url)
 
 

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from collegeadvisor.chat_format import end_of_turn_token
 from collegeadvisor.check.data import check_label_share, check_length, select_examples
 from collegeadvisor.check.environment import (
     DEFAULT_STAGES,
@@ -47,7 +48,9 @@ from collegeadvisor.check.format import check_scaffolding, encode_split, example
 from collegeadvisor.check.retrieval import check_chromadb, check_kb, check_retrieval
 from collegeadvisor.check.runs import check_output_dir, check_run
 from collegeadvisor.check.setup import check_padding, check_plan, check_precision, check_setup, resolve_device
+from collegeadvisor.config import Config
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
+from collegeadvisor.models import load_tokenizer, resolve_base_model
 
 __all__ = ["DEFAULT_STAGES", "Finding", "check_chromadb", "check_kb", "errors", "example_findings", "memory",
            "preflight", "print_findings", "register", "run_checks", "summary"]
@@ -59,9 +62,7 @@ def run_checks(cfg, run: str | Path | None = None, measure: bool = True,
     """Every check on a config, its data (as train would pick and encode it), train's plan for them, optionally a
     run directory and the knowledge base it (or kb_path / kb_url) reads from. A base model that cannot be resolved
     raises its ModelError: there is nothing to check without a tokenizer."""
-    from collegeadvisor.chat_format import end_of_turn_token
-    from collegeadvisor.models import load_tokenizer, resolve_base_model
-    from collegeadvisor.train.planner import model_shape
+    from collegeadvisor.train.planner import model_shape  # the train package imports torch: only when checks run
 
     findings = check_packages(stages)
     if any(f.data.get("stage") == "train" for f in findings):
@@ -98,7 +99,7 @@ def run_checks(cfg, run: str | Path | None = None, measure: bool = True,
 def check_data(cfg, tokenizer, eot: str, shape: dict | None):
     """(findings, rows): format, masking and length checks of the examples train picks, and the rows train keeps of
     them (train.planner.encode)."""
-    from collegeadvisor.train.planner import Rows, encode
+    from collegeadvisor.train.planner import Rows, encode  # torch: see run_checks
 
     if not cfg.data:
         return [finding("error", "setup", "data", "no training data given", "pass --data FILE (or build one with "
@@ -124,7 +125,7 @@ def check_training(cfg, rows, device: str | None, tokenizer, resolved: str, shap
                    measure: bool) -> list[Finding]:
     """Setup checks on train's schedule, and on a device this machine has: train's plan, its memory against the
     machine's, disk, and the ETA at a measured step's speed."""
-    from collegeadvisor.train.planner import plan, schedule
+    from collegeadvisor.train.planner import plan, schedule  # torch: see run_checks
 
     findings = check_setup(cfg, schedule(cfg, rows), shape)
     if rows.train:
@@ -167,8 +168,6 @@ def preflight(cfg, force: bool = False, run: str | Path | None = None, measure: 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def cmd_check(args) -> int:
-    from collegeadvisor.config import Config
-
     cfg = Config.from_args(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGE_PACKAGES]
@@ -184,8 +183,6 @@ def cmd_check(args) -> int:
 
 def register(sub) -> None:
     """Add `check` (the same settings as train, plus --run) to the CLI's subparsers."""
-    from collegeadvisor.config import Config
-
     p = sub.add_parser("check", help="preflight: check the config, data (and a run) before training; exit 1 on errors")
     Config.add_arguments(p)
     p.add_argument("--run", default=None, help="a run directory to inspect and compare with the config (and, when "

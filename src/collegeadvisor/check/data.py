@@ -8,6 +8,8 @@ from typing import Sequence
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.check.findings import LISTED, Finding, finding, plural
+from collegeadvisor.data.loaders import load_examples, train_val
+from collegeadvisor.data.prepare import length_report
 from collegeadvisor.errors import DataError
 
 CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut at max_length: an error
@@ -16,8 +18,6 @@ CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut
 def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict], list[Finding]]:
     """The examples `train` would use, as train/prepare_data picks them: ({split: (file, examples)}, every loaded
     example (for text scans), findings for unreadable records)."""
-    from collegeadvisor.data.loaders import load_examples, train_val
-
     findings: list[Finding] = []
 
     def load(path: str) -> list[dict]:
@@ -63,8 +63,6 @@ def histogram(lengths: Sequence[int], max_length: int, bins: int = 8) -> list[tu
 
 
 def check_length(cfg, rows_by_split: dict[str, list[dict]], max_positions: int | None) -> list[Finding]:
-    from collegeadvisor.data.prepare import length_report
-
     out = []
     ml = cfg.max_length
     if max_positions and ml > max_positions:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from collegeadvisor.check.findings import Finding, finding
+from collegeadvisor.config import duration_text
+from collegeadvisor.models import load_model
 
 # Packages each stage imports, as (import name, pip name).
 STAGE_PACKAGES = {
@@ -52,7 +54,7 @@ def check_packages(stages: Sequence[str]) -> list[Finding]:
 
 def check_report_to(cfg) -> list[Finding]:
     """The tracker report_to names is installed (train refuses to start without it)."""
-    from collegeadvisor.train.metrics import TRACKERS
+    from collegeadvisor.train.metrics import TRACKERS  # the train package imports torch: only when checks run
 
     if not cfg.report_to or any(installed(m) for m in TRACKERS[cfg.report_to]):
         return []
@@ -64,7 +66,7 @@ def check_report_to(cfg) -> list[Finding]:
 def memory() -> tuple[int | None, int | None]:
     """(available, total) bytes of RAM: psutil when installed, else /proc/meminfo."""
     try:
-        import psutil
+        import psutil  # optional here: /proc/meminfo without it
 
         vm = psutil.virtual_memory()
         return int(vm.available), int(vm.total)
@@ -88,7 +90,7 @@ def check_memory(device: str, est: dict) -> list[Finding]:
     """The plan's memory estimate of a training step (train.planner.memory_estimate) against this machine's."""
     what = "GPU memory" if device.startswith("cuda") else "RAM"
     if device.startswith("cuda"):
-        import torch
+        import torch  # heavy: only on a CUDA device
 
         free, total = torch.cuda.mem_get_info(torch.device(device))
     else:
@@ -135,9 +137,9 @@ def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], p) -> dict
     batching) on one micro-batch of typical length: a warm-up on a sliver, a timed forward + backward of one example,
     then of the whole micro-batch when that is predicted to take under MEASURE_BUDGET_S (a slow machine keeps the
     preflight short)."""
+    # torch and the train package: only when a step is measured
     import torch
 
-    from collegeadvisor.models import load_model
     from collegeadvisor.train.model import LabelLoss, keep_base_in_bf16, lora_model
     from collegeadvisor.train.planner import autocast_context
     from collegeadvisor.train.recipe import passes_for
@@ -196,8 +198,7 @@ def check_eta(cfg, speed: dict, p) -> list[Finding]:
     """How long the plan's run takes at the measured speed."""
     timed, budget = p, ""
     if p.max_time_s is not None:  # the steps train would plan for max_time at this speed (it measures again)
-        from collegeadvisor.config import duration_text
-        from collegeadvisor.train.planner import for_time
+        from collegeadvisor.train.planner import for_time  # torch: see check_report_to
 
         timed = for_time(cfg, p, speed)
         budget = f"; max_time {duration_text(p.max_time_s)} allows {timed.budget['allowed_steps']} steps at this speed"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from collegeadvisor.chat_format import IGNORE_INDEX, encode_conversation, encode_prompt, end_of_turn_token, render_text
 from collegeadvisor.check.findings import Finding, finding, lines_of, plural
+from collegeadvisor.data.prepare import conversation
 from collegeadvisor.errors import TemplateError
 
 PROMPT_IN_ANSWER_MIN_CHARS = 20  # a user message this long found verbatim in the reply: the prompt is trained on
@@ -47,8 +49,6 @@ def special_tokens(tokenizer) -> set[str]:
 
 def scaffold_text(tokenizer) -> str:
     """A probe conversation as the template renders it: the template's own markers around three short messages."""
-    from collegeadvisor.chat_format import render_text
-
     for probe in (PROBE, PROBE[1:]):  # templates without a system role refuse the first
         try:
             return render_text(tokenizer, probe)
@@ -60,8 +60,6 @@ def scaffold_text(tokenizer) -> str:
 def marker_kinds(tokenizer) -> dict[str, tuple[str, str]]:
     """marker -> (code, what it is) for this model: its own end-of-turn token, its own special tokens and role
     markers (which fake turns or stop the reply when written inside content), and other formats' scaffolding."""
-    from collegeadvisor.chat_format import end_of_turn_token
-
     eot = end_of_turn_token(tokenizer)
     scaffold = scaffold_text(tokenizer)
     specials = special_tokens(tokenizer)
@@ -84,8 +82,6 @@ def marker_kinds(tokenizer) -> dict[str, tuple[str, str]]:
 
 def check_scaffolding(tokenizer, examples: Sequence[dict]) -> list[Finding]:
     """Foreign or own chat-format markers written inside message content or retrieved context, with file:line."""
-    from collegeadvisor.data.prepare import conversation
-
     kinds = marker_kinds(tokenizer)
     hits: dict[str, list[str]] = {}
     for ex in examples:
@@ -107,8 +103,6 @@ def example_findings(tokenizer, conv: Sequence[dict], ids: Sequence[int], labels
                      eot_id: int | None = None) -> list[Finding]:
     """Format and masking findings for one tokenized example, checked against its generation prompts: every prompt
     is an exact prefix of `ids`, no prompt token carries a label, every reply's tokens and its end-of-turn token do."""
-    from collegeadvisor.chat_format import IGNORE_INDEX, encode_conversation, encode_prompt, end_of_turn_token
-
     eot = end_of_turn_token(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot_id is None else eot_id
     out: list[Finding] = []
@@ -179,9 +173,6 @@ def prompt_in_answer(conv: Sequence[dict], where: str) -> list[Finding]:
 
 def encode_split(tokenizer, path: str, examples: Sequence[dict], eot_id: int) -> tuple[list[dict], list[Finding]]:
     """Every example encoded as train encodes it (no cut yet) and checked; rows keep file:line and the example."""
-    from collegeadvisor.chat_format import encode_conversation
-    from collegeadvisor.data.prepare import conversation
-
     rows, findings = [], []
     for ex in examples:
         where = f"{path}:{ex.get('line')}"

@@ -5,12 +5,19 @@ there, full, built with the run's embedding model and row format."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import collegeadvisor
 from collegeadvisor.check.findings import Finding, errors, finding
+from collegeadvisor.data.scorecard import load_table, row_format_id
 from collegeadvisor.errors import AdvisorError, ManifestError
+from collegeadvisor.kb.store import DEFAULT_PATH, kb_info
+from collegeadvisor.models import EMBEDDING_MODEL
+from collegeadvisor.runs import read_manifest
 
 CHROMADB_PROBE_S = 90.0  # importing chromadb in a subprocess takes 2-10 s; longer than this counts as a hang
 CHROMADB_REINSTALL = "pip install --force-reinstall chromadb"
@@ -19,8 +26,6 @@ CHROMADB_REINSTALL = "pip install --force-reinstall chromadb"
 def run_retrieval(run: str | Path | None) -> dict | None:
     """The run manifest's "retrieval" section ({"k", "embedder", "row_format"}), written when the run was trained on
     retrieval-grounded data; None without one (an unreadable manifest is check_run's finding)."""
-    from collegeadvisor.runs import read_manifest
-
     if run is None:
         return None
     try:
@@ -39,8 +44,6 @@ def check_kb(kb_path: str | Path | None = None, kb_url: str | None = None, retri
     """The knowledge base at kb_path (default kb_store) or kb_url: there, holding every row of the table
     (`table_rows`, default the Scorecard table's), built with the embedding model and row format the run was
     trained on (`retrieval`, the manifest's section), else the ones this version uses."""
-    from collegeadvisor.kb.store import DEFAULT_PATH, kb_info
-
     kb_path = None if kb_url else str(kb_path or DEFAULT_PATH)
     where, build = kb_url or kb_path, _kb_build(kb_path, kb_url)
     why = " (the run was trained on retrieved rows)" if retrieval else ""
@@ -57,8 +60,6 @@ def check_kb(kb_path: str | Path | None = None, kb_url: str | None = None, retri
                         f"build it: {build}", "kb-empty")]
     out = []
     if table_rows is None:
-        from collegeadvisor.data.scorecard import load_table
-
         table_rows = int(load_table()["row_id"].nunique())
     if info["rows"] < table_rows:
         out.append(finding("error", "retrieval", where, f"the knowledge base holds {info['rows']:,} of the table's "
@@ -77,11 +78,8 @@ def check_kb(kb_path: str | Path | None = None, kb_url: str | None = None, retri
 def _kb_versions(info: dict, retrieval: dict | None, where: str, build: str) -> list[Finding]:
     """The knowledge base's embedder and row format against the run's (or this version's); the run's against this
     version's."""
-    from collegeadvisor.data.scorecard import row_format_id
-    from collegeadvisor.kb.embed import MODEL_NAME
-
     out = []
-    current = {"embedder": MODEL_NAME, "row_format": row_format_id()}
+    current = {"embedder": EMBEDDING_MODEL, "row_format": row_format_id()}
     what = {"embedder": "embedding model", "row_format": "row format (data.scorecard.row_format_id)"}
     rebuild = (f"build a new one and point at it: collegeadvisor kb build --path NEW_FOLDER, then --kb-path "
                f"NEW_FOLDER (or delete {where} and run {build})")
@@ -105,10 +103,6 @@ def _kb_versions(info: dict, retrieval: dict | None, where: str, build: str) -> 
 def _probe(pythonpath: str | None) -> tuple[int | None, dict[str, str], str]:
     """(exit status, None on a hang; the probe's "key value" lines; the last line of its stderr) of
     kb.store.probe_chromadb run in a fresh interpreter, with `pythonpath` first on its path."""
-    import subprocess
-
-    import collegeadvisor
-
     key = (pythonpath, sys.executable, os.environ.get("PYTHONPATH"))
     if key in _PROBED:
         return _PROBED[key]
@@ -135,8 +129,6 @@ _PROBED: dict[tuple, tuple] = {}  # the probe's result per (pythonpath, interpre
 def check_chromadb(pythonpath: str | None = None) -> list[Finding]:
     """chromadb imported and a client opened for real, in a subprocess (a crash or a refused sqlite3 cannot take the
     preflight down): not installed, installed but failing on import, refusing this Python's sqlite3, or fine."""
-    import re
-
     status, out, stderr = _probe(pythonpath)
     if status is None:
         return [finding("error", "environment", "chromadb", "importing chromadb did not finish in "

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from collegeadvisor.check.findings import Finding, finding
 from collegeadvisor.errors import ManifestError
+from collegeadvisor.fsutil import file_sha256
+from collegeadvisor.runs import read_manifest, run_mismatches
 
 
 def check_run(cfg, run: str | Path, tokenizer, resolved: str) -> list[Finding]:
-    from collegeadvisor.runs import read_manifest
-
     run = Path(run)
     try:
         m = read_manifest(run)
@@ -26,8 +26,6 @@ def check_run(cfg, run: str | Path, tokenizer, resolved: str) -> list[Finding]:
 
 def match_findings(cfg, run: Path, m: dict, tokenizer, resolved: str) -> list[Finding]:
     """The run's base model, its files and its chat template against the config's."""
-    from collegeadvisor.runs import run_mismatches
-
     where, out = f"{run}/manifest.json", []
     for bad in run_mismatches(m, cfg.base_model, resolved, tokenizer.chat_template or ""):
         if bad.what == "base_model":
@@ -66,8 +64,6 @@ def status_findings(run: Path, m: dict) -> list[Finding]:
 
 def changes_findings(cfg, run: Path, m: dict) -> list[Finding]:
     """Data and settings that differ from what the run was trained with."""
-    from collegeadvisor.fsutil import file_sha256
-
     out = []
     data = m.get("data") or {}
     if cfg.data and Path(cfg.data).is_file() and data.get("sha256") and data["sha256"] != file_sha256(cfg.data):
@@ -88,7 +84,7 @@ def json_metrics(metrics: dict) -> str:
 
 
 def _step(run: Path) -> str:
-    from collegeadvisor.train.checkpoint import checkpoints
+    from collegeadvisor.train.checkpoint import checkpoints  # the train package imports torch: only here
 
     found = checkpoints(run)
     return found[-1].name.split("-")[1].lstrip("0") or "0" if found else "?"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.check.findings import Finding, finding
+from collegeadvisor.config import duration_text
 from collegeadvisor.errors import ModelError
+from collegeadvisor.models import pick_device
 
 SMALL_DATA = 10_000  # fewer training examples than this ...
 MIN_EPOCHS_SMALL_DATA = 2.0  # ... need at least this many passes (the seed's 1 epoch on ~8k under-trained)
@@ -16,8 +19,6 @@ LORA_RANK = (4, 256)
 
 
 def resolve_device(cfg) -> tuple[str, list[Finding]]:
-    from collegeadvisor.models import pick_device
-
     try:
         return pick_device(cfg.device), []
     except ModelError as exc:
@@ -33,8 +34,6 @@ def check_plan(p) -> list[Finding]:
         ", base weights in bf16" if p.base_bf16 else "")
     budget = ""
     if p.max_time_s is not None:
-        from collegeadvisor.config import duration_text
-
         budget = (f"; max_time {duration_text(p.max_time_s)}: train plans the steps that fit it (at most these) at "
                   "the speed of its first step")
     return [finding("info", "setup", "train", f"{p.total_steps} steps of {p.effective_batch} examples "
@@ -56,7 +55,7 @@ def check_precision(cfg, device: str) -> list[Finding]:
         out.append(finding("warning", "setup", "dtype", f"fp16 on {device}: this recipe has no loss scaling, so small "
                            "gradients underflow", "set dtype: auto (bf16 where CUDA has it)", "fp16-no-scaler"))
     if device == "cpu" and cfg.autocast_bf16 == "on":
-        from collegeadvisor.train.planner import cpu_has_bf16
+        from collegeadvisor.train.planner import cpu_has_bf16  # the train package imports torch: only here
 
         if not cpu_has_bf16():
             out.append(finding("warning", "setup", "autocast_bf16", "bf16 autocast on a CPU without AVX512-BF16/AMX is "
@@ -97,8 +96,7 @@ def check_setup(cfg, schedule: dict, shape: dict | None) -> list[Finding]:
 
 def check_padding(cfg, tokenizer, rows: Sequence[dict]) -> list[Finding]:
     """Batch two real rows as train does (padded or packed) and make sure padding keeps every label, EOS included."""
-    from collegeadvisor.chat_format import IGNORE_INDEX
-    from collegeadvisor.train import batching
+    from collegeadvisor.train import batching  # torch: only when padding is checked
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None:

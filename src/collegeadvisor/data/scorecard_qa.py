@@ -33,6 +33,7 @@ from collegeadvisor.data.scorecard_answers import answer_text, question_text, re
 from collegeadvisor.data.scorecard_text import NO_CONTEXT_ANSWER, NOT_COVERED, TEMPLATES
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_jsonl
+from collegeadvisor.models import EMBEDDING_MODEL
 
 # Kinds whose answers need more than one figure or a choice of label get more examples than their share of
 # questions would suggest: a short run sees each often enough to learn its form.
@@ -58,9 +59,7 @@ NEEDED = [
 
 def retrieval_spec(k: int = MAX_PASSAGES) -> dict[str, Any]:
     """What a run trained on this dataset reads: the manifest records it, check and the knowledge base match it."""
-    from collegeadvisor.kb.embed import MODEL_NAME
-
-    return {"k": k, "embedder": MODEL_NAME, "row_format": row_format_id()}
+    return {"k": k, "embedder": EMBEDDING_MODEL, "row_format": row_format_id()}
 
 
 def _check(df, n_examples: int, n_heldout: int) -> None:
@@ -105,7 +104,7 @@ def _keys(df) -> dict[str, np.ndarray]:
 def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
     """Boolean masks of the rows each (kind, asked-as) can be asked about. Rows whose school, program and
     credential read the same as another row's are never asked about: their question would be ambiguous."""
-    import pandas as pd
+    import pandas as pd  # see _codes
 
     named = ~pd.Series(keys["name"]).duplicated(keep=False).to_numpy()
     earn = df["earnings"].notna().to_numpy() & df["earnings_horizon"].isin(list(HORIZON)).to_numpy() & named
@@ -140,7 +139,7 @@ def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
 def _heldout_mask(df, seed: int, n_heldout: int, earn: np.ndarray, keys) -> np.ndarray:
     """Rows set aside for held-out questions, by a seeded hash of school and program (all credentials of a
     school's program fall on one side, so an open question's rows are all held out or all not)."""
-    import pandas as pd
+    import pandas as pd  # see _codes
 
     if n_heldout == 0:
         return np.zeros(len(df), dtype=bool)

@@ -119,7 +119,7 @@ def no_data_correct(reply: str | None) -> bool:
 
 @lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # rouge-score (nltk): only when a reply is scored
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 

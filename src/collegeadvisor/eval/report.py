@@ -143,7 +143,7 @@ def _img(b64: str, alt: str) -> str:
 
 
 def _loss_chart(curve: dict) -> str | None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg renders the PNG
+    from matplotlib.figure import Figure  # heavy: only when a chart is drawn; no pyplot, Agg renders the PNG
 
     if not curve["loss"] and not curve["val_loss"]:
         return None
@@ -163,7 +163,7 @@ def _loss_chart(curve: dict) -> str | None:
 def _results_chart(results: dict[str, dict]) -> str | None:
     """Rates grouped by metric on one shared 0-100% axis; other metrics (perplexity, latency...) one panel each.
     Every bar is labelled with its value; a system without a value gets "n/a" and no bar."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (heavy): only when a chart is drawn
 
     systems = list(results)
     present = [m for m in METRICS if any(_finite(results[s].get(m)) for s in systems)]

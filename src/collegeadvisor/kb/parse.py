@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from collegeadvisor.data.scorecard import load_table
+
 # Spelling variants folded together before names and questions are compared.
 TOKEN_EQUIV = {"saint": "st", "mount": "mt", "fort": "ft", "&": "and"}
 
@@ -26,7 +28,7 @@ CREDENTIAL_WORDS = {
     ("1",): ["undergraduate certificate", "undergraduate diploma", "diploma"],
     ("2",): ["associate", "associates", "associate degree", "aas", "two year degree", "associate of arts",
           "associate of science", "associate of applied science"],
-    ("3",): ["bachelor", "bachelors", "baccalaureate", "ba", "bs", "bsn", "bfa", "bba", "four year degree",
+    ("3",): ["bachelor", "bachelors", "baccalaureate", "ba", "bs", "bsn", "bsw", "bfa", "bba", "bsba", "four year degree",
           "undergraduate degree", "bachelor of science", "bachelor of arts"],
     ("4",): ["post baccalaureate certificate", "postbaccalaureate certificate", "post baccalaureate", "post bacc",
           "post bacc certificate"],
@@ -43,6 +45,7 @@ CREDENTIAL_WORDS = {
 # Degree words that name the field too: they stand for that program when no program name follows them.
 DEGREE_FIELDS = {
     "bsn": "registered nursing", "msn": "registered nursing", "mba": "business administration",
+    "bsw": "social work", "bba": "business administration", "bsba": "business administration",
     "master of business administration": "business administration", "msw": "social work", "mph": "public health",
     "jd": "law", "juris doctor": "law", "law degree": "law", "md": "medicine", "doctor of medicine": "medicine",
     "medical degree": "medicine", "pharmd": "pharmacy", "dds": "dentistry", "dmd": "dentistry",
@@ -212,8 +215,6 @@ class Names:
 @lru_cache(maxsize=1)
 def names() -> Names:
     """Name indexes built from the Scorecard table (loaded once)."""
-    from collegeadvisor.data.scorecard import load_table
-
     table = load_table()
     programs = sorted({str(p).rstrip(".") for p in table["cip_desc"].dropna().unique()})
     sizes = table["inst_name"].value_counts().to_dict()

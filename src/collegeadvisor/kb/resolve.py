@@ -217,8 +217,8 @@ def _credential_words(tokens: list[str]) -> list[str]:
 
 def _words_programs(words: list[str]) -> tuple[str, ...]:
     """Programs named by rare words only ("criminal justice", "nutrition"): those sharing the most weight of the
-    question's words, the one those words cover most of first ("Nutrition Sciences" before "Dietetics and Clinical
-    Nutrition Services")."""
+    question's words and of whose name those words cover most ("Nutrition Sciences", not "Dietetics and Clinical
+    Nutrition Services": a school without the first is said to lack it, and its nearest programs are named)."""
     from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD
 
     idx = names()
@@ -231,7 +231,7 @@ def _words_programs(words: list[str]) -> tuple[str, ...]:
         return matched, matched / max(sum(idx.idf.get(w, 0.0) for w in own), 1e-9)
 
     ranked = sorted(candidates, key=lambda p: (-score(p)[0], -score(p)[1], p))
-    return tuple(p for p in ranked if score(p)[0] >= score(ranked[0])[0] - 1e-9)
+    return tuple(p for p in ranked if all(abs(a - b) < 1e-9 for a, b in zip(score(p), score(ranked[0]))))
 
 
 def _field(text: str) -> str | None:

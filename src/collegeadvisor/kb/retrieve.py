@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from collegeadvisor.data.scorecard import load_table, row_metadata
+from collegeadvisor.errors import AdvisorError
 from collegeadvisor.kb.embed import embed
 from collegeadvisor.kb.parse import Parse, names, normalize, parse, parse_question  # noqa: F401 (re-exported)
 from collegeadvisor.kb.store import DOCUMENT_KIND, HAS_DOCUMENTS, open_store
@@ -36,8 +38,6 @@ DOCUMENTS_TTL = 30.0  # seconds between checks for newly ingested passages
 def _row_index() -> dict[str, dict[str, frozenset[str]]]:
     """field -> value -> row ids, from the Scorecard table: filtering in memory takes microseconds, where
     Chroma's metadata filters scan every row (100-250 ms a query on the whole table)."""
-    from collegeadvisor.data.scorecard import load_table, row_metadata
-
     index: dict[str, dict[str, set[str]]] = {field: {} for field in FIELDS}
     for row in load_table().to_dict("records"):
         meta = row_metadata(row)
@@ -166,8 +166,6 @@ def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = N
 
 def retriever(k: int = 5, path: str | None = None, url: str | None = None, collection=None):
     """question -> top-k hits, with the store opened once; an empty or missing store is a clear error."""
-    from collegeadvisor.errors import AdvisorError
-
     collection = collection if collection is not None else open_store(path=path, url=url)
     if collection.count() == 0:
         where = url or path or "kb_store"

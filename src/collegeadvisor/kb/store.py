@@ -8,6 +8,7 @@ the normalized sum of its two parts, so the full table embeds in seconds; Chroma
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 import time
@@ -16,8 +17,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from collegeadvisor.data.scorecard import load_table, row_document, row_format_id, row_metadata
 from collegeadvisor.errors import AdvisorError, DataError, missing_dependency
-from collegeadvisor.kb.embed import MODEL_NAME, embed
+from collegeadvisor.kb.embed import embed
+from collegeadvisor.models import EMBEDDING_MODEL
 
 DEFAULT_PATH = "kb_store"
 DEFAULT_COLLECTION = "scorecard"
@@ -33,7 +36,7 @@ STORE_FILE = "chroma.sqlite3"  # what a Chroma folder holds
 def use_pysqlite3_if_needed() -> None:
     """Chroma refuses a sqlite3 older than 3.35; where Python's is and `pysqlite3-binary` is installed, import
     that in its place (Chroma's documented workaround). Call before chromadb is imported."""
-    import sqlite3
+    import sqlite3  # here, not at the top: whichever sqlite3 sys.modules holds now (this may swap it)
 
     if sqlite3.sqlite_version_info >= CHROMA_SQLITE:
         return
@@ -47,8 +50,7 @@ def use_pysqlite3_if_needed() -> None:
 def probe_chromadb() -> None:
     """Print what a subprocess needs to judge this Python's chromadb (check.check_chromadb runs this in one, where
     a crash or a refused sqlite3 cannot take the preflight down): where it is, its version, or its import error."""
-    import importlib.util
-    import sqlite3
+    import sqlite3  # as in use_pysqlite3_if_needed
 
     use_pysqlite3_if_needed()
     print("sqlite", sys.modules.get("sqlite3", sqlite3).sqlite_version, flush=True)
@@ -56,7 +58,7 @@ def probe_chromadb() -> None:
     print("chromadb-at", spec.origin if spec else None, flush=True)
     if spec is None:
         return
-    try:
+    try:  # chromadb (heavy, and what this probes): only here
         import chromadb
         from chromadb.config import Settings
 
@@ -70,7 +72,7 @@ def probe_chromadb() -> None:
 def _client(path: str | Path | None = None, url: str | None = None):
     """A Chroma client: on disk at `path` (created when missing), or on the server at `url`."""
     use_pysqlite3_if_needed()
-    try:
+    try:  # chromadb: heavy, and only after use_pysqlite3_if_needed
         import chromadb
         from chromadb.config import Settings
     except ImportError as exc:
@@ -97,14 +99,14 @@ def _client(path: str | Path | None = None, url: str | None = None):
 def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION):
     """The Chroma collection (cosine space, precomputed embeddings): on disk at `path`, or on the server at `url`."""
     client = _client(path, url)
-    import chromadb
+    import chromadb  # imported by _client (heavy: never at module import)
 
     try:
         return client.get_or_create_collection(
             collection,
             embedding_function=None,
             configuration={"hnsw": {"space": "cosine"}},
-            metadata={"embedder": MODEL_NAME},
+            metadata={"embedder": EMBEDDING_MODEL},
         )
     except chromadb.errors.InvalidArgumentError as exc:
         raise AdvisorError(f"kb collection {collection!r}: {exc}") from exc
@@ -136,10 +138,8 @@ def _stamp(store, rows, where: str) -> None:
     holds rows already keeps what it recorded: another embedder or row format is an error (a build only adds
     missing rows: it would mix two); one built before builds recorded them is stamped when its documents read as
     this version writes them, and left unrecorded when none of the rows to build is there to compare."""
-    from collegeadvisor.data.scorecard import row_document, row_format_id
-
     meta = dict(store.metadata or {})
-    want = {"embedder": MODEL_NAME, "row_format": row_format_id()}
+    want = {"embedder": EMBEDDING_MODEL, "row_format": row_format_id()}
     if store.count():
         stored = {}
         if meta.get("row_format") is None:
@@ -182,9 +182,7 @@ def build_kb(path: str | Path | None = None, url: str | None = None, rows=None, 
 
     Resumable: ids already present are skipped, so an interrupted build continues where it stopped.
     """
-    from tqdm import tqdm
-
-    from collegeadvisor.data.scorecard import load_table, row_document, row_metadata
+    from tqdm import tqdm  # ~25 ms: kept off the CLI's start (which imports kb)
 
     store = open_store(path, url, collection)
     rows = (load_table() if rows is None else rows).drop_duplicates("row_id")

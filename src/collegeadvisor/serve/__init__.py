@@ -12,9 +12,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from collegeadvisor.config import ServeConfig, as_line
 from collegeadvisor.errors import AdvisorError
-
-API_KEY_ENV = "COLLEGEADVISOR_API_KEY"
+from collegeadvisor.runs import find_run, load_run, retriever_for
+from collegeadvisor.serve.guard import allow_cors, uvicorn_config
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -40,9 +41,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
     """Serve `app` with uvicorn on a background thread (port 0: a free one), with the same protocol, limits and
     timeouts as `collegeadvisor serve` (app.state.limits); yields the base URL."""
-    import uvicorn
-
-    from collegeadvisor.serve.guard import uvicorn_config
+    import uvicorn  # not loaded until a server starts
 
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
@@ -69,12 +68,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args) -> int:
+    # uvicorn, and serve.app (fastapi, and torch through advise): not loaded until a server starts
     import uvicorn
 
-    from collegeadvisor.config import ServeConfig, as_line
-    from collegeadvisor.runs import find_run, load_run, retriever_for
     from collegeadvisor.serve.app import create_app
-    from collegeadvisor.serve.guard import allow_cors, uvicorn_config
 
     s = ServeConfig.from_args(args)
     sock = bind(s.host, s.port)  # before the slow model load: a taken port fails at once
@@ -105,8 +102,6 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Add the `serve` subcommand to the CLI's subparsers."""
-    from collegeadvisor.config import ServeConfig
-
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a trained run")
     ServeConfig.add_arguments(p)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the key in the "

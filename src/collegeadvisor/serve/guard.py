@@ -124,7 +124,7 @@ def install(app, api_key: str | None, limits: Limits | None = None) -> Limits:
 def allow_cors(app, origins: list[str]) -> None:
     """Let browser pages from these origins call the API (preflights answered before the key check). Without a
     call, no cross-origin page can read a response."""
-    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.cors import CORSMiddleware  # the web stack: not loaded until a server starts
 
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
@@ -136,7 +136,7 @@ def guarded_http(limits: Limits):
     """uvicorn's HTTP protocol (httptools where installed, else h11) with a deadline and a size cap for each
     request head: a client that sends part of a request line or headers and stalls gets 408 and is closed,
     one that sends more than max_head_bytes of headers gets 431."""
-    try:
+    try:  # uvicorn and httptools (optional): not loaded until a server starts
         import httptools  # noqa: F401
 
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
@@ -193,7 +193,7 @@ def guarded_http(limits: Limits):
 
 
 def uvicorn_config(app, log_level: str = "info", limits: Limits | None = None):
-    import uvicorn
+    import uvicorn  # not loaded until a server starts
 
     limits = limits or getattr(app.state, "limits", None) or Limits()
     return uvicorn.Config(app, log_level=log_level, http=guarded_http(limits), timeout_keep_alive=5,

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 
 from collegeadvisor.errors import ManifestError
 from collegeadvisor.fsutil import (
@@ -143,8 +145,6 @@ def _under(path, folder: Path) -> bool:
 
 
 def _write_checkpoint(stage: Path, final: Path, model, optimizer, scheduler, progress: dict) -> None:
-    from safetensors.torch import save as tensors_to_bytes
-
     model.save_pretrained(stage / "adapter")
     tensors: dict[str, torch.Tensor] = {}
     state = {"format": FORMAT, "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
@@ -190,8 +190,7 @@ def verify(path: Path, run_dir: Path) -> dict:
 
 def load(path: Path, model, optimizer, scheduler, run_dir: Path | None = None) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG from a verified checkpoint; returns its progress."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import set_peft_model_state_dict  # peft (heavy): loaded with the model, not with this module
 
     path = Path(path)
     state = verify(path, run_dir or path.parent.parent)

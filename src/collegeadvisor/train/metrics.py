@@ -33,7 +33,7 @@ def missing_tracker(report_to: str | None) -> str | None:
 
 def open_tracker(report_to: str, run_dir: Path, config: dict | None = None):
     """accelerate's tracker for report_to, started, with the run's settings as its configuration."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # accelerate (heavy): only when a tracker opens
 
     kwargs = {
         "tensorboard": dict(run_name="tensorboard", logging_dir=str(run_dir)),

@@ -96,7 +96,7 @@ def lora_model(model, cfg: Config):
     """The base model with LoRA adapters as cfg sets them (r, alpha, dropout, target layers), LoRA weights in fp32
     even over a bf16 base, LoRA dropout drawn by LoraDropout, and (cfg.fused) each LoRA layer run as one fused
     autograd node. Train and check build it here."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft (heavy): only when a model is built
 
     targets = "all-linear" if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -22,6 +22,7 @@ import torch
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
 from collegeadvisor.data.prepare import encode_examples
+from collegeadvisor.models import pick_dtype
 from collegeadvisor.train.batching import epoch_batches
 from collegeadvisor.train.fused import CHUNK
 
@@ -104,8 +105,6 @@ def autocast_for(device: str, dtype: torch.dtype, setting: str):
 
 def precision(cfg: Config, device: str) -> dict[str, Any]:
     """Master dtype, bf16 autocast and whether the frozen base is kept in bf16, for cfg on device."""
-    from collegeadvisor.models import pick_dtype
-
     dtype = pick_dtype(device, cfg.dtype)
     autocast = bf16_autocast(device, dtype, cfg.autocast_bf16)
     base_bf16 = dtype == torch.float32 and (cfg.base_bf16 == "on" or (cfg.base_bf16 == "auto" and autocast))
@@ -234,7 +233,7 @@ def for_time(cfg: Config, p: Plan, measured: dict) -> Plan:
 def model_shape(resolved: str, cfg: Config) -> dict[str, Any]:
     """Parameter counts and sizes from the model's config, built on the meta device (no weights read), and the
     layers cfg.lora_target puts LoRA on."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # transformers (heavy): only when sizing a model
 
     config = AutoConfig.from_pretrained(resolved)
     with torch.device("meta"), warnings.catch_warnings():

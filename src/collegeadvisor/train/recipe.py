@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
@@ -126,7 +127,7 @@ class Training:
     resume (after the optimizer, so a resumed run continues exactly), manifest; then the loop and the final adapter."""
 
     def __init__(self, cfg: Config, resume: str | Path | None, log: Callable[[str], None]):
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # accelerate (heavy): only when training starts
 
         if resume:
             run_dir = Path(resume)
@@ -158,7 +159,7 @@ class Training:
     def new_run_dir(self) -> Path:
         name = self.cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         if self.world > 1:  # rank 0's name: ranks may start in different seconds
-            from accelerate.utils import broadcast_object_list
+            from accelerate.utils import broadcast_object_list  # accelerate: see __init__
 
             name = broadcast_object_list([name])[0]
         run_dir = Path(self.cfg.output_dir) / name
@@ -211,7 +212,7 @@ class Training:
 
     def build_schedule(self) -> None:
         """The LR schedule (warmup, then decay) over the plan's steps."""
-        from transformers import get_scheduler
+        from transformers import get_scheduler  # transformers (heavy): only when training starts
 
         self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.plan.warmup_steps,
                                        num_training_steps=self.plan.total_steps)
@@ -252,7 +253,7 @@ class Training:
             checkpoint.set_rng_state(rng)
         measured = {"seconds": seconds, "tokens": tokens}
         if self.world > 1:  # every rank plans the same steps
-            from accelerate.utils import broadcast_object_list
+            from accelerate.utils import broadcast_object_list  # accelerate: see __init__
 
             measured = broadcast_object_list([measured])[0]
         return measured
@@ -345,8 +346,6 @@ class Training:
         """Optimizer steps up to the plan's total; True when this invocation pauses first (stop_after_steps, or
         SIGINT/SIGTERM: the step finishes, a checkpoint is saved and the manifest names the signal). A step that ends
         past max_time ends the run there (checkpoint, then the adapter as at the planned end: False)."""
-        from tqdm.auto import tqdm
-
         self.fit_start = clock()  # max_time counts from here: loading and planning were set-up
         cfg, total = self.cfg, self.plan.total_steps
         self.metrics = Metrics(self.run_dir, cfg.report_to, self.main, cfg.model_dump())
@@ -484,7 +483,7 @@ class Training:
     def finish(self) -> None:
         """Every rank's adapter equal (data parallel), then the final adapter and the manifest (status complete)."""
         if self.world > 1:  # data parallel: every rank must end with the same adapter
-            from accelerate.utils import gather_object
+            from accelerate.utils import gather_object  # accelerate: see __init__
 
             digests = gather_object([adapter_digest(self.model)])
             self.manifest["ranks"] = {"world_size": self.world, "adapter_sha256": digests}
