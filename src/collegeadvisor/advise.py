@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from collegeadvisor import grounding
-from collegeadvisor.data.scorecard import load_table, program_name, row_document, row_metadata
+from collegeadvisor.data.scorecard import load_table, program_name, read_row, row_document, row_metadata, row_values
 from collegeadvisor.data.scorecard_answers import answer_text, question_text
 from collegeadvisor.data.scorecard_text import SHORT_CREDENTIAL
 from collegeadvisor.generate import answer
@@ -135,8 +135,6 @@ def nearest(unitid: str, programs: Sequence[str], levels: Sequence[str], n: int 
 def _kind(asked: str, record: dict) -> tuple[str, str]:
     """The dataset's (kind, sub) for one row and the field asked: its answer's form, and "no data" where the row
     has that field suppressed."""
-    from collegeadvisor.data.scorecard import row_values
-
     values = row_values(record)
     if asked == "premium":
         premium = values.get("premium")
@@ -192,8 +190,6 @@ def _missing(res: Resolution, unitid: str, name: str, why: str, retrieve_rows: l
 
 def grounding_row(record: dict) -> dict:
     """A table row as `grounding` reads one back from its document."""
-    from collegeadvisor.data.scorecard import read_row
-
     return read_row(row_document(record))
 
 

@@ -8,7 +8,8 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-from collegeadvisor.kb.parse import _campus, _preferred, names, normalize
+from collegeadvisor.data.scorecard import load_table
+from collegeadvisor.kb.parse import CREDENTIAL_WORDS, STATES, _campus, _preferred, _shortened, names, normalize
 
 COMMON = 4.5  # wordfreq zipf at or above which a word is an ordinary word, not a school's nickname
 DOMINANT = 3.0  # an initialism shared by several schools means the one with this many times more rows
@@ -25,15 +26,13 @@ def aliases() -> dict[str, dict]:
 
 @lru_cache(maxsize=1)
 def zipf_of():
-    from wordfreq import zipf_frequency
+    from wordfreq import zipf_frequency  # delayed: its word lists load in 0.2 s
     return lambda word: zipf_frequency(word, "en")
 
 
 def _initialisms(name: str) -> set[str]:
     """Initialisms a school goes by: its words' initials ("Florida State University" fsu, "University of
     California-Los Angeles" ucla) and, for "University of <State>", "u" and the state's code ("umn", "uga")."""
-    from collegeadvisor.kb.parse import STATES
-
     out = set()
     base, _ = _campus(name)
     for words in (normalize(name), base.split()):
@@ -55,8 +54,6 @@ def _initialisms(name: str) -> set[str]:
 @lru_cache(maxsize=1)
 def name_indexes() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]], set[str]]:
     """(school key -> names, program key -> programs, the words of every name), from the table and the aliases."""
-    from collegeadvisor.data.scorecard import load_table
-
     table, idx, zipf = load_table(), names(), zipf_of()
     grouped = table.groupby("inst_name")["completers_count"]
     sizes = (grouped.sum() * grouped.size()).to_dict()  # graduates x programs: how well known a school is
@@ -99,16 +96,12 @@ def _vague(key: str, found) -> bool:
 
 
 def _credential_keys() -> list[str]:
-    from collegeadvisor.kb.parse import CREDENTIAL_WORDS
-
     return [" ".join(normalize(p)) for phrases in CREDENTIAL_WORDS.values() for p in phrases]
 
 
 def _at_campus_keys(all_names, sizes: dict[str, float]) -> dict[str, tuple[str, ...]]:
     """"Kent State University at Kent" is a campus of "Kent State University": the school's name, and its name with
     "University"/"College" left out ("kent state"), mean its campus with the most graduates."""
-    from collegeadvisor.kb.parse import _shortened
-
     groups: dict[str, set[str]] = {}
     for name in all_names:
         if " at " in name and "-" not in name:

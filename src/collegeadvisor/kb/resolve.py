@@ -18,8 +18,9 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
-from collegeadvisor.kb.nameindex import name_indexes, zipf_of, aliases
-from collegeadvisor.kb.parse import names, normalize, parse
+from collegeadvisor.data.scorecard import load_table
+from collegeadvisor.kb.nameindex import aliases, name_indexes, zipf_of
+from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD, _phrase_index, names, normalize, parse
 
 LONGEST = 14  # words in the longest school or program phrase matched
 ENGLISH = 3.0  # wordfreq zipf at or above which a word is left as written (no typo correction)
@@ -100,8 +101,6 @@ class Resolution:
 @lru_cache(maxsize=1)
 def _units() -> dict[str, tuple[tuple[str, str, str], ...]]:
     """school name -> its (unitid, name, state): a name may belong to several schools ("Columbia College")."""
-    from collegeadvisor.data.scorecard import load_table
-
     pairs = load_table()[["inst_name", "unitid", "state"]].drop_duplicates()
     out: dict[str, list] = {}
     for name, unitid, state in pairs.itertuples(index=False):
@@ -126,7 +125,7 @@ def _clean(text: str) -> str:
 @lru_cache(maxsize=4096)
 def _corrected(word: str) -> str:
     """A typo fixed: the closest word of a school or program name, where the word is no ordinary word."""
-    from rapidfuzz import fuzz, process
+    from rapidfuzz import fuzz, process  # delayed: only a word no name holds needs it
 
     schools, programs, words = name_indexes()
     if (len(word) < 5 or not word.isalpha() or word in words or word in schools or word in programs
@@ -186,8 +185,6 @@ def _campus_words_dropped(tokens: list[str], found: list[tuple]) -> list[tuple]:
 
 def _level_before(tokens: list[str], start: int) -> tuple[str, ...]:
     """The credential named just before a program ("the master's in X"): its levels, or ()."""
-    from collegeadvisor.kb.parse import _phrase_index
-
     phrases = _phrase_index()
     credentials = aliases()["credentials"]
     end = start
@@ -219,8 +216,6 @@ def _words_programs(words: list[str]) -> tuple[str, ...]:
     """Programs named by rare words only ("criminal justice", "nutrition"): those sharing the most weight of the
     question's words and of whose name those words cover most ("Nutrition Sciences", not "Dietetics and Clinical
     Nutrition Services": a school without the first is said to lack it, and its nearest programs are named)."""
-    from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD
-
     idx = names()
     content = {w for w in words if w in idx.word_programs and w not in QUESTION_WORDS and w not in NOT_PROGRAM_WORDS}
     candidates = {p for w in content if len(idx.word_programs[w]) <= RARE_WORD for p in idx.word_programs[w]}
