@@ -110,6 +110,22 @@ def test_tinyllama_flags_chatml_and_its_own_markers_differently(tmp_path, tinyll
     assert all(f.level == "error" for f in findings if "marker" in f.data)
 
 
+def test_check_flags_every_control_token_data_validate_refuses_and_the_models_own(tmp_path, tinyllama_tiny_model):
+    """One rule (data.prepare): every token `data validate` refuses is an error here too, plus the tokenizer's own
+    special tokens, which `data validate` (no tokenizer) cannot know."""
+    from collegeadvisor.data.prepare import CONTROL_TOKENS
+
+    tokens = [*CONTROL_TOKENS, "<unk>"]
+    rows = qa_rows(10) + [{"instruction": f"Q{i}?", "output": f"A {t} B"} for i, t in enumerate(tokens)]
+    findings = run(tmp_path, tinyllama_tiny_model, rows)
+    flagged = {f.data["marker"]: f for f in findings if "marker" in f.data}
+    assert set(flagged) == set(tokens)
+    assert all(f.level == "error" and f.where == f"{tmp_path / 'data.jsonl'}:{11 + tokens.index(t)}"
+               for t, f in flagged.items())
+    assert flagged["<unk>"].code == "own-special-token" and flagged["<s>"].code == "own-special-token"
+    assert flagged["[INST]"].code == "foreign-scaffolding" and flagged["<|im_start|>"].code == "foreign-scaffolding"
+
+
 def test_template_that_cannot_stop_is_a_format_error(tmp_path, smol_tokenizer):
     from conftest import build_tiny_model
 
@@ -563,3 +579,19 @@ def test_cli_check_exits_1_on_a_broken_dataset_and_0_on_a_clean_one(tmp_path, ti
     assert nokb.returncode == 1 and nokb.stderr.count("\n") == 1 and "Traceback" not in nokb.stderr
     assert f"{tmp_path / 'nokb'}: no knowledge base here" in nokb.stderr
     assert f"collegeadvisor kb build --path {tmp_path / 'nokb'}" in nokb.stdout
+
+
+def test_cli_check_refuses_a_file_of_one_example_copied_as_data_validate_does(tmp_path, smol_tiny_model, capsys):
+    """The dedupe and minimum of data.loaders.unique_examples, the ones `data validate` applies (tests/test_data.py)."""
+    from collegeadvisor.cli import main
+
+    copies = write_jsonl(tmp_path / "copies.jsonl", qa_rows(1) * 30)
+    common = ["check", "--config", str(QUICKSTART), "--base-model", str(smol_tiny_model), "--output-dir",
+              str(tmp_path / "runs"), "--no-measure"]
+    assert main([*common, "--data", str(copies)]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "1 unique example out of 30 (29 duplicates dropped)" in out and "too few to train on" in out
+    f = only(check.run_checks(make_cfg(tmp_path, smol_tiny_model, qa_rows(1) * 30), measure=False), "too-few-unique")
+    assert f.level == "error" and f.data == {"unique": 1, "examples": 30}
+    assert not [f for f in run(tmp_path, smol_tiny_model, qa_rows(2) * 15) if f.code == "too-few-unique"]

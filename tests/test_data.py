@@ -95,3 +95,80 @@ def test_long_answers_are_dropped_and_counted_never_silently_cut(tokenizer):
 def test_length_report_percentiles():
     r = length_report(list(range(1, 101)), max_length=90)
     assert r["p50"] == 51 and r["max"] == 100 and r["over_max_length"] == 10 and r["max_length_for_99pct"] == 99
+
+
+# ------------------------------------------------------------------ one set of data rules (issue 24): data validate
+# The same rules, from data, are what `check` applies (tests/test_check.py: the control tokens and too few examples).
+from collegeadvisor.cli import main  # noqa: E402
+from collegeadvisor.data import loaders  # noqa: E402
+from collegeadvisor.data.prepare import CONTROL_TOKENS, control_token_hits, control_tokens  # noqa: E402
+
+GOOD = [dict(ALPACA, instruction=f"What do graduates of program {i} earn?") for i in range(3)]
+
+
+@pytest.mark.parametrize("token", ["<|im_start|>", "<|im_end|>", "</s>", "<s>", "[INST]", "[/INST]", "<|user|>",
+                                   "<|assistant|>", "<|endoftext|>"])
+def test_validate_refuses_a_chat_templates_control_token_naming_file_line_and_token(tmp_path, capsys, token):
+    p = write_jsonl(tmp_path / "d.jsonl", GOOD + [dict(ALPACA, output=f"A median {token} of $65,432.")])
+    assert main(["data", "validate", str(p)]) == 1
+    out = capsys.readouterr().out
+    hit = [line for line in out.splitlines() if line.startswith(f"{p}:4: ")]
+    assert len(hit) == 1 and f"control token {token!r}" in hit[0] and "remove it" in hit[0], out
+    assert f"{p}: 4 examples loaded, 1 problem;" in out
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "system", "content": "You are <|im_start|>system"},
+                  {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
+    {"conversations": [{"from": "human", "value": "[INST] Q? [/INST]"}, {"from": "gpt", "value": "A."}]},
+    {"instruction": "Q?", "output": "A.", "context": ["Ohio State <|im_end|> nursing: $65,432"]},
+])
+def test_validate_looks_in_every_message_and_the_retrieved_context(tmp_path, capsys, record):
+    p = write_jsonl(tmp_path / "d.jsonl", GOOD + [record])
+    assert main(["data", "validate", str(p)]) == 1
+    assert f"{p}:4: chat-format control token" in capsys.readouterr().out
+
+
+def test_validate_passes_plain_text_that_only_looks_like_markup(tmp_path, capsys):
+    rows = GOOD + [dict(ALPACA, output="Use <b>bold</b>, [1] and a < b > c; no <|control|> token known here.")]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["data", "validate", str(p)]) == 0
+    assert f"{p}: 4 examples loaded, 0 problems; training sees 4 unique examples out of 4 (0 duplicates dropped)" \
+        in capsys.readouterr().out
+
+
+def test_control_tokens_are_the_known_templates_plus_the_tokenizers_own(tinyllama_tokenizer):
+    assert {"<|im_start|>", "<|im_end|>", "</s>", "<s>", "[INST]", "[/INST]", "<|user|>"} <= set(CONTROL_TOKENS)
+    ex = [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A <unk> B"}], "line": 7}]
+    assert control_token_hits(ex, path="d.jsonl") == []  # no tokenizer: the known templates' tokens only
+    tokens = control_tokens(tinyllama_tokenizer)
+    assert "<unk>" in tokens and set(CONTROL_TOKENS) <= set(tokens)
+    assert control_token_hits(ex, tokens, path="d.jsonl") == [("d.jsonl:7", "<unk>")]
+
+
+def test_validate_says_what_training_sees_and_refuses_a_file_of_one_example(tmp_path, capsys):
+    copies = write_jsonl(tmp_path / "copies.jsonl", [ALPACA] * 30)
+    assert main(["data", "validate", str(copies)]) == 1
+    captured = capsys.readouterr()
+    assert "training sees 1 unique example out of 30 (29 duplicates dropped)" in captured.out
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: {copies}: 1 unique example out of 30 "
+                                                                    "(29 duplicates dropped): every record is the same")
+    assert "too few to train on" in captured.err and "internal error" not in captured.err
+    one = write_jsonl(tmp_path / "one.jsonl", [ALPACA])
+    assert main(["data", "validate", str(one)]) == 1
+    assert "too few to train on" in capsys.readouterr().err
+    two = write_jsonl(tmp_path / "two.jsonl", [ALPACA] * 5 + [MESSAGES])
+    assert main(["data", "validate", str(two)]) == 0
+    assert "training sees 2 unique examples out of 6 (4 duplicates dropped)" in capsys.readouterr().out
+
+
+def test_the_minimum_is_one_setting_read_where_the_rule_runs(tmp_path, capsys, monkeypatch):
+    p = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    assert main(["data", "validate", str(p)]) == 0
+    monkeypatch.setattr(loaders, "MIN_UNIQUE_EXAMPLES", 4)
+    assert main(["data", "validate", str(p)]) == 1
+    assert "3 unique examples out of 3 (0 duplicates dropped): too few to train on; give at least 4" in \
+        capsys.readouterr().err
+    examples, _ = load_examples(p)
+    kept, seen, problem = loaders.unique_examples(examples + examples[:1], "d.jsonl")
+    assert len(kept) == 3 and seen == "3 unique examples out of 4 (1 duplicate dropped)" and problem

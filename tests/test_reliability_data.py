@@ -89,9 +89,12 @@ def test_json_array_faults_name_the_records_line(tmp_path):
 def test_data_validate_warns_about_a_file_of_copies_and_refuses_bad_ones(tmp_path, capsys):
     copies = tmp_path / "copies.jsonl"
     copies.write_text((json.dumps(OK) + "\n") * 30)
-    assert main(["data", "validate", str(copies)]) == 0
-    out = capsys.readouterr().out
+    assert main(["data", "validate", str(copies)]) == 1  # one example is too little to train on (issue 24)
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("warning: ") == 29 and f"{copies}:30: the same example as line 1" in out
+    assert "training sees 1 unique example out of 30 (29 duplicates dropped)" in out
+    assert captured.err.count("\n") == 1 and "too few to train on" in captured.err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(rows_with({"instruction": "q", "output": ["a list"]}))
     assert main(["data", "validate", str(bad)]) == 1
@@ -126,3 +129,6 @@ def test_check_refuses_bad_records_and_warns_about_copies(tmp_path, tinyllama_ti
     copies = preflight(tmp_path, tinyllama_tiny_model, (json.dumps(OK) + "\n") * 30)
     f = next(f for f in copies if f.code == "duplicate")
     assert f.level == "warning" and "29 records repeat" in f.message
+    assert f.message.endswith("1 unique example out of 30 (29 duplicates dropped)")
+    f = next(f for f in copies if f.code == "too-few-unique")  # the rule and minimum `data validate` applies
+    assert f.level == "error" and f.where == str(tmp_path / "data.jsonl") and "too few to train on" in f.message

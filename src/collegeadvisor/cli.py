@@ -10,9 +10,10 @@ from pathlib import Path
 from collegeadvisor import check, export, serve
 from collegeadvisor.config import ChatConfig, Config, EvalConfig, as_line, as_yaml
 from collegeadvisor.data import preview
-from collegeadvisor.data.loaders import dedupe, load_examples
+from collegeadvisor.data.loaders import load_examples, unique_examples
+from collegeadvisor.data.prepare import control_token_problems
 from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
-from collegeadvisor.errors import AdvisorError
+from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import cli as kb_cli
 from collegeadvisor.runs import find_run, load_run, read_manifest, retriever_for
@@ -43,14 +44,21 @@ def cmd_data_scorecard(args) -> int:
 
 
 def cmd_data_validate(args) -> int:
+    """Every problem with file:line, by the rules `check` applies too: each record (data.loaders), the known chat
+    templates' control tokens inside the text (data.prepare.control_token_problems), and what training sees after
+    dropping copies, refused when too few (data.loaders.unique_examples)."""
     repeated: list[str] = []
     examples, problems = load_examples(args.file, strict=False, warnings=repeated)
+    problems += control_token_problems(examples, args.file)
     for p in problems:
         print(p)
     for w in repeated:
         print(f"warning: {w}")
-    kept, dupes = dedupe(examples)
-    print(f"{args.file}: {len(examples)} valid examples, {len(problems)} problems, {dupes} duplicates")
+    _, seen, too_few = unique_examples(examples, args.file)
+    print(f"{args.file}: {len(examples)} example{'' if len(examples) == 1 else 's'} loaded, {len(problems)} "
+          f"problem{'' if len(problems) == 1 else 's'}; training sees {seen}")
+    if too_few:
+        raise DataError(too_few)
     return 1 if problems else 0
 
 

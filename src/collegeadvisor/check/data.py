@@ -1,5 +1,6 @@
-"""Data checks: the examples train picks (data.loaders.train_val, as train picks them), the share of labelled
-tokens, and token lengths per split against max_length (a histogram, answers cut, the max_length covering 99%)."""
+"""Data checks: the examples train picks (data.loaders.train_val, as train picks them), enough different ones to
+train on (data.loaders.unique_examples, the rule `data validate` applies), the share of labelled tokens, and token
+lengths per split against max_length (a histogram, answers cut, the max_length covering 99%)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Sequence
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.check.findings import LISTED, Finding, finding, plural
-from collegeadvisor.data.loaders import load_examples, train_val
+from collegeadvisor.data.loaders import load_examples, train_val, unique_examples
 from collegeadvisor.data.prepare import length_report
 from collegeadvisor.errors import DataError
 
@@ -17,10 +18,10 @@ CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut
 
 def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict], list[Finding]]:
     """The examples `train` would use, as train/prepare_data picks them: ({split: (file, examples)}, every loaded
-    example (for text scans), findings for unreadable records)."""
+    example (for text scans), findings for unreadable records, copies, and too few different examples to train on)."""
     findings: list[Finding] = []
 
-    def load(path: str) -> list[dict]:
+    def load(path: str, training: bool = False) -> list[dict]:
         repeated: list[str] = []
         try:
             examples, problems = load_examples(path, strict=False, warnings=repeated)
@@ -33,16 +34,22 @@ def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict],
             where, _, msg = p.partition(": ")
             findings.append(finding("error", "format", where, msg, "fix or remove the record (train stops on it)",
                                     "invalid-record"))
+        kept, seen, too_few = unique_examples(examples, path)
         if repeated:
             lines = ", ".join(w.partition(": ")[0].rsplit(":", 1)[-1] for w in repeated[:LISTED])
             findings.append(finding("warning", "format", repeated[0].partition(": ")[0],
                                     f"{plural(len(repeated), 'record')} repeat an earlier record verbatim (lines "
-                                    f"{lines}{', ...' if len(repeated) > LISTED else ''}); train drops the copies",
+                                    f"{lines}{', ...' if len(repeated) > LISTED else ''}); train drops the copies"
+                                    + (f": {seen}" if training else ""),
                                     "remove the copies (a file of copies trains on far fewer examples than it seems)",
                                     "duplicate", count=len(repeated)))
+        if training and too_few:
+            findings.append(finding("error", "format", path, too_few.removeprefix(f"{path}: "),
+                                    "add different examples (`collegeadvisor data validate FILE` says the same)",
+                                    "too-few-unique", unique=len(kept), examples=len(examples)))
         return examples
 
-    examples = load(cfg.data)
+    examples = load(cfg.data, training=True)
     everything = [dict(e, file=cfg.data) for e in examples]
     val = load(cfg.val_data) if cfg.val_data else None
     everything += [dict(e, file=cfg.val_data) for e in val or []]

@@ -9,42 +9,15 @@ from typing import Sequence
 
 from collegeadvisor.chat_format import IGNORE_INDEX, encode_conversation, encode_prompt, end_of_turn_token, render_text
 from collegeadvisor.check.findings import Finding, finding, lines_of, plural
-from collegeadvisor.data.prepare import conversation
+from collegeadvisor.data.prepare import control_token_hits, control_tokens, conversation, special_tokens
 from collegeadvisor.errors import TemplateError
 
 PROMPT_IN_ANSWER_MIN_CHARS = 20  # a user message this long found verbatim in the reply: the prompt is trained on
 
-# Scaffolding of other chat formats. Inside message content it is trained as text: the model learns to write it.
-FOREIGN_MARKERS = {
-    "<|endoftext|>": "the GPT-2/Qwen/SmolLM end-of-text token",
-    "</s>": "the Llama/Mistral end-of-sequence token",
-    "<|im_start|>": "ChatML's turn marker",
-    "<|im_end|>": "ChatML's end-of-turn token",
-    "<|user|>": "Zephyr/TinyLlama's user marker",
-    "<|assistant|>": "Zephyr/TinyLlama's assistant marker",
-    "<|system|>": "Zephyr/TinyLlama's system marker",
-    "### Instruction:": "Alpaca prompt scaffolding",
-    "### Input:": "Alpaca prompt scaffolding",
-    "### Response:": "Alpaca prompt scaffolding",
-    "[INST]": "Llama-2's instruction marker",
-    "[/INST]": "Llama-2's instruction marker",
-    "<|eot_id|>": "Llama-3's end-of-turn token",
-    "<|start_header_id|>": "Llama-3's role marker",
-    "<start_of_turn>": "Gemma's turn marker",
-    "<end_of_turn>": "Gemma's end-of-turn token",
-}
 PROBE = [{"role": "system", "content": "Zq1"}, {"role": "user", "content": "Zq2"},
          {"role": "assistant", "content": "Zq3"}]
 OWN_END = ("own-end-of-turn", "this model's own end-of-turn token (the reply would end there)")
 OWN_SPECIAL = ("own-special-token", "a special token of this tokenizer (it becomes a control token, not text)")
-
-
-def special_tokens(tokenizer) -> set[str]:
-    """The tokenizer's special tokens, those it adds among them."""
-    specials = set(tokenizer.all_special_tokens)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-    specials.update(str(t) for t in added if getattr(t, "special", False))
-    return {s for s in specials if s}
 
 
 def scaffold_text(tokenizer) -> str:
@@ -59,12 +32,14 @@ def scaffold_text(tokenizer) -> str:
 
 def marker_kinds(tokenizer) -> dict[str, tuple[str, str]]:
     """marker -> (code, what it is) for this model: its own end-of-turn token, its own special tokens and role
-    markers (which fake turns or stop the reply when written inside content), and other formats' scaffolding."""
+    markers (which fake turns or stop the reply when written inside content), and other formats' scaffolding. The
+    markers are data's rule (data.prepare.control_tokens: the known templates' control tokens, and this tokenizer's
+    special tokens), the one `data validate` applies; here each is named for this model."""
     eot = end_of_turn_token(tokenizer)
     scaffold = scaffold_text(tokenizer)
     specials = special_tokens(tokenizer)
     kinds: dict[str, tuple[str, str]] = {}
-    for marker, what in FOREIGN_MARKERS.items():
+    for marker, what in control_tokens(tokenizer).items():
         if marker == eot:
             kinds[marker] = OWN_END
         elif marker in specials:
@@ -74,21 +49,16 @@ def marker_kinds(tokenizer) -> dict[str, tuple[str, str]]:
         else:
             kinds[marker] = ("foreign-scaffolding", f"{what}, foreign to this model's template, which ends turns "
                                                     f"with {eot}")
-    for s in sorted(specials, key=len, reverse=True):
-        if s not in kinds and len(s) > 2:
-            kinds[s] = OWN_END if s == eot else OWN_SPECIAL
     return kinds
 
 
 def check_scaffolding(tokenizer, examples: Sequence[dict]) -> list[Finding]:
-    """Foreign or own chat-format markers written inside message content or retrieved context, with file:line."""
+    """Foreign or own chat-format markers written inside message content or retrieved context, with file:line
+    (data.prepare.control_token_hits, as `data validate` finds them)."""
     kinds = marker_kinds(tokenizer)
     hits: dict[str, list[str]] = {}
-    for ex in examples:
-        text = "\n".join(m["content"] for m in conversation(ex))
-        for marker in kinds:
-            if marker in text:
-                hits.setdefault(marker, []).append(f"{ex.get('file')}:{ex.get('line')}")
+    for where, marker in control_token_hits(examples, kinds):
+        hits.setdefault(marker, []).append(where)
     out = []
     for marker, wheres in hits.items():
         code, what = kinds[marker]

@@ -313,6 +313,24 @@ def dedupe(examples: list[dict]) -> tuple[list[dict], int]:
     return out, len(examples) - len(out)
 
 
+MIN_UNIQUE_EXAMPLES = 2  # fewer different examples than this is nothing to train on (`data validate`, `check`)
+
+
+def unique_examples(examples: list[dict], path: str | Path) -> tuple[list[dict], str, str | None]:
+    """What training sees of a file's examples (dedupe, as train_val does): (the unique examples, that in words, "1
+    unique example out of 30 (29 duplicates dropped)", and the one-line problem when they are fewer than
+    MIN_UNIQUE_EXAMPLES, else None). A file with no valid example has its problems already: None here."""
+    kept, n_dupes = dedupe(examples)
+    n = len(kept)
+    seen = (f"{n} unique example{'' if n == 1 else 's'} out of {len(examples)} "
+            f"({n_dupes} duplicate{'' if n_dupes == 1 else 's'} dropped)")
+    if not examples or n >= MIN_UNIQUE_EXAMPLES:
+        return kept, seen, None
+    same = "every record is the same example, " if n == 1 and n_dupes else ""
+    return kept, seen, (f"{path}: {seen}: {same}too few to train on; give at least {MIN_UNIQUE_EXAMPLES} different "
+                        "examples")
+
+
 def split(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Seeded train/validation split; at least one validation example when asked for any."""
     if val_fraction <= 0 or len(examples) < 2:

@@ -1,4 +1,5 @@
-"""From validated examples to training ids through chat_format, with a never-silent truncation policy."""
+"""From validated examples to training ids through chat_format, with a never-silent truncation policy; and the
+control-token rule `data validate` and `check` both apply: no chat template's control tokens inside the data."""
 
 from __future__ import annotations
 
@@ -8,9 +9,75 @@ from collegeadvisor.chat_format import encode_conversation, with_context
 from collegeadvisor.errors import DataError
 
 
+# The control tokens of the known chat templates (ChatML; Llama/TinyLlama/Zephyr; Mistral/Llama-2 [INST]; Llama-3;
+# Gemma) and other formats' scaffolding (Alpaca). Inside message content they are trained as text: the model learns
+# to write them, and where one is the model's own it fakes a turn or ends the reply. `data validate` (no tokenizer)
+# refuses these; `check` refuses these and the model's own special tokens (control_tokens(tokenizer)).
+CONTROL_TOKENS = {
+    "<|endoftext|>": "the GPT-2/Qwen/SmolLM end-of-text token",
+    "<s>": "the Llama/Mistral beginning-of-sequence token",
+    "</s>": "the Llama/Mistral end-of-sequence token",
+    "<|im_start|>": "ChatML's turn marker",
+    "<|im_end|>": "ChatML's end-of-turn token",
+    "<|user|>": "Zephyr/TinyLlama's user marker",
+    "<|assistant|>": "Zephyr/TinyLlama's assistant marker",
+    "<|system|>": "Zephyr/TinyLlama's system marker",
+    "### Instruction:": "Alpaca prompt scaffolding",
+    "### Input:": "Alpaca prompt scaffolding",
+    "### Response:": "Alpaca prompt scaffolding",
+    "[INST]": "Mistral/Llama-2's instruction marker",
+    "[/INST]": "Mistral/Llama-2's instruction marker",
+    "<|eot_id|>": "Llama-3's end-of-turn token",
+    "<|start_header_id|>": "Llama-3's role marker",
+    "<start_of_turn>": "Gemma's turn marker",
+    "<end_of_turn>": "Gemma's end-of-turn token",
+}
+SPECIAL_MIN_CHARS = 3  # a tokenizer's special tokens shorter than this are not looked for in the text
+
+
 def conversation(ex: dict) -> list[dict]:
     """An example's messages, with its retrieved context (if any) placed by chat_format."""
     return with_context(ex["messages"], ex["context"]) if ex.get("context") else ex["messages"]
+
+
+def special_tokens(tokenizer) -> set[str]:
+    """The tokenizer's special tokens, those it adds among them."""
+    specials = set(tokenizer.all_special_tokens)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    specials.update(str(t) for t in added if getattr(t, "special", False))
+    return {s for s in specials if s}
+
+
+def control_tokens(tokenizer=None) -> dict[str, str]:
+    """token -> what it is: the known templates' control tokens (CONTROL_TOKENS), and when a tokenizer is given, its
+    own special tokens too (longest first)."""
+    tokens = dict(CONTROL_TOKENS)
+    if tokenizer is not None:
+        for s in sorted(special_tokens(tokenizer), key=len, reverse=True):
+            if len(s) >= SPECIAL_MIN_CHARS:
+                tokens.setdefault(s, "a special token of this tokenizer")
+    return tokens
+
+
+def control_token_hits(examples: Sequence[dict], tokens: dict[str, str] | None = None,
+                       path: str | None = None) -> list[tuple[str, str]]:
+    """(file:line, token) for each control token (default: CONTROL_TOKENS) written inside an example's messages or
+    retrieved context, in the examples' order. file: the example's own 'file', else path."""
+    tokens = CONTROL_TOKENS if tokens is None else tokens
+    hits = []
+    for ex in examples:
+        text = "\n".join(m["content"] for m in conversation(ex))
+        where = f"{ex.get('file') or path}:{ex.get('line')}"
+        hits += [(where, token) for token in tokens if token in text]
+    return hits
+
+
+def control_token_problems(examples: Sequence[dict], path: str, tokenizer=None) -> list[str]:
+    """The control-token rule as `file:line: ...` problems, one per record and token."""
+    tokens = control_tokens(tokenizer)
+    return [f"{where}: chat-format control token {token!r} ({tokens[token]}) inside message content: trained as "
+            "text, the model learns to write it; remove it (write plain messages: the model's template adds its own)"
+            for where, token in control_token_hits(examples, tokens, path)]
 
 
 def encode_examples(tokenizer, examples: Sequence[dict], max_length: int, truncation: str = "drop", where: str = "data"):
