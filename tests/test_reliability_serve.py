@@ -57,6 +57,26 @@ def test_every_route_but_health_and_page_needs_the_key(client, method, path, hea
     assert method == "HEAD" or r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_every_route_of_the_app_needs_the_key(served):
+    """The guard is the only key check (no route has its own): every route the app has, present or added later,
+    is refused without the key, but for the health check and the page."""
+    app = create_app(*served, api_key=KEY)
+    routes = [(m, r.path) for r in app.routes for m in sorted(getattr(r, "methods", None) or ())]
+    assert ("POST", "/v1/chat/completions") in routes and ("GET", "/v1/models") in routes
+    with TestClient(app) as c:
+        for method, path in routes:
+            r = c.request(method, path, json={"messages": ASK} if method == "POST" else None)
+            if (method, path) in guard.OPEN_ROUTES:
+                assert r.status_code == 200, (method, path)
+            else:
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
+                assert method == "HEAD" or r.json() == guard.error_body(
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error",
+                    code="invalid_api_key")
+                assert c.request(method, path, headers=AUTH, json={"messages": ASK, "max_tokens": 2}
+                                 if method == "POST" else None).status_code == 200, (method, path)
+
+
 def test_the_key_opens_the_api_in_constant_time(client, monkeypatch):
     calls = []
     real = hmac.compare_digest
@@ -83,13 +103,13 @@ def test_limits_refuse_before_any_rendering(client, monkeypatch, body, status, p
     assert time.perf_counter() - t0 < 2
 
 
-def test_body_over_the_limit_is_413_with_or_without_a_length(client):
-    client.app.state.limits.max_body_bytes = 4096
+def test_body_over_the_limit_is_413_with_or_without_a_length(served):
     big = b'{"messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
-    r = client.post("/v1/chat/completions", content=big, headers={**AUTH, "content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    r = client.post("/v1/chat/completions", content=iter([big[:3000], big[3000:]]), headers=AUTH)  # chunked
-    assert r.status_code == 413
+    with TestClient(create_app(*served, api_key=KEY, limits=guard.Limits(max_body_bytes=4096))) as client:
+        r = client.post("/v1/chat/completions", content=big, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = client.post("/v1/chat/completions", content=iter([big[:3000], big[3000:]]), headers=AUTH)  # chunked
+        assert r.status_code == 413
 
 
 def test_lone_surrogate_is_a_400_not_a_500(client):
@@ -147,8 +167,7 @@ def test_a_long_render_holds_up_no_other_request(served, monkeypatch):
 
 
 def test_half_sent_requests_are_cut_off_while_others_are_served(served):
-    app = create_app(*served, api_key=serve_load.KEY)
-    app.state.limits.head_timeout_s = app.state.limits.body_timeout_s = 1.0
+    app = create_app(*served, api_key=serve_load.KEY, limits=guard.Limits(head_timeout_s=1.0, body_timeout_s=1.0))
     with serving(app) as url:
         result = serve_load.stalls(url, 6, 1.0)
     assert result["ok"], result

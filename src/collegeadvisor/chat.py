@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
-from collegeadvisor.advise import respond
+from collegeadvisor.advise import Retriever, respond
 from collegeadvisor.generate import stream_batch
 
 HELP = "commands: /reset (forget the conversation), /exit"
@@ -30,7 +30,7 @@ def _resolved(described: dict) -> str:
     return f"resolved: {', '.join(parts)} ({described['decision']}{why})"
 
 
-def _grounded_reply(model, tokenizer, history: list[dict], retriever: Callable[[str], Sequence[dict]], out: TextIO,
+def _grounded_reply(model, tokenizer, history: list[dict], retriever: Retriever, out: TextIO,
                     max_new_tokens: int, temperature: float) -> str:
     """The answer to what the conversation resolved to, checked (and retried) before it is shown, then the rows it
     cites."""
@@ -55,7 +55,7 @@ def _grounded_reply(model, tokenizer, history: list[dict], retriever: Callable[[
 
 
 def chat_loop(model, tokenizer, inp: TextIO | None = None, out: TextIO | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.0, retriever: Callable[[str], Sequence[dict]] | None = None) -> int:
+              temperature: float = 0.0, retriever: Retriever | None = None) -> int:
     """Answer each line of `inp`; returns the number of answers given. With a retriever, each answer comes from
     the rows retrieved for its question (checked before it is shown); otherwise replies stream as generated."""
     inp, out = inp or sys.stdin, out or sys.stdout  # the streams of the moment, not of import time

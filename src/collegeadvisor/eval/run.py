@@ -6,12 +6,12 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from collegeadvisor import advise
+from collegeadvisor.advise import Retriever
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.data.loaders import load_examples
@@ -22,8 +22,6 @@ from collegeadvisor.generate import RETRIES, answer
 from collegeadvisor.runs import load_run
 from collegeadvisor.train.batching import collate
 from collegeadvisor.train.model import LabelLoss
-
-Retriever = Callable[[str], Sequence[dict]]  # question -> hits {'id', 'document', 'metadata'}, best first
 
 
 def perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> float | None:

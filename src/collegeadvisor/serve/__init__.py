@@ -15,7 +15,7 @@ from typing import Iterator
 from collegeadvisor.config import ServeConfig, as_line
 from collegeadvisor.errors import AdvisorError
 from collegeadvisor.runs import find_run, load_run, retriever_for
-from collegeadvisor.serve.guard import allow_cors, uvicorn_config
+from collegeadvisor.serve.guard import Limits, allow_cors, uvicorn_config
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -40,7 +40,7 @@ def bind(host: str, port: int) -> socket.socket:
 @contextmanager
 def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
     """Serve `app` with uvicorn on a background thread (port 0: a free one), with the same protocol, limits and
-    timeouts as `collegeadvisor serve` (app.state.limits); yields the base URL."""
+    timeouts as `collegeadvisor serve` (the Limits create_app was given, app.state.limits); yields the base URL."""
     import uvicorn  # not loaded until a server starts
 
     sock = bind(host, port)
@@ -84,10 +84,7 @@ def cmd_serve(args) -> int:
         model, tok, manifest = load_run(run, device=s.device, merge=True)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=s.max_new_tokens, max_tokens_limit=s.max_tokens_limit,
-                         batch_size=s.batch_size)
-        limits = app.state.limits
-        limits.max_body_bytes, limits.max_connections = s.max_body_bytes, s.max_connections
-        limits.head_timeout_s = limits.body_timeout_s = s.request_timeout
+                         batch_size=s.batch_size, limits=Limits.from_config(s))
         allow_cors(app, s.cors_origins)  # closed unless origins are named
         if not api_key and not _is_loopback(s.host):
             print(f"warning: serving on {s.host} without an API key (set --api-key or {s.api_key_env})",

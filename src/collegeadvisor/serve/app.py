@@ -8,7 +8,6 @@ routes' logic is plain functions of `Served`, the state create_app builds. Promp
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 import threading
@@ -19,22 +18,23 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collegeadvisor import advise
+from collegeadvisor.advise import Retriever
 from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
 from collegeadvisor.generate import answer, stream_batch
 from collegeadvisor.serve import guard
-from collegeadvisor.serve.batcher import Batcher
+from collegeadvisor.serve.batcher import Batcher, BatchKey
+from collegeadvisor.serve.guard import error_body
 from collegeadvisor.serve.schema import CHARS_PER_TOKEN_BOUND, ChatRequest
 
-Retriever = Callable[[str], Sequence[dict]]
 SNIPPET_CHARS = 240
 UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")
 
@@ -45,10 +45,6 @@ class APIError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -87,7 +83,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
+def stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the reply ends at a stop string: the earliest start of any of them in text (None: none is in it).
+    Serve's one stop-string cut, for the streamed path, which cuts as the text arrives; the batched path hands its
+    stop strings to generate.answer, which must cut before it checks (and retries) a grounded answer."""
     found = [text.index(s) for s in stops if s in text]
     return min(found) if found else None
 
@@ -164,20 +163,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def key_checker(api_key: str | None) -> Callable[[Request], None]:
-    """The dependency that refuses a request without the API key (none needed when no key is set)."""
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
-
-    return check_key
-
-
 async def prepare(srv: Served, req: ChatRequest) -> Prepared:
     """A request's messages, retrieved rows and prompt ids, within the server's limits (APIError otherwise)."""
     messages = [m.plain() for m in req.messages]
@@ -222,7 +207,8 @@ async def chat_completion(srv: Served, req: ChatRequest):
         return StreamingResponse(sse_stream(srv, cid, p, req.top_p, req.stop, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    key = (p.max_tokens, p.temperature, req.top_p, tuple(req.stop))
+    key = BatchKey(stream=False, max_tokens=p.max_tokens, temperature=p.temperature, top_p=req.top_p,
+                   stops=tuple(req.stop))
     if p.plan is not None and p.plan.reply is not None:  # decided without the model: said as it is
         result = advise.fixed_result(p.plan)
     else:
@@ -268,7 +254,8 @@ async def sse_stream(srv: Served, cid: str, p: Prepared, top_p: float, stops: Se
 
     hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop string may be starting
     text, sent, cut = "", 0, None
-    await srv.batcher.stream(("stream", p.max_tokens, p.temperature, top_p), p.messages, emit, cancel, pieces)
+    key = BatchKey(stream=True, max_tokens=p.max_tokens, temperature=p.temperature, top_p=top_p)
+    await srv.batcher.stream(key, p.messages, emit, cancel, pieces)
     try:
         yield srv.chunk(cid, {"role": "assistant", "content": ""})
         while True:
@@ -278,7 +265,7 @@ async def sse_stream(srv: Served, cid: str, p: Prepared, top_p: float, stops: Se
                 return
             if kind == "piece":
                 text = (text + value) if sent else (text + value).lstrip()
-                cut = _cut_at_stop(text, stops)
+                cut = stop_at(text, stops)
                 if cut is not None:
                     cancel.set()
                 shown = text[:cut] if cut is not None else text[: max(len(text) - hold, 0)]
@@ -300,13 +287,18 @@ async def sse_stream(srv: Served, cid: str, p: Prepared, top_p: float, stops: Se
 
 
 def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = None, api_key: str | None = None, *,
-               model_name: str | None = None, default_max_tokens: int = 256, max_tokens_limit: int = 1024,
-               max_prompt_tokens: int | None = None, batch_size: int = 8, batch_wait_ms: float = 10.0) -> FastAPI:
-    """The OpenAI-compatible app for one loaded run.
+               model_name: str | None = None, default_max_tokens: int = guard.DEFAULTS.max_new_tokens,
+               max_tokens_limit: int = guard.DEFAULTS.max_tokens_limit, max_prompt_tokens: int | None = None,
+               batch_size: int = guard.DEFAULTS.batch_size, batch_wait_ms: float = 10.0,
+               limits: guard.Limits | None = None) -> FastAPI:
+    """The OpenAI-compatible app for one loaded run, with every limit it keeps set here: the request limits
+    below, and `limits` (body size and time, request heads, connections; default guard.Limits()), which the guard
+    in front of the app and its uvicorn server (guard.uvicorn_config, `serving`) both read.
 
     `retriever(question)` returns hits {'id', 'document', 'metadata'}; with one, every answer is grounded on
     the hits for the last user message and lists them as `sources`. A prompt longer than `max_prompt_tokens`,
     or one that with max_tokens overflows the model's context, is refused with code context_length_exceeded.
+    The API key, when one is given, is checked by the guard on every route but /health and the page.
     """
     name = model_name or Path(manifest.get("run_dir") or "collegeadvisor").name
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
@@ -328,14 +320,13 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
     app = FastAPI(title="collegeadvisor", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = {"model": model, "tokenizer": tokenizer, "manifest": manifest, "name": name}
     _install_error_handlers(app)
-    guard.install(app, api_key)  # key on every route but /health and the page, body size and time limits
-    keyed = [Depends(key_checker(api_key))]
+    guard.install(app, api_key, limits)  # key on every route but /health and the page, body size and time limits
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "rag": retriever is not None}
 
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": srv.created,
                                             "owned_by": "collegeadvisor"}]}
@@ -344,7 +335,7 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
     async def page():
         return resources.files("collegeadvisor.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         return await chat_completion(srv, req)
 

@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 # answer(conversations, passages, max_tokens, temperature, top_p, batch_size, stops, expected=) -> one result each
 Answer = Callable[..., list[dict]]
@@ -18,9 +18,19 @@ Answer = Callable[..., list[dict]]
 Stream = Callable[..., list[dict]]
 
 
+class BatchKey(NamedTuple):
+    """What requests batched together share: streamed or answered, and their sampling settings."""
+
+    stream: bool  # streamed (through `stream`, pieces as they come) or answered (through `answer`)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stops: tuple[str, ...] = ()  # an answered request's stop strings (a streamed one's are cut by its route)
+
+
 @dataclass
 class Job:
-    key: tuple  # (max_tokens, temperature, top_p, stops), or ("stream", max_tokens, temperature, top_p)
+    key: BatchKey
     messages: list[dict]
     passages: list[str] | None = None
     expected: list[int] | None = None  # the rows the question asked about (1-based among passages)
@@ -53,28 +63,28 @@ class Batcher:
         self.task.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)
 
-    async def answer(self, key: tuple, messages: list[dict], passages: list[str] | None,
+    async def answer(self, key: BatchKey, messages: list[dict], passages: list[str] | None,
                      expected: list[int] | None = None) -> dict:
         """The result of `answer` for one conversation, generated in a batch with those that arrived beside it."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(Job(key, messages, passages, expected, future=future))
         return await future
 
-    async def stream(self, key: tuple, messages: list[dict], emit: Callable[[str], None], cancel: threading.Event,
+    async def stream(self, key: BatchKey, messages: list[dict], emit: Callable[[str], None], cancel: threading.Event,
                      pieces: asyncio.Queue) -> None:
         """Queue one streamed conversation: `emit` gets its pieces, then `pieces` its end."""
         await self.queue.put(Job(key, messages, emit=emit, cancel=cancel, pieces=pieces))
 
     async def _loop(self) -> None:
         while True:
-            groups: dict[tuple, list[Job]] = {}
+            groups: dict[BatchKey, list[Job]] = {}
             for job in await self._gather():
                 groups.setdefault(job.key, []).append(job)
             for key, jobs in groups.items():
                 jobs = [j for j in jobs if not j.gone()]
                 if not jobs:
                     continue
-                if key[0] == "stream":
+                if key.stream:
                     await self._run_streams(key, jobs)
                 else:
                     await self._run_answers(key, jobs)
@@ -98,11 +108,11 @@ class Batcher:
         except Exception as exc:  # surfaced to each waiting request
             return [exc] * len(jobs)
 
-    async def _run_answers(self, key: tuple, jobs: list[Job]) -> None:
-        max_tokens, temperature, top_p, stops = key
+    async def _run_answers(self, key: BatchKey, jobs: list[Job]) -> None:
         results = await self._on_worker(jobs, partial(self.answer_fn, [j.messages for j in jobs],
-                                                      [j.passages for j in jobs], max_tokens, temperature, top_p,
-                                                      len(jobs), stops, expected=[j.expected for j in jobs]))
+                                                      [j.passages for j in jobs], key.max_tokens, key.temperature,
+                                                      key.top_p, len(jobs), key.stops,
+                                                      expected=[j.expected for j in jobs]))
         for job, result in zip(jobs, results):
             if job.future.done():  # the client went away meanwhile
                 continue
@@ -111,10 +121,9 @@ class Batcher:
             else:
                 job.future.set_result(result)
 
-    async def _run_streams(self, key: tuple, jobs: list[Job]) -> None:
-        _, max_tokens, temperature, top_p = key
-        infos = await self._on_worker(jobs, partial(self.stream_fn, [j.messages for j in jobs], max_tokens,
-                                                    temperature, top_p, [j.cancel for j in jobs],
+    async def _run_streams(self, key: BatchKey, jobs: list[Job]) -> None:
+        infos = await self._on_worker(jobs, partial(self.stream_fn, [j.messages for j in jobs], key.max_tokens,
+                                                    key.temperature, key.top_p, [j.cancel for j in jobs],
                                                     [j.emit for j in jobs]))
         for job, info in zip(jobs, infos):
             job.pieces.put_nowait(("error", info) if isinstance(info, Exception) else ("end", info))

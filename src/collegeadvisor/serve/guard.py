@@ -2,11 +2,17 @@
 connection limits.
 
 - RequestGuard (ASGI): with an API key set, every route except the health check and the (static) web page needs
-  it, unknown routes included, compared in constant time; a body over `max_body_bytes` gets 413, a body that
-  stalls gets 408; the body is read (and bounded) before the app sees it.
+  it, unknown routes included, compared in constant time (`key_matches`: the one place a key is read); a body over
+  `max_body_bytes` gets 413, a body that stalls gets 408; the body is read (and bounded) before the app sees it.
 - guarded_http(): uvicorn's own HTTP protocol plus a deadline for request heads (a client that sends half a
-  header and waits is cut off with 408) and a cap on their size (431).
+  header and waits is cut off with 408), a cap on their size (431), and a lingering close: a response sent while
+  the client is still sending its body (a 413) is followed by reading and discarding the rest, within bounds,
+  so that the client reads the response instead of a reset connection.
 - CORS is closed unless origins are configured (`serve --cors-origin`).
+- error_body(): the OpenAI-shaped error every refusal here and every error of the app answers with.
+
+Limits holds every number above, once: its defaults are ServeConfig's (`collegeadvisor serve`'s settings), and
+create_app takes one Limits for the app and its uvicorn server.
 """
 
 from __future__ import annotations
@@ -16,21 +22,45 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from collegeadvisor.config import ServeConfig
+
 OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/")}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-@dataclass
+DEFAULTS = ServeConfig()  # `collegeadvisor serve`'s settings by default: the one place their numbers are written
+LINGER_IDLE_S = 2.0  # a lingering close ends once the client has sent nothing for this long
+
+
+@dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 1 << 20  # a chat request is a few KB; 1 MiB holds any prompt the model can take
-    body_timeout_s: float = 30.0  # the whole body must arrive within this
-    head_timeout_s: float = 30.0  # the request line and headers must arrive within this
+    """What one server allows; set once, when create_app builds the app (and its uvicorn config reads it)."""
+
+    max_body_bytes: int = DEFAULTS.max_body_bytes  # a chat request is a few KB
+    body_timeout_s: float = DEFAULTS.request_timeout  # the whole body must arrive within this
+    head_timeout_s: float = DEFAULTS.request_timeout  # the request line and headers must arrive within this
     max_head_bytes: int = 64 << 10
-    max_connections: int = 256  # uvicorn's limit_concurrency: past it, 503 instead of unbounded memory
+    max_connections: int = DEFAULTS.max_connections  # uvicorn's limit_concurrency: past it, 503
+    # after a 413 (or any response sent before its request's body was read), the rest of the body is read and
+    # discarded, at most this much for at most this long, so that the client can finish sending and read the
+    # response: closing while it still sends would reset the connection and lose the response
+    linger_bytes: int = 256 << 20
+    linger_s: float = 10.0
+
+    @classmethod
+    def from_config(cls, s: ServeConfig) -> Limits:
+        """The limits `collegeadvisor serve` runs with."""
+        return cls(max_body_bytes=s.max_body_bytes, body_timeout_s=s.request_timeout,
+                   head_timeout_s=s.request_timeout, max_connections=s.max_connections)
 
 
-def error_json(status: int, message: str, code: str | None, type_: str = "invalid_request_error") -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """The body of every error response, OpenAI's shape: {"error": {message, type, param, code}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_bytes(message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps(error_body(message, type_, code=code)).encode()
 
 
 def key_matches(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
@@ -102,7 +132,7 @@ class RequestGuard:
 
     @staticmethod
     async def _reply(send, status: int, message: str, code: str, type_: str = "invalid_request_error"):
-        body = error_json(status, message, code, type_)
+        body = _error_bytes(message, type_, code)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status in (408, 413):
             headers.append((b"connection", b"close"))
@@ -113,8 +143,7 @@ class RequestGuard:
 
 
 def install(app, api_key: str | None, limits: Limits | None = None) -> Limits:
-    """Put the guard in front of the app; the returned Limits (also app.state.limits) may be changed until the
-    server starts."""
+    """Put the guard in front of the app, with these limits (also app.state.limits, which uvicorn_config reads)."""
     limits = limits or Limits()
     app.state.limits = limits
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits)
@@ -132,10 +161,32 @@ def allow_cors(app, origins: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ uvicorn
+class _Transport:
+    """A connection's transport as uvicorn's protocol sees it: the same one, but its close() asks the protocol,
+    which may linger first (GuardedHTTP.close_transport)."""
+
+    def __init__(self, transport, protocol):
+        self.raw, self._protocol = transport, protocol
+
+    def close(self) -> None:
+        self._protocol.close_transport()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self.raw.is_closing()
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 def guarded_http(limits: Limits):
     """uvicorn's HTTP protocol (httptools where installed, else h11) with a deadline and a size cap for each
     request head: a client that sends part of a request line or headers and stalls gets 408 and is closed,
-    one that sends more than max_head_bytes of headers gets 431."""
+    one that sends more than max_head_bytes of headers gets 431. A connection closed after a response but while
+    its request's body is still arriving (the guard's 413) closes lingering: the response goes out with the end
+    of the stream, the rest of the body is read and thrown away until the client stops (it has read the response
+    and closed, or sent nothing for LINGER_IDLE_S), or linger_bytes or linger_s run out, and only then is the
+    connection closed. Closed at once instead, the kernel would reset the connection while the client still sends,
+    and the client would never read the response."""
     try:  # uvicorn and httptools (optional): not loaded until a server starts
         import httptools  # noqa: F401
 
@@ -147,17 +198,29 @@ def guarded_http(limits: Limits):
         _head_timer = None
         _head_cycle = None
         _head_bytes = 0
+        lingering = False
+        _linger_timer = None
+        _linger_left = 0
+        _linger_end = _linger_last = 0.0
+        _shutting_down = False
 
         def connection_made(self, transport):
-            super().connection_made(transport)
+            super().connection_made(_Transport(transport, self))
             self._arm()
 
         def connection_lost(self, exc):
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            for timer in (self._head_timer, self._linger_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self.lingering:  # the rest of a refused body: counted and dropped
+                self._linger_left -= len(data)
+                self._linger_last = self.loop.time()
+                if self._linger_left <= 0:
+                    self.transport.raw.close()
+                return
             if self.cycle is None or self.cycle.response_complete:  # these bytes belong to a request head
                 self._arm()
                 end = data.find(b"\r\n\r\n")
@@ -166,6 +229,39 @@ def guarded_http(limits: Limits):
                     return self._refuse(431, "Request Header Fields Too Large",
                                         f"the request head is over {limits.max_head_bytes:,} bytes")
             super().data_received(data)
+
+        def shutdown(self) -> None:
+            self._shutting_down = True  # the server stops: nothing lingers
+            super().shutdown()
+
+        def close_transport(self) -> None:
+            """uvicorn closes the connection: at once, or lingering when a response went out before its request's
+            body had all arrived."""
+            raw, cycle = self.transport.raw, self.cycle
+            if (self.lingering or self._shutting_down or raw.is_closing() or cycle is None
+                    or not cycle.response_complete or not cycle.more_body or cycle.disconnected
+                    or limits.linger_bytes <= 0 or limits.linger_s <= 0):
+                raw.close()
+                return
+            self.lingering = True
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            now = self.loop.time()
+            self._linger_left, self._linger_end, self._linger_last = limits.linger_bytes, now + limits.linger_s, now
+            if raw.can_write_eof():
+                raw.write_eof()  # after the response: the client sees it end
+            raw.resume_reading()
+            self._linger_timer = self.loop.call_later(min(LINGER_IDLE_S, limits.linger_s), self._linger_check)
+
+        def _linger_check(self) -> None:
+            now = self.loop.time()
+            if now >= self._linger_end or now - self._linger_last >= LINGER_IDLE_S:
+                self._linger_timer = None
+                self.transport.raw.close()
+                return
+            wake = min(self._linger_last + LINGER_IDLE_S, self._linger_end)
+            self._linger_timer = self.loop.call_later(max(wake - now, 0.01), self._linger_check)
 
         def _arm(self) -> None:
             if self._head_timer is not None and self._head_cycle is self.cycle:
@@ -184,7 +280,8 @@ def guarded_http(limits: Limits):
         def _refuse(self, status: int, reason: str, message: str) -> None:
             if self.transport.is_closing():
                 return
-            body = error_json(status, message, "request_timeout" if status == 408 else "request_too_large")
+            body = _error_bytes(message, "invalid_request_error",
+                                "request_timeout" if status == 408 else "request_too_large")
             self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: "
                                  f"{len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
             self.transport.close()
