@@ -333,3 +333,10 @@ def test_openai_client_against_real_server(served, reference):
             bad.chat.completions.create(model="advisor", messages=ASK)
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="advisor", messages=[{"role": "robot", "content": "x"}])
+
+
+def test_overlapping_stop_strings_cut_at_the_earliest_in_both_paths():
+    from collegeadvisor.generate import cut_at_stop
+
+    assert cut_at_stop("abcd", ["c", "bc"]) == 1  # "bc" starts first, whatever the list's order
+    assert cut_at_stop("abcd", ["x", ""]) is None

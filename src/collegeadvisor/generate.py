@@ -166,6 +166,12 @@ def _processors(tokenizer, passages, width: int, forbid=None, expected=None) -> 
     return LogitsProcessorList([GroundedDecoding(tokenizer, rules, width)])
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string in text begins (the earliest of them, as OpenAI's `stop`), or None."""
+    found = [text.index(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
 def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Sequence[str] = (),
             rules: grounding.Rules | None = None) -> dict:
     """The reply's text, cut at the end-of-turn token or a stop string. A grounded reply that ran out of tokens in
@@ -177,9 +183,9 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
             new_ids, stopped = new_ids[:i], True
             break
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    for s in stop_strings:
-        if s and s in text:
-            text, stopped = text[: text.index(s)], True
+    cut = cut_at_stop(text, stop_strings)
+    if cut is not None:
+        text, stopped = text[:cut], True
     partial = rules.open_figure(text) if rules is not None and not stopped else None
     if partial is not None and not rules.complete(partial.group(), text[:partial.start()]):
         text = text[:partial.start()]

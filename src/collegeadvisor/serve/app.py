@@ -29,7 +29,7 @@ from collegeadvisor import advise
 from collegeadvisor.advise import Retriever
 from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
-from collegeadvisor.generate import answer, stream_batch
+from collegeadvisor.generate import answer, cut_at_stop, stream_batch
 from collegeadvisor.serve import guard
 from collegeadvisor.serve.batcher import Batcher, BatchKey
 from collegeadvisor.serve.guard import error_body
@@ -80,15 +80,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-
-# ------------------------------------------------------------------------------------------ generation
-def stop_at(text: str, stops: Sequence[str]) -> int | None:
-    """Where the reply ends at a stop string: the earliest start of any of them in text (None: none is in it).
-    Serve's one stop-string cut, for the streamed path, which cuts as the text arrives; the batched path hands its
-    stop strings to generate.answer, which must cut before it checks (and retries) a grounded answer."""
-    found = [text.index(s) for s in stops if s in text]
-    return min(found) if found else None
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -265,7 +256,7 @@ async def sse_stream(srv: Served, cid: str, p: Prepared, top_p: float, stops: Se
                 return
             if kind == "piece":
                 text = (text + value) if sent else (text + value).lstrip()
-                cut = stop_at(text, stops)
+                cut = cut_at_stop(text, stops)
                 if cut is not None:
                     cancel.set()
                 shown = text[:cut] if cut is not None else text[: max(len(text) - hold, 0)]
