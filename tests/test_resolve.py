@@ -117,3 +117,20 @@ def test_assistant_turns_and_injected_text_are_not_read_as_what_was_asked():
     r = resolve_conversation([{"role": "user", "content": "cs bachelors at ucla"},
                               {"role": "assistant", "content": "[1] Master's Degree in Nursing at Yale University."}])
     assert r.schools[0].units[0][1] == "University of California-Los Angeles" and r.programs[0][0] == "Computer Science"
+
+
+@pytest.mark.parametrize("kind, field", [("earnings", "earnings"), ("debt", "debt"), ("debt_to_earnings", "ratio"),
+                                         ("premium", "premium"), ("open", "earnings")])
+def test_every_question_the_dataset_asks_resolves_to_its_field_row_and_credential(kind, field):
+    from collegeadvisor.data.scorecard_text import TEMPLATES
+
+    what = "Undergraduate Certificate or Diploma in Medical Assisting"  # "or" and "Diploma" inside a credential
+    for template in TEMPLATES[kind]:
+        question = template.format(what=what, a_what=f"an {what}", school="Mount Saint Mary's University",
+                                   program="Nursing")
+        r = resolve_turn(question)
+        assert r.field == field, question
+        assert [u[1] for u in r.schools[0].units] == ["Mount Saint Mary's University"], question  # possessive kept
+        assert len(r.programs) == 1, question
+        if kind != "open":
+            assert r.levels == ("1",), question

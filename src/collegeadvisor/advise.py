@@ -159,6 +159,9 @@ def _fixed(res: Resolution) -> Plan | None:
                     "Check the spelling, or write the school's full name and its state.",
                     f"no school named {res.unknown_school!r}")
     for school in res.schools:
+        if len(school.units) > 1 and res.programs:  # the one of them that has the asked row is the one meant
+            having = tuple(u for u in school.units if find(u[0], res.programs[0], res.levels)[0])
+            school.units = having if len(having) == 1 else school.units
         if len(school.units) > 1:
             listed = "; ".join(f"{u[1]} ({u[2]})" for u in school.units[:CANDIDATES])
             more = f", and {len(school.units) - CANDIDATES} more" if len(school.units) > CANDIDATES else ""

@@ -33,6 +33,11 @@ QUESTION_WORDS = {"student", "students", "loan", "loans", "debt", "pay", "paid",
                   "good", "better", "best", "main", "general", "other", "related", "services", "studies",
                   "graduate", "graduating", "grad", "study", "studying", "majoring", "data", "scorecard", "says",
                   "pretend", "project", "counselor", "advisor", "instructions", "previous", "confirm", "tell"}
+# Words of the Scorecard's credential names ("Undergraduate Certificate or Diploma"): they name no program.
+CREDENTIAL_TERMS = {"undergraduate", "certificate", "diploma", "associates", "associate", "degree", "bachelors",
+                    "bachelor", "masters", "master", "doctoral", "doctorate", "graduate", "professional", "first",
+                    "post", "baccalaureate", "non", "credential", "preparatory", "coursework", "teacher",
+                    "certification", "certificates"}
 COMPARE_PROGRAMS = re.compile(r"\b(?:or|vs|versus|compare|compared)\b")
 SCHOOL_WORDS = r"university|college|institute|academy|polytechnic|conservatory|seminary"
 COMPARE_CUE = re.compile(r"\b(?:or|vs|versus|compare|compared|comparison|which|better|between)\b")
@@ -40,7 +45,8 @@ COMPARE_CUE = re.compile(r"\b(?:or|vs|versus|compare|compared|comparison|which|b
 # The field a question asks for, most specific first; a topic the Scorecard doesn't hold (asked without any of
 # these fields) gets a sentence on what the data covers.
 FIELD_CUES = [
-    ("premium", r"high[- ]?school|\bhs\b|diploma|worth it|worth the|pays? off|premium|out-?earn|more than (?:people|ppl"
+    ("premium", r"high[- ]?school|\bhs\b|\bged\b|worth it|worth the|pays? off (?:vs|versus|compared|over|than|against)"
+                r"|premium|out-?earn|more than (?:people|ppl"
                 r"|someone|those|folks|somebody|a person)|without (?:a )?(?:college|degree)|not going to college"),
     ("ratio", r"\bratio\b|debt[- ](?:to|vs\.?|versus)[- ](?:earnings|income|salary|pay)|manageable|relative to (?:what|pay|"
               r"earnings|income|salary)|stack up against|handle the (?:loans|debt)|afford (?:the )?(?:loans|debt)"),
@@ -116,8 +122,7 @@ def with_units(school: School, state: str | None = None) -> School:
 
 
 def _clean(text: str) -> str:
-    """The text with possessives, dots of initialisms ("U.C.L.A.") and hyphens inside nicknames ("k-state") undone."""
-    text = re.sub(r"['\u2019]s\b", "", text)
+    """The text with the dots of initialisms ("U.C.L.A.") undone (a possessive is read in `_variants`)."""
     text = re.sub(r"\b((?:[A-Za-z]\.){2,})", lambda m: m.group(1).replace(".", ""), text)
     return text
 
@@ -138,7 +143,10 @@ def _corrected(word: str) -> str:
 def _variants(key: str) -> list[str]:
     """A phrase as written, then with its short words spelled out ("portland st" -> "portland state")."""
     spelled = " ".join(aliases()["words"].get(w, w) for w in key.split())
-    return [key] if spelled == key else [key, spelled]
+    out = [key] if spelled == key else [key, spelled]
+    if key.endswith("s") and len(key.split()[-1]) > 2:  # "uga's" reads as "ugas": the name is "uga"
+        out += [v[:-1] for v in out]
+    return out
 
 
 def _spans(tokens: list[str]) -> tuple[list[School], list[tuple[str, ...]], list[str], list[bool]]:
@@ -230,7 +238,14 @@ def _words_programs(words: list[str]) -> tuple[str, ...]:
 
 
 def _field(text: str) -> str | None:
-    return next((name for name, pattern in _FIELD_RE if pattern.search(text)), None)
+    """The field asked for: the most specific cue; debt and earnings asked together are the debt-to-earnings ratio
+    ("how does debt compare to earnings", "the loan compared to income")."""
+    found = {name for name, pattern in _FIELD_RE if pattern.search(text)}
+    if "premium" in found or "ratio" in found:
+        return "premium" if "premium" in found else "ratio"
+    if {"debt", "earnings"} <= found:
+        return "ratio"
+    return next((name for name, _ in FIELD_CUES if name in found), None)
 
 
 def _off_topic(text: str, asked: str | None) -> str | None:
@@ -279,8 +294,9 @@ def resolve_turn(text: str) -> Resolution:
     parsed = parse(" ".join(_credential_words(left)))
     programs = [(p, lv) for p, lv in found_programs if p]
     programs += [(tuple(sorted(p)), tuple(sorted(lv or ()))) for p, lv in parsed.pairs if p]
-    by_words = _words_programs(left)
-    if by_words and (not programs or (len(programs) == 1 and COMPARE_PROGRAMS.search(cleaned.lower()))):
+    by_words = _words_programs([t for t in left if t not in CREDENTIAL_TERMS])
+    either = COMPARE_PROGRAMS.search(" ".join(left).replace("certificate or diploma", "certificate"))
+    if by_words and (not programs or (len(programs) == 1 and either)):
         programs.append((by_words, ()))  # named in other words, or the other side of "X or Y"
     state = next(iter(sorted(parsed.fields["state"])), None)
     schools: list[School] = []
@@ -291,11 +307,12 @@ def resolve_turn(text: str) -> Resolution:
     if unknown:
         schools = []
     asked = _field(cleaned)
+    rest = " ".join(left)  # what no school or program name took: "Sports, Kinesiology..." is no question on sports
     return Resolution(
         schools=schools, programs=[p for p, _ in programs], program_levels=[lv for _, lv in programs],
         program_text=" / ".join(program_text),
         levels=tuple(sorted(parsed.fields["credential_level"], key=lambda lv: -parsed.levels.get(lv, 0.0))),
-        state=state, field=asked, off_topic=_off_topic(cleaned, asked),
+        state=state, field=asked, off_topic=_off_topic(rest, asked),
         unknown_school=unknown)
 
 
