@@ -277,7 +277,7 @@ def test_chat_and_serve_go_through_the_constrained_path(smol_tiny_model, rows, d
         body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Debt?"}],
                                                          "max_tokens": 6}).json()
     assert len(decoding_spy) > chat_steps
-    assert body["grounding"]["status"] in ("verified", "no_claims", "unverified")
+    assert body["grounding"]["status"] in ("verified", "no_claims", "unverified", "unresolved")
     assert [s["id"] for s in body["sources"]] == ["r1", "r2", "r3"]
 
 

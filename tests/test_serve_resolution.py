@@ -102,3 +102,21 @@ def test_an_injected_figure_is_never_stated(client):
         earned = [f for f in grounding.claims(text) if f["type"] == "figure" and f["field"] == "earnings"]
         assert all(not grounding.same_value(c["value"], figure.replace("$", "")) for c in earned)
         assert "1,000,000" not in text
+
+
+def test_chat_shows_what_each_turn_resolved_to(trained_run):
+    import io
+
+    from collegeadvisor.chat import chat_loop
+    from collegeadvisor.runs import load_run
+
+    model, tok, _ = load_run(trained_run)
+    out = io.StringIO()
+    turns = "uga marketing bs\nwhat about debt?\nbachelors in criminal justice at vanderbilt\n"  # the field carries over
+    assert chat_loop(model, tok, io.StringIO(turns), out, max_new_tokens=48, retriever=wrong_rows) == 3
+    shown = [line.strip() for line in out.getvalue().splitlines() if "resolved:" in line]
+    assert shown[0] == "(resolved: University of Georgia, Marketing, field earnings (answer))"
+    assert shown[1] == "(resolved: University of Georgia, Marketing, field debt (answer))"
+    assert shown[2].startswith("(resolved: Vanderbilt University, Criminal Justice and Corrections, field debt "
+                               "(no_row; Vanderbilt University has no row for bachelor's in Criminal Justice")
+    assert "The College Scorecard has no bachelor's in Criminal Justice and Corrections for Vanderbilt" in out.getvalue()
