@@ -35,6 +35,10 @@ LEVEL_ORDER = ["3", "5", "2", "6", "7", "1", "8", "4", "99"]  # an open credenti
 COVERS = ("For each school, program and credential, the College Scorecard reports median earnings after "
           "completion, median debt, the debt-to-earnings ratio and how earnings compare with a typical high-school "
           "graduate's in the state.")
+# The dataset template the model is asked each kind in (index into scorecard_text.TEMPLATES; 0 unless listed).
+# Premium: "Is a ... worth it compared to just high school?" (0) drew figures after "Unknown ... no data" in 4 of
+# 4 suppressed rows tried; "Do ... grads from ... earn more than high school graduates?" (1) in none.
+TEMPLATE = {"premium": 1}
 FIXED_STATUS = {"no_row": "verified", "unknown_school": "verified", "off_topic": "verified",
                 "ambiguous": "no_claims", "ask_program": "no_claims", "ask_school": "no_claims"}
 
@@ -206,7 +210,8 @@ def _with_neighbours(rows: list[dict], question: str, retrieve: Retriever | None
 
 def _model_plan(res: Resolution, decision: str, kind: tuple[str, str], rows: list[dict],
                 retrieve: Retriever | None, k: int) -> Plan:
-    question = question_text(kind[0], kind[1], rows, 0, random.Random(0))
+    template = TEMPLATE.get(kind[1] if kind[0] == "no_data" else kind[0], 0)
+    question = question_text(kind[0], kind[1], rows, template, random.Random(0))
     hits = _with_neighbours(rows, question, retrieve, k)
     return Plan(decision, res, hits=hits, expected=list(range(1, len(rows) + 1)), question=question, kind=kind,
                 rows=rows)
