@@ -35,6 +35,7 @@ def test_every_alias_names_a_real_school_or_program():
     ("criminal justice at vanderbuilt", "Vanderbilt University"),  # a typo in the school
     ("housing at kent state", "Kent State University at Kent"),  # "X at Campus" means the main campus
     ("econ at Ohio State University", "Ohio State University-Main Campus"),
+    ("history bachelors at alabama tuscaloosa", "The University of Alabama"),  # a state, then its city
 ])
 def test_schools_as_people_write_them(text, school):
     assert _school(text) == (school,)
@@ -50,6 +51,8 @@ def test_schools_as_people_write_them(text, school):
     ("kinesology at fsu", "Sports, Kinesiology, and Physical Education/Fitness"),
     ("bachelors in criminal justice at vanderbilt", "Criminal Justice and Corrections"),  # rare words
     ("poli sci ba at pitt", "Political Science and Government"),
+    ("if i do ed admin phd at michigan st", "Educational Administration and Supervision"),
+    ("uw seattle mannagement information systems bs", "Management Information Systems and Services"),  # not "management"
 ])
 def test_programs_as_people_write_them(text, program):
     assert resolve_turn(text).programs[0][0] == program

@@ -20,8 +20,9 @@ from functools import lru_cache
 
 from collegeadvisor.data.scorecard import load_table
 from collegeadvisor.kb.nameindex import aliases, name_indexes, zipf_of
-from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD, _phrase_index, names, normalize, parse
+from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD, STATES, _phrase_index, names, normalize, parse
 
+STATE_NAMES = {" ".join(normalize(name)) for name in STATES.values()}
 LONGEST = 14  # words in the longest school or program phrase matched
 ENGLISH = 3.0  # wordfreq zipf at or above which a word is left as written (no typo correction)
 TYPO_SCORE = 84  # rapidfuzz ratio a correction needs
@@ -273,6 +274,24 @@ def _unknown_school(text: str, tokens_left: list[str]) -> str | None:
     return None
 
 
+def _flagships(tokens: list[str], used: list[bool]) -> list[School]:
+    """A state's name then a word no name holds, the city ("alabama tuscaloosa"): the state's university, where the
+    Scorecard has one named "University of <State>"."""
+    schools, _, words = name_indexes()
+    found = []
+    for i in range(len(tokens) - 1):
+        for n in (2, 1):
+            state, city = " ".join(tokens[i:i + n]), tokens[i + n] if i + n < len(tokens) else ""
+            if (any(used[i:i + n + 1]) or state not in STATE_NAMES or not city.isalpha() or city in words
+                    or zipf_of()(city) >= ENGLISH):
+                continue
+            names = schools.get(f"university of {state}")
+            if names and len(names) == 1:
+                found.append(School(f"{state} {city}", names, start=i))
+                used[i:i + n + 1] = [True] * (n + 1)
+    return found
+
+
 def _longer_unknown(tokens: list[str], schools: list[School]) -> str | None:
     """A known name inside an unknown one ("wakanda institute of technology" holds "Institute of Technology"):
     the word before the name is no word of any name and no ordinary word."""
@@ -299,8 +318,9 @@ def resolve_turn(text: str) -> Resolution:
     if by_words and (not programs or (len(programs) == 1 and either)):
         programs.append((by_words, ()))  # named in other words, or the other side of "X or Y"
     state = next(iter(sorted(parsed.fields["state"])), None)
+    found_schools += _flagships(tokens, used)
     schools: list[School] = []
-    for s in found_schools:
+    for s in sorted(found_schools, key=lambda s: s.start):
         if all(set(s.names) != set(o.names) for o in schools):
             schools.append(with_units(s, state))
     unknown = _unknown_school(cleaned, left) if not schools else _longer_unknown(tokens, schools)
