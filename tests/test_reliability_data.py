@@ -28,7 +28,7 @@ def rows_with(bad, n=19) -> str:
 
 
 def test_fuzzed_files_load_or_name_the_line_and_never_traceback():
-    result = fuzz_data.run(examples=150)
+    result = fuzz_data.run(examples=150, seed=0)  # derandomized in CI; make reliability explores at random
     assert result["tracebacks"] == 0 and result["failures"] == 0, result["first_failures"]
     assert result["bad_records"] >= 450 and result["valid_records"] >= 150
     assert len(result["bad_kinds"]) >= 12  # every kind of fault was tried
