@@ -2,6 +2,9 @@
 
 import pytest
 
+from collegeadvisor.data.fields import KINDS
+from collegeadvisor.data.scorecard_answers import templates
+
 from collegeadvisor.data.scorecard import load_table
 from collegeadvisor.kb.resolve import aliases, resolve_conversation, resolve_turn
 
@@ -122,13 +125,10 @@ def test_assistant_turns_and_injected_text_are_not_read_as_what_was_asked():
     assert r.schools[0].units[0][1] == "University of California-Los Angeles" and r.programs[0][0] == "Computer Science"
 
 
-@pytest.mark.parametrize("kind, field", [("earnings", "earnings"), ("debt", "debt"), ("debt_to_earnings", "ratio"),
-                                         ("premium", "premium"), ("open", "earnings")])
+@pytest.mark.parametrize("kind, field", [(k.name, k.field) for k in KINDS] + [("open", "earnings")])
 def test_every_question_the_dataset_asks_resolves_to_its_field_row_and_credential(kind, field):
-    from collegeadvisor.data.scorecard_text import TEMPLATES
-
     what = "Undergraduate Certificate or Diploma in Medical Assisting"  # "or" and "Diploma" inside a credential
-    for template in TEMPLATES[kind]:
+    for template in templates(kind, kind):
         question = template.format(what=what, a_what=f"an {what}", school="Mount Saint Mary's University",
                                    program="Nursing")
         r = resolve_turn(question)

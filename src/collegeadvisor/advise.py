@@ -19,26 +19,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from collegeadvisor import grounding
+from collegeadvisor.data.fields import KIND, KIND_OF_FIELD, VERDICT_SIGN, covers
 from collegeadvisor.data.scorecard import load_table, program_name, read_row, row_document, row_metadata, row_values
 from collegeadvisor.data.scorecard_answers import answer_text, question_text
 from collegeadvisor.data.scorecard_text import SHORT_CREDENTIAL
 from collegeadvisor.generate import answer
+from collegeadvisor.kb import Retriever
 from collegeadvisor.kb.resolve import Resolution, compare_cue, resolve_conversation
 
-Retriever = Callable[[str], Sequence[dict]]
 NEAREST = 3  # rows a "not in the data" answer offers instead
 CANDIDATES = 8  # schools listed when a name fits several
 LEVEL_ORDER = ["3", "5", "2", "6", "7", "1", "8", "4", "99"]  # an open credential: the rows shown first
-COVERS = ("For each school, program and credential, the College Scorecard reports median earnings after "
-          "completion, median debt, the debt-to-earnings ratio and how earnings compare with a typical high-school "
-          "graduate's in the state.")
-# The dataset template the model is asked each kind in (index into scorecard_text.TEMPLATES; 0 unless listed).
-# Premium: "Is a ... worth it compared to just high school?" (0) drew figures after "Unknown ... no data" in 4 of
-# 4 suppressed rows tried; "Do ... grads from ... earn more than high school graduates?" (1) in none.
-TEMPLATE = {"premium": 1}
+COVERS = covers()
 FIXED_STATUS = {"no_row": "verified", "unknown_school": "verified", "off_topic": "verified",
                 "ambiguous": "no_claims", "ask_program": "no_claims", "ask_school": "no_claims"}
 
@@ -137,15 +132,14 @@ def nearest(unitid: str, programs: Sequence[str], levels: Sequence[str], n: int 
 
 # ------------------------------------------------------------------------------------------ deciding
 def _kind(asked: str, record: dict) -> tuple[str, str]:
-    """The dataset's (kind, sub) for one row and the field asked: its answer's form, and "no data" where the row
-    has that field suppressed."""
-    values = row_values(record)
-    if asked == "premium":
-        premium = values.get("premium")
-        return ("no_data", "premium") if premium is None else ("premium", "fails" if premium.startswith("-")
-                                                               else "passes")
-    name, kind = {"debt": ("debt", "debt"), "ratio": ("ratio", "debt_to_earnings")}.get(asked, ("earnings", "earnings"))
-    return ("no_data", kind) if values.get(name) is None else (kind, kind)
+    """The dataset's (kind, sub) for one row and the field asked (`data.fields.KINDS`): its answer's form, and "no
+    data" where the row lacks that field."""
+    spec = KIND_OF_FIELD.get(asked, KIND["earnings"])
+    value = row_values(record).get(spec.field)
+    if value is None:
+        return "no_data", spec.name
+    sign = -1 if value.startswith("-") else 1
+    return spec.name, next((s for s in spec.subs if VERDICT_SIGN.get(s) == sign), spec.name)
 
 
 def _ask(res: Resolution, decision: str, reply: str, why: str) -> Plan:
@@ -210,7 +204,8 @@ def _with_neighbours(rows: list[dict], question: str, retrieve: Retriever | None
 
 def _model_plan(res: Resolution, decision: str, kind: tuple[str, str], rows: list[dict],
                 retrieve: Retriever | None, k: int) -> Plan:
-    template = TEMPLATE.get(kind[1] if kind[0] == "no_data" else kind[0], 0)
+    spec = KIND.get(kind[1] if kind[0] == "no_data" else kind[0])
+    template = spec.model_template if spec else 0  # the dataset template the model is asked in
     question = question_text(kind[0], kind[1], rows, template, random.Random(0))
     hits = _with_neighbours(rows, question, retrieve, k)
     return Plan(decision, res, hits=hits, expected=list(range(1, len(rows) + 1)), question=question, kind=kind,

@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from collegeadvisor.data.fields import FIELD, FIELDS, VALUE_PATTERN, value_text
 from collegeadvisor.errors import missing_dependency
 
 HORIZON = {"4yr_after_completion": "four years", "1yr_after_completion": "one year"}
@@ -39,17 +40,43 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def money(v: float) -> str:
-    return f"${v:,.0f}" if v >= 0 else f"-${-v:,.0f}"
-
-
 def program_name(row) -> str:
     return str(row["cip_desc"]).rstrip(".")
 
 
+# Every way an answer names a row, in one place: the dataset's answers write these forms, decoding forces them and
+# the check reads them back. Right after a row's citation ("[2] ..."), a name ends with its mark:
+#   full        "Master's Degree in Social Work at Western Michigan University."
+#   credential  "Master's Degree."  (another credential of a school and program already named)
+#   at_school   "At Western Michigan University,"  (the second school of a comparison)
+#   what        "Master's Degree in Social Work,"  (the second program of a comparison)
+# A comparison's winner sentence names the row that earns more by its school or by its credential and program.
+NAME_FORMS = {"full": "{credential} in {program} at {school}", "credential": "{credential}",
+              "at_school": "At {school}", "what": "{credential} in {program}"}
+CITED_NAMES = (("full", "."), ("credential", "."), ("at_school", ","), ("what", ","))
+WINNER_FORMS = {"school": "Graduates of {school} earn more", "what": "The {what} pays more"}
+
+
+def row_names(credential: str, program: str, school: str) -> dict[str, str]:
+    """Every name of a row (`NAME_FORMS`), by form."""
+    return {form: text.format(credential=credential, program=program, school=school)
+            for form, text in NAME_FORMS.items()}
+
+
 def row_title(credential: str, program: str, school: str) -> str:
-    """How answers name a row; the checker reads names back with the same words."""
-    return f"{credential} in {program} at {school}"
+    """A row's full name: "Master's Degree in Social Work at Western Michigan University"."""
+    return row_names(credential, program, school)["full"]
+
+
+def cited_names(credential: str, program: str, school: str) -> tuple[str, ...]:
+    """What may follow a row's citation as its name, each with its closing mark (`CITED_NAMES`)."""
+    names = row_names(credential, program, school)
+    return tuple(names[form] + mark for form, mark in CITED_NAMES)
+
+
+def winner_sentence(by: str, credential: str, program: str, school: str) -> str:
+    """A comparison's winner, named by its school (`by` "school") or its credential and program ("what")."""
+    return WINNER_FORMS[by].format(school=school, what=row_names(credential, program, school)["what"])
 
 
 def row_metadata(row) -> dict[str, Any]:
@@ -67,51 +94,20 @@ def row_metadata(row) -> dict[str, Any]:
     }
 
 
-# The facts of a row, in the order `row_document` writes them: field -> (label, how its value is written). A label's
-# "{horizon}" / "{state}" are filled from the row; `read_row` reads a document back into these fields, so the
-# text a model reads and the values a checker compares come from one table.
-ROW_FIELDS = {
-    "completers": ("Completers", "count"),
-    "earnings": ("Median earnings {horizon} after completion", "money"),
-    "hs_earnings": ("High-school graduate earnings in {state}", "money"),
-    "premium": ("Earnings premium", "money"),
-    "debt": ("Median debt", "money"),
-    "ratio": ("Debt-to-earnings", "ratio"),
-    "payback": ("Payback", "years"),
-}
-TABLE_COLUMN = {"completers": "completers_count", "earnings": "earnings", "hs_earnings": "earnings_threshold_state",
-                "premium": "earnings_premium_state", "debt": "debt_median", "ratio": "debt_to_earnings_ratio",
-                "payback": "debt_payback_years"}
 NO_DATA = "no data"
-# Fields written as "no data" when missing (a student asks about them); the others are left out when missing.
-ALWAYS_WRITTEN = ("earnings", "premium", "debt")
-
-
-def _value_text(kind: str, v: float) -> str:
-    if kind == "money":
-        return money(v)
-    if kind == "ratio":
-        return f"{v:.2f}"
-    if kind == "years":
-        return f"{v:.1f}"
-    return f"{int(v)}"
 
 
 def row_values(row) -> dict[str, str | None]:
     """field -> its value as the document writes it ("$81,795", "0.43"), None when suppressed; fields that the
-    document leaves out are absent."""
+    document leaves out (`FieldSpec.no_data` False) are absent when missing. Fields and forms: `data.fields`."""
     out: dict[str, str | None] = {}
-    for field, (_, kind) in ROW_FIELDS.items():
-        v = row[TABLE_COLUMN[field]]
-        if field == "earnings" and not _missing(v) and row["earnings_horizon"] not in HORIZON:
-            v = math.nan
-        if field == "hs_earnings" and _missing(row["state"]):
-            v = math.nan
-        if _missing(v):
-            if field in ALWAYS_WRITTEN:
-                out[field] = None
+    for f in FIELDS:
+        v = row[f.column]
+        if _missing(v) or (f.needs is not None and _missing(row[f.needs])):
+            if f.no_data:
+                out[f.name] = None
             continue
-        out[field] = _value_text(kind, float(v))
+        out[f.name] = value_text(f.value, float(v))
     return out
 
 
@@ -122,32 +118,27 @@ def row_document(row) -> str:
     state = None if _missing(row["state"]) else row["state"]
     where = ", ".join(x for x in (state, str(row["control"]).lower()) if x)
     parts = [f"{school} ({where}): {cred} in {program}."]
-    horizon = HORIZON.get(row["earnings_horizon"], "some years")
-    for field, value in row_values(row).items():
-        label = ROW_FIELDS[field][0].format(horizon=horizon, state=state or "the state")
+    horizon = HORIZON.get(row["earnings_horizon"])
+    for name, value in row_values(row).items():
+        f = FIELD[name]
         if value is None:
-            label = label.split(" {")[0] if "{" in ROW_FIELDS[field][0] else label
-            label = "Median earnings" if field == "earnings" else label
-            parts.append(f"{label}: {NO_DATA}" + (" (suppressed)." if field == "earnings" else "."))
-        elif field == "premium":
-            parts.append(f"{label}: {value} ({'fails' if value.startswith('-') else 'passes'} the test).")
-        elif field == "payback":
-            parts.append(f"{label}: {value} years.")
-        else:
-            parts.append(f"{label}: {value}.")
+            parts.append(f"{f.bare_label}: {NO_DATA}{f.no_data_note}.")
+            continue
+        remark = "" if f.remark is None else f.remark[value.startswith("-")]
+        parts.append(f"{f.label_for(horizon, state)}: {value}{f.unit}{remark}.")
     return " ".join(parts)
 
 
-_MONEY = r"-?\$[\d,]+"
-_READ = {
-    "completers": re.compile(r"(?<=\. )Completers: (\d+)\."),
-    "earnings": re.compile(rf"(?<=\. )Median earnings(?: \w+ \w+ after completion)?: ({_MONEY}|{NO_DATA})"),
-    "hs_earnings": re.compile(rf"(?<=\. )High-school graduate earnings in [^:]{{1,40}}: ({_MONEY})\."),
-    "premium": re.compile(rf"(?<=\. )Earnings premium: ({_MONEY}|{NO_DATA})"),
-    "debt": re.compile(rf"(?<=\. )Median debt: ({_MONEY}|{NO_DATA})"),
-    "ratio": re.compile(r"(?<=\. )Debt-to-earnings: (\d+\.\d+)\."),
-    "payback": re.compile(r"(?<=\. )Payback: (\d+\.\d+) years\."),
-}
+def _reader(f) -> re.Pattern:
+    """The pattern that reads field f's value back from a document: its label (placeholders optional, a suppressed
+    value drops them), then its value or "no data"."""
+    head, _, rest = f.label.partition(" {")
+    label = re.escape(head) + (r"(?: [^:]{1,60})?" if rest else "")
+    value = VALUE_PATTERN[f.value] + (f"|{NO_DATA}" if f.no_data else "")
+    return re.compile(rf"(?<=\. ){label}: ({value}){re.escape(f.unit)}(?=[ .(])")
+
+
+_READ = {f.name: _reader(f) for f in FIELDS}
 _HEAD = re.compile(r"^(?P<school>.+?) \((?P<where>[^()]*)\): (?P<credential>.+?) in (?P<program>.+?)\.(?= [A-Z])")
 
 

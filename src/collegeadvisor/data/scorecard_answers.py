@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from collegeadvisor.data.scorecard import HORIZON, _missing, program_name, row_title, row_values
-from collegeadvisor.data.scorecard_text import ANSWERS, SHORT_CREDENTIAL, SUPPRESSED, TEMPLATES
+from collegeadvisor.data.fields import FIELD, KIND, suppressed_field
+from collegeadvisor.data.scorecard import HORIZON, _missing, program_name, row_names, row_values, winner_sentence
+from collegeadvisor.data.scorecard_text import SHORT_CREDENTIAL, SUPPRESSED, TEMPLATES
 
 
 def _what(r, rng) -> tuple[str, str]:
@@ -17,8 +18,15 @@ def _what(r, rng) -> tuple[str, str]:
     return what, ("an " if what[0].lower() in "aeiou" else "a ") + what
 
 
+def templates(kind: str, sub: str) -> list[str] | tuple[str, ...]:
+    """The question templates of an example's (kind, sub): a "no data" question is asked as its sub's kind."""
+    if kind in KIND or sub in KIND:
+        return KIND[kind if kind in KIND else sub].questions
+    return TEMPLATES[kind if kind == "open" else sub]
+
+
 def question_text(kind: str, sub: str, recs: list[dict], template: int, rng) -> str:
-    text = TEMPLATES[kind if kind in ("premium", "open") else sub][template]
+    text = templates(kind, sub)[template]
     if sub in ("schools", "programs"):
         a, b = recs
         if sub == "schools":
@@ -35,12 +43,17 @@ def question_text(kind: str, sub: str, recs: list[dict], template: int, rng) -> 
     return q[0].upper() + q[1:]
 
 
+def names_of(r) -> dict[str, str]:
+    """A table row's names, by form (`data.scorecard.NAME_FORMS`)."""
+    return row_names(r["credential_desc"], program_name(r), r["inst_name"])
+
+
 def row_name(r) -> str:
-    return row_title(r["credential_desc"], program_name(r), r["inst_name"])
+    return names_of(r)["full"]
 
 
 def _earnings_label(r) -> str:
-    return f"Median earnings {HORIZON[r['earnings_horizon']]} after completion"
+    return FIELD["earnings"].label_for(HORIZON[r["earnings_horizon"]], None)
 
 
 def row_source(r, *extra: str) -> dict[str, Any]:
@@ -53,33 +66,42 @@ def row_source(r, *extra: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ answers
+def _one_row(kind: str, sub: str, r, tag: str) -> str:
+    """The answer about one row: its kind's answer, or, for "no data" (asked as `sub`), that kind's "no data"
+    answer."""
+    spec = KIND[sub if kind == "no_data" else kind]
+    values = row_values(r)
+    vals = {k: v for k, v in values.items() if v is not None}
+    horizon, state = HORIZON.get(r["earnings_horizon"]), r["state"]
+    f = FIELD[spec.field]
+    text = spec.no_data_answer if kind == "no_data" else spec.answer(sub)
+    return text.format(
+        tag=tag, name=row_name(r), horizon=horizon, state=state, suppressed=SUPPRESSED,
+        earnings_label=_earnings_label(r) if horizon else "", **vals,
+        label=f.label_for(horizon, state), bare_label=FIELD[suppressed_field(spec, values)].bare_label,
+        value=vals.get(spec.field), missing=FIELD[suppressed_field(spec, values)].says)
+
+
 def answer_text(kind: str, sub: str, recs: list[dict], cite: dict[str, int]) -> str:
     """The reference answer: the citation, the row named, each figure under its field's label."""
     r = recs[0]
-    if (kind, sub) in ANSWERS:
-        vals = {k: v for k, v in row_values(r).items() if v is not None}
-        horizon = HORIZON.get(r["earnings_horizon"])
-        return ANSWERS[(kind, sub)].format(
-            tag=f"[{cite[r['row_id']]}]", name=row_name(r), horizon=horizon, state=r["state"], suppressed=SUPPRESSED,
-            earnings_label=_earnings_label(r) if horizon else "", **vals,
-            missing="median earnings" if "earnings" not in vals else "median debt")
+    if kind == "no_data" or kind in KIND:
+        return _one_row(kind, sub, r, f"[{cite[r['row_id']]}]")
     if kind == "open":
         parts = []
         for i, x in enumerate(sorted(recs, key=lambda x: cite[x["row_id"]])):
             v = row_values(x)["earnings"]
             label = _earnings_label(x) if v is not None else "Median earnings"
             value = v if v is not None else f"no data ({SUPPRESSED})"
-            name = row_name(x) if i == 0 else f"{x['credential_desc']}"
+            name = names_of(x)["full" if i == 0 else "credential"]
             parts.append(f"[{cite[x['row_id']]}] {name}. {label}: {value}.")
         return " ".join(parts)
     a, b = recs
     hi = a if a["earnings"] > b["earnings"] else b
     va, vb = row_values(a)["earnings"], row_values(b)["earnings"]
-    if sub == "schools":
-        second, winner = f"At {b['inst_name']}", f"Graduates of {hi['inst_name']} earn more"
-    else:
-        second, winner = f"{b['credential_desc']} in {program_name(b)}", (
-            f"The {hi['credential_desc']} in {program_name(hi)} pays more")
+    by = "school" if sub == "schools" else "what"
+    second = names_of(b)["at_school" if by == "school" else "what"]
+    winner = winner_sentence(by, hi["credential_desc"], program_name(hi), hi["inst_name"])
     return (f"[{cite[a['row_id']]}] {row_name(a)}. {_earnings_label(a)}: {va}. [{cite[b['row_id']]}] {second}, "
             f"{_earnings_label(b).lower()}: {vb}. {winner}.")
 
@@ -87,20 +109,16 @@ def answer_text(kind: str, sub: str, recs: list[dict], cite: dict[str, int]) -> 
 def reference_for(kind: str, sub: str, recs: list[dict]) -> dict[str, Any]:
     """What eval scores a held-out answer by: the figure, the yes/no, the rows."""
     r = recs[0]
-    if kind == "earnings":
-        return {"numeric": float(r["earnings"]), "source": row_source(r, "earnings", "earnings_horizon")}
-    if kind == "debt":
-        return {"numeric": float(r["debt_median"]), "source": row_source(r, "debt_median")}
-    if kind == "debt_to_earnings":
-        return {"numeric": round(float(r["debt_to_earnings_ratio"]), 2),
-                "source": row_source(r, "debt_to_earnings_ratio", "debt_median", "earnings")}
-    if kind == "premium":
-        prem = float(r["earnings_premium_state"])
-        return {"numeric": prem, "yes": prem > 0,
-                "source": row_source(r, "earnings", "earnings_threshold_state", "earnings_premium_state", "state")}
+    if kind in KIND:
+        spec = KIND[kind]
+        columns = [FIELD[f].column for f in (spec.field, *spec.needs)]
+        value = float(r[FIELD[spec.field].column])
+        out = {"numeric": round(value, 2) if FIELD[spec.field].value == "ratio" else value,
+               "source": row_source(r, *columns, *(["earnings_horizon"] if "earnings" in columns[:1] else []),
+                                    *(["state"] if spec.score == "verdict" else []))}
+        return out | ({"yes": value > 0} if spec.score == "verdict" else {})
     if kind == "no_data":
-        field = {"earnings": "earnings", "premium": "earnings", "debt": "debt"}.get(sub)
-        field = field or ("earnings" if _missing(r["earnings"]) else "debt")
+        field = suppressed_field(KIND[sub], row_values(r))
         return {"numeric": None, "source": row_source(r) | {"asked": sub, "suppressed": field}}
     if kind == "open":
         values = [float(x["earnings"]) for x in recs if not _missing(x["earnings"])]

@@ -22,26 +22,35 @@ from typing import Any
 
 import numpy as np
 
+from collegeadvisor.data.fields import FIELD, FIELDS, KINDS, VERDICT_SIGN
 from collegeadvisor.data.scorecard import (
-    HORIZON,
     _row_ids,
     load_table,
     row_document,
     row_format_id,
 )
-from collegeadvisor.data.scorecard_answers import answer_text, question_text, reference_for, row_name, row_source
+from collegeadvisor.data.scorecard_answers import (
+    answer_text,
+    question_text,
+    reference_for,
+    row_name,
+    row_source,
+    templates,
+)
 from collegeadvisor.data.scorecard_text import NO_CONTEXT_ANSWER, NOT_COVERED, TEMPLATES
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_jsonl
 from collegeadvisor.models import EMBEDDING_MODEL
 
 # Kinds whose answers need more than one figure or a choice of label get more examples than their share of
-# questions would suggest: a short run sees each often enough to learn its form.
-KIND_MIX = {"earnings": 0.18, "debt": 0.10, "debt_to_earnings": 0.12, "premium": 0.20, "no_data": 0.15,
-            "compare": 0.15, "open": 0.10}
-NO_DATA_MIX = {"earnings": 0.40, "debt": 0.25, "premium": 0.20, "debt_to_earnings": 0.15}  # asked as, when suppressed
+# questions would suggest: a short run sees each often enough to learn its form. The kinds about one row and their
+# shares are `data.fields.KINDS`; these are the kinds built from them.
+STRUCTURAL_MIX = {"no_data": 0.15, "compare": 0.15, "open": 0.10}
+_SHARES = {k.name: k.share for k in KINDS} | STRUCTURAL_MIX
+KIND_MIX = {k: v / sum(_SHARES.values()) for k, v in _SHARES.items()}  # shares of the whole, summing to 1
+# "No data" questions, by the kind they are asked as (the row has its field suppressed), largest first.
+NO_DATA_MIX = {k.name: k.no_data_share for k in sorted(KINDS, key=lambda k: -k.no_data_share) if k.no_data_share}
 COMPARE_MIX = {"schools": 0.5, "programs": 0.5}
-PREMIUM_MIX = {"passes": 2 / 3, "fails": 1 / 3}  # ~9% of rows fail; oversampled so "No" is learned and measured
 NOT_COVERED_SHARE = 0.10  # of grounded single-row examples: the right row is left out of the context
 NO_CONTEXT_SHARE = 0.04  # of all training examples: no rows at all
 FIRST_SHARE = 0.7  # the right row comes first in this share of contexts, second or third in the rest
@@ -52,8 +61,7 @@ SAME_PROGRAM_FIRST = 0.6
 MAX_PASSAGES = 3  # rows in a context, as retrieval gives at inference (k): they fit max_length 512
 NEEDED = [
     "unitid", "inst_name", "state", "control", "cip_code", "cip_desc", "credential_level", "credential_desc",
-    "completers_count", "earnings", "earnings_horizon", "earnings_threshold_state", "earnings_premium_state",
-    "debt_median", "debt_to_earnings_ratio", "debt_payback_years",
+    "earnings_horizon", *(f.column for f in FIELDS),
 ]
 
 
@@ -107,12 +115,8 @@ def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
     import pandas as pd  # see _codes
 
     named = ~pd.Series(keys["name"]).duplicated(keep=False).to_numpy()
-    earn = df["earnings"].notna().to_numpy() & df["earnings_horizon"].isin(list(HORIZON)).to_numpy() & named
-    debt = df["debt_median"].notna().to_numpy()
-    ratio = df["debt_to_earnings_ratio"].notna().to_numpy()
-    prem = df["earnings_premium_state"].fillna(0).to_numpy()
-    has_prem = df["earnings_threshold_state"].notna().to_numpy() & df["state"].notna().to_numpy() & earn
-    no_earn = df["earnings"].isna().to_numpy() & named
+    present = {f.name: _present(df, f) for f in FIELDS}
+    earn = present["earnings"] & named
     # open questions: a school + program offered at 2-3 credentials under one name, at least one with earnings
     group = pd.Series(keys["open_name"])
     size = group.map(group.value_counts()).to_numpy()
@@ -120,20 +124,25 @@ def _pools(df, keys) -> dict[tuple[str, str], np.ndarray]:
     open_ok = (size >= 2) & (size <= MAX_PASSAGES) & (n_school_cip == 1) & named
     first = ~group.duplicated().to_numpy()
     any_earn = pd.Series(earn).groupby(keys["open_name"]).transform("any").to_numpy()
-    return {
-        ("earnings", "earnings"): earn,
-        ("debt", "debt"): debt & named,
-        ("debt_to_earnings", "debt_to_earnings"): ratio & earn & debt,
-        ("premium", "passes"): has_prem & (prem > 0),
-        ("premium", "fails"): has_prem & (prem < 0),
-        ("no_data", "earnings"): no_earn,
-        ("no_data", "debt"): ~debt & named,
-        ("no_data", "premium"): no_earn,
-        ("no_data", "debt_to_earnings"): ~ratio & named,
-        ("compare", "schools"): earn,
-        ("compare", "programs"): earn,
-        ("open", "open"): open_ok & first & any_earn,
-    }
+    pools = {("compare", "schools"): earn, ("compare", "programs"): earn, ("open", "open"): open_ok & first & any_earn}
+    for k in KINDS:
+        asked = named & present[k.field]
+        for f in k.needs:
+            asked = asked & present[f]
+        value = df[FIELD[k.field].column].fillna(0).to_numpy()
+        for sub in k.subs:
+            sign = VERDICT_SIGN.get(sub)
+            pools[(k.name, sub)] = asked if sign is None else asked & (np.sign(value) == sign)
+        if k.no_data_share:
+            suppressed = k.suppressed or k.field
+            pools[("no_data", k.name)] = named & ~present[suppressed]
+    return pools
+
+
+def _present(df, f) -> np.ndarray:
+    """Rows whose document states field f (`row_values`)."""
+    out = df[f.column].notna().to_numpy()
+    return out & df[f.needs].notna().to_numpy() if f.needs else out
 
 
 def _heldout_mask(df, seed: int, n_heldout: int, earn: np.ndarray, keys) -> np.ndarray:
@@ -152,11 +161,12 @@ def _heldout_mask(df, seed: int, n_heldout: int, earn: np.ndarray, keys) -> np.n
 
 def _units(n: int) -> dict[tuple[str, str], int]:
     counts = _split(n, KIND_MIX)
-    units = {(k, k): counts[k] for k in ("earnings", "debt", "debt_to_earnings", "open")}
-    units |= {("premium", s): c for s, c in _split(counts["premium"], PREMIUM_MIX).items()}
+    units = {}
+    for k in KINDS:
+        units |= {(k.name, s): c for s, c in _split(counts[k.name], k.subs).items()}
     units |= {("no_data", s): c for s, c in _split(counts["no_data"], NO_DATA_MIX).items()}
     units |= {("compare", s): c for s, c in _split(counts["compare"], COMPARE_MIX).items()}
-    return units
+    return units | {("open", "open"): counts["open"]}
 
 
 def _group(codes: np.ndarray, rows: np.ndarray):
@@ -226,7 +236,7 @@ def _examples(df, keys, pools, part: np.ndarray, n: int, rng, label: str) -> lis
             rows_of = _open_rows(keys, np.array([rows[0] for rows, _ in picks], dtype=int), np.flatnonzero(part))
             plans[(kind, sub)] = (need, [(rows_of[rows[0]], t) for rows, t in picks])
         else:
-            plans[(kind, sub)] = (need, _draw(rng, pool, want, len(TEMPLATES[kind if kind == "premium" else sub])))
+            plans[(kind, sub)] = (need, _draw(rng, pool, want, len(templates(kind, sub))))
     recs = _row_records(df, [r for _, cands in plans.values() for rows, _ in cands for r in rows])
     out, seen = [], set()
     for (kind, sub), (need, cands) in plans.items():

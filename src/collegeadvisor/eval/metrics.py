@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from collegeadvisor.data.fields import KIND
 from collegeadvisor.grounding import CITATION, check, figures, plain, same_value, says_no_data
 from collegeadvisor.kb.retrieve import source_row_ids
 
@@ -66,8 +67,8 @@ def parse_numbers(text: str | None) -> list[float]:
 
 def numeric_correct(reply: str | None, reference: float, rel_tol: float = 0.01) -> bool:
     """Any figure in the reply within rel_tol of the reference, or equal to it at 2 decimals (ratios); a
-    percentage also counts as its fraction (41% for 0.41)."""
-    for value, _, pct in _figures(reply or ""):
+    percentage also counts as its fraction (41% for 0.41). A citation ("[3]") is no figure (a count of 3 is)."""
+    for value, _, pct in _figures(CITATION.sub(" ", reply or "")):
         for v in (value, value / 100) if pct else (value,):
             if abs(v - reference) <= rel_tol * abs(reference) or round(v, 2) == round(reference, 2):
                 return True
@@ -164,9 +165,10 @@ def score_reply(record: dict, reply: str | None, stopped_at_eos: bool, n_tokens:
     reply = reply if isinstance(reply, str) else ""
     kind = record.get("kind") or "unknown"
     ref_value = record.get("numeric")
-    has_figure = kind not in ("premium", "no_data") and isinstance(ref_value, (int, float)) and math.isfinite(ref_value)
-    expected_yes = _expected_yes(record) if kind == "premium" else None
-    said = yes_no(reply) if kind == "premium" else None
+    verdict = kind in KIND and KIND[kind].score == "verdict"  # how a kind is scored: data.fields.KINDS
+    has_figure = not verdict and kind != "no_data" and isinstance(ref_value, (int, float)) and math.isfinite(ref_value)
+    expected_yes = _expected_yes(record) if verdict else None
+    said = yes_no(reply) if verdict else None
     numeric = numeric_correct(reply, float(ref_value)) if has_figure else None
     if kind == "open" and record.get("values"):
         numeric = any(numeric_correct(reply, float(v)) for v in record["values"])

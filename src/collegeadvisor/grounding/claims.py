@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
-from collegeadvisor.data.scorecard import read_row, row_title
+from collegeadvisor.data.fields import FIELDS, answer_cues
+from collegeadvisor.data.scorecard import WINNER_FORMS, cited_names, read_row, row_title, winner_sentence
 
 # Figures as metrics and the checker read them: $12,345 / 12345 / 12.3k / $1.2 million / 0.19 / -$3,000 / 41%.
 _SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mil": 1e6, "mn": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
@@ -48,9 +49,13 @@ PSEUDO_CITATION = re.compile(
     r"|^[ \t]*\d{1,2}[.)][ \t]", re.I | re.M)
 # A comparison's winner, in the dataset's words: the school (two schools' same program) or the credential and program
 # (two programs at one school).
-WINNER = re.compile(r"\bGraduates of (?P<school>[^\n]{1,200}?) earn more\b|\bThe (?P<what>[^\n]{1,200}?) pays more\b")
+WINNER_OPENING = {by: form.split(" {")[0] for by, form in WINNER_FORMS.items()}  # "Graduates of", "The"
+WINNER = re.compile("|".join(
+    rf"\b{re.escape(WINNER_OPENING[by])} (?P<{by}>[^\n]{{1,200}}?){re.escape(form.split('}')[1])}\b"
+    for by, form in WINNER_FORMS.items()))
 # Where a comparison's winner sentence opens, after two rows are cited: the winner's name is forced there.
-WINNER_OPEN = re.compile(r"(?:\bGraduates of|(?:^|[.!?]\s)The)(?P<rest>(?:\s[^.\n]*)?)$")
+WINNER_OPEN = re.compile(r"(?:^|(?<=[.!?]\s))(?P<opening>" + "|".join(map(re.escape, WINNER_OPENING.values()))
+                         + r")(?P<rest>(?:\s[^.\n]*)?)$")
 _NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
@@ -62,19 +67,10 @@ NO_DATA_PHRASE = re.compile(
     r"|\btoo\s+few\s+(?:graduates|completers|students)\b|\bcan(?:'t|not)\s+tell\b",
     re.IGNORECASE,
 )
-# The field a clause speaks of, most specific first ("high-school graduate earnings" is not "earnings").
-FIELD_CUES = [
-    ("ratio", re.compile(r"debt[- ]to[- ](?:earnings|income)|\bratio\b", re.I)),
-    ("hs_earnings", re.compile(r"\bhigh[- ]school\b", re.I)),
-    ("premium", re.compile(r"\bpremium\b", re.I)),
-    ("payback", re.compile(r"\bpay ?back\b|\byears to repay\b", re.I)),
-    ("debt", re.compile(r"\bdebt\b|\bowe\b|\bborrow|\bloans?\b", re.I)),
-    ("earnings", re.compile(r"\bearn|\bsalar|\bincome\b|\bpaid\b|\bpay\b|\bmake\b", re.I)),
-    ("completers", re.compile(r"\bcompleters\b|\bgraduates counted\b", re.I)),
-]
-FIELD_NAMES = {"earnings": "median earnings", "hs_earnings": "high-school graduate earnings",
-               "premium": "earnings premium", "debt": "median debt", "ratio": "debt-to-earnings ratio",
-               "payback": "payback years", "completers": "completers"}
+# The field a clause speaks of, most specific first ("high-school graduate earnings" is not "earnings"), and how a
+# problem names it: `data.fields`.
+FIELD_CUES = answer_cues()
+FIELD_NAMES = {f.name: f.says for f in FIELDS}
 _BOUNDARY = re.compile(r"[.;!?](?=\s)|\n")
 _LEADING_VERDICT = re.compile(r"^\s*\[(\d{1,2})\]\s*(yes|no|unknown)\b", re.I)
 YES_NO = {"yes": True, "no": False, "unknown": None}  # the opening verdict on the cited row's earnings premium
@@ -148,7 +144,13 @@ def cue_field(text: str) -> str | None:
 
 
 def _counted(text: str) -> list[Figure]:
-    return [f for f in figures(text) if f.counts and not _in_citation(text, f)]
+    """The figures the grounding rule holds to a row: `Figure.counts`, or any number in a field's value slot
+    ("Completers: 45")."""
+    return [f for f in figures(text) if (f.counts or _in_slot(text, f)) and not _in_citation(text, f)]
+
+
+def _in_slot(text: str, f: Figure) -> bool:
+    return text[:f.start].rstrip().endswith(":") and cue_field(text[max(0, f.start - 60):f.start]) is not None
 
 
 def _in_citation(text: str, f: Figure) -> bool:
@@ -244,12 +246,9 @@ def claims(answer: str) -> list[dict[str, Any]]:
 
 
 def row_names(row: dict) -> tuple[str, ...]:
-    """Every way an answer names a row right after its citation: in full ("Master's Degree in Social Work at Western
-    Michigan University."), by its credential alone where the school and program are already said ("Master's
-    Degree."), and as the second row of a comparison: by its school ("At Western Michigan University,") or by its
-    credential and program ("Master's Degree in Social Work,")."""
-    cred, program, school = row["credential"], row["program"], row["school"]
-    return (row_title(cred, program, school) + ".", cred + ".", f"At {school},", f"{cred} in {program},")
+    """Every way an answer may name a row read back from its document right after its citation
+    (`data.scorecard.cited_names`)."""
+    return cited_names(row["credential"], row["program"], row["school"])
 
 
 def _misnamed(claim: dict, ctx: Context) -> str | None:
@@ -293,9 +292,9 @@ def _winner_problem(claim: dict, ctx: Context) -> str | None:
     missing = [n for n, r in rows.items() if r["values"].get("earnings") is None]
     if missing:
         return f"says '{claim['text']}', but row [{missing[0]}] has no median earnings"
-    kind, said = claim["value"]
-    name = {"school": lambda r: r["school"], "what": lambda r: f"{r['credential']} in {r['program']}"}[kind]
-    named = [n for n, r in rows.items() if name(r) == said]
+    kind = claim["value"][0]
+    named = [n for n, r in rows.items() if winner_sentence(kind, r["credential"], r["program"], r["school"])
+             == claim["text"]]
     top = max(value_of(r["values"]["earnings"]) for r in rows.values())
     best = next(n for n, r in rows.items() if value_of(r["values"]["earnings"]) == top)
     if not named:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 from typing import Collection, Sequence
 
+from collegeadvisor.data.scorecard import winner_sentence
 from collegeadvisor.grounding.claims import (
     CITATION,
     Context,
     TEST_WORDS,
     WINNER_OPEN,
+    WINNER_OPENING,
     YES_NO,
     cited_at,
     digits,
@@ -139,9 +141,9 @@ class Rules:
         if len(rows) < 2 or any(r["values"].get("earnings") is None for r in rows):
             return None
         best = max(rows, key=lambda r: value_of(r["values"]["earnings"]))
-        form = (f" {best['school']} earn more" if m.group().lstrip(".!? ").startswith("Graduates")
-                else f" {best['credential']} in {best['program']} pays more")
-        return (form,), m.group("rest")
+        by = next(by for by, opening in WINNER_OPENING.items() if opening == m.group("opening"))
+        sentence = winner_sentence(by, best["credential"], best["program"], best["school"])
+        return (sentence[len(m.group("opening")):],), m.group("rest")
 
     @staticmethod
     def _rests(found: tuple[tuple[str, ...], str] | None) -> list[str] | None:

@@ -18,9 +18,19 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
+from collegeadvisor.data.fields import question_cues
 from collegeadvisor.data.scorecard import load_table
 from collegeadvisor.kb.nameindex import aliases, name_indexes, zipf_of
-from collegeadvisor.kb.parse import NOT_PROGRAM_WORDS, RARE_WORD, STATES, _phrase_index, names, normalize, parse
+from collegeadvisor.kb.parse import (
+    NOT_PROGRAM_WORDS,
+    RARE_WORD,
+    STATES,
+    _phrase_index,
+    names,
+    normalize,
+    parse,
+    unused_spans,
+)
 
 STATE_NAMES = {" ".join(normalize(name)) for name in STATES.values()}
 LONGEST = 14  # words in the longest school or program phrase matched
@@ -43,18 +53,9 @@ COMPARE_PROGRAMS = re.compile(r"\b(?:or|vs|versus|compare|compared)\b")
 SCHOOL_WORDS = r"university|college|institute|academy|polytechnic|conservatory|seminary"
 COMPARE_CUE = re.compile(r"\b(?:or|vs|versus|compare|compared|comparison|which|better|between)\b")
 
-# The field a question asks for, most specific first; a topic the Scorecard doesn't hold (asked without any of
-# these fields) gets a sentence on what the data covers.
-FIELD_CUES = [
-    ("premium", r"high[- ]?school|\bhs\b|\bged\b|worth it|worth the|pays? off (?:vs|versus|compared|over|than|against)"
-                r"|premium|out-?earn|more than (?:people|ppl"
-                r"|someone|those|folks|somebody|a person)|without (?:a )?(?:college|degree)|not going to college"),
-    ("ratio", r"\bratio\b|debt[- ](?:to|vs\.?|versus)[- ](?:earnings|income|salary|pay)|manageable|relative to (?:what|pay|"
-              r"earnings|income|salary)|stack up against|handle the (?:loans|debt)|afford (?:the )?(?:loans|debt)"),
-    ("debt", r"\bdebt|\bloans?\b|\bowe\b|\bborrow"),
-    ("earnings", r"\bearn|salar|\bpay\b|\bpaid\b|\bmake\b|\bmakes\b|\bmaking\b|income|money|wages?\b|compensation|"
-                 r"\bpaycheck"),
-]
+# The field a question asks for, most specific first (`data.fields.KINDS`); a topic the Scorecard doesn't hold
+# (asked without any of these fields) gets a sentence on what the data covers.
+FIELD_CUES = question_cues()
 OFF_TOPIC = [
     ("tuition and costs", r"tuition|cost of attendance|sticker price|\bfees?\b|\bcosts?\b|\bprice\b|expensive"),
     ("admissions", r"admission|acceptance rate|admit rate|get in(?:to)?\b|selectiv|\bapply\b|application|admitted"),
@@ -70,7 +71,6 @@ OFF_TOPIC = [
     ("class sizes and faculty", r"class size|student[- ]to[- ]faculty|professors?|faculty|teachers are"),
     ("location and weather", r"weather|climate|parking|\bcity like\b"),
 ]
-_FIELD_RE = [(name, re.compile(p, re.I)) for name, p in FIELD_CUES]
 _OFF_RE = [(name, re.compile(p, re.I)) for name, p in OFF_TOPIC]
 _UNKNOWN_SCHOOL = re.compile(
     rf"\b((?:the\s+)?(?:[a-z][a-z&'.-]*\s+){{0,3}}(?:{SCHOOL_WORDS})(?:\s+of(?:\s+[a-z][a-z&'.-]*){{1,3}})?)\b")
@@ -155,20 +155,16 @@ def _spans(tokens: list[str]) -> tuple[list[School], list[tuple[str, ...]], list
     schools, programs, _ = name_indexes()
     used = [False] * len(tokens)
     found: list[tuple[int, str, object, str]] = []
-    for n in range(min(LONGEST, len(tokens)), 0, -1):
-        for i in range(len(tokens) - n + 1):
-            if any(used[i:i + n]):
+    for i, n, key in unused_spans(tokens, LONGEST, used):
+        for variant in _variants(key):
+            if variant in schools:
+                found.append((i, "school", schools[variant], key))
+            elif variant in programs:
+                found.append((i, "program", programs[variant], key))
+            else:
                 continue
-            key = " ".join(tokens[i:i + n])
-            for variant in _variants(key):
-                if variant in schools:
-                    found.append((i, "school", schools[variant], key))
-                elif variant in programs:
-                    found.append((i, "program", programs[variant], key))
-                else:
-                    continue
-                used[i:i + n] = [True] * n
-                break
+            used[i:i + n] = [True] * n
+            break
     found.sort(key=lambda f: f[0])
     found = _campus_words_dropped(tokens, found)
     school_list = [School(text, values, start=i) for i, kind, values, text in found if kind == "school"]
@@ -241,10 +237,8 @@ def _words_programs(words: list[str]) -> tuple[str, ...]:
 def _field(text: str) -> str | None:
     """The field asked for: the most specific cue; debt and earnings asked together are the debt-to-earnings ratio
     ("how does debt compare to earnings", "the loan compared to income")."""
-    found = {name for name, pattern in _FIELD_RE if pattern.search(text)}
-    if "premium" in found or "ratio" in found:
-        return "premium" if "premium" in found else "ratio"
-    if {"debt", "earnings"} <= found:
+    found = {name for name, pattern in FIELD_CUES if pattern.search(text)}
+    if {"debt", "earnings"} <= found and not found & {"premium", "ratio"}:
         return "ratio"
     return next((name for name, _ in FIELD_CUES if name in found), None)
 
