@@ -7,8 +7,10 @@ import sys
 import threading
 from typing import TextIO
 
-from collegeadvisor.advise import Retriever, respond
+from collegeadvisor.advise import respond
+from collegeadvisor.config import MAX_NEW_TOKENS
 from collegeadvisor.generate import stream_batch
+from collegeadvisor.kb import Retriever
 
 HELP = "commands: /reset (forget the conversation), /exit"
 
@@ -54,8 +56,9 @@ def _grounded_reply(model, tokenizer, history: list[dict], retriever: Retriever,
     return reply
 
 
-def chat_loop(model, tokenizer, inp: TextIO | None = None, out: TextIO | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.0, retriever: Retriever | None = None) -> int:
+def chat_loop(model, tokenizer, inp: TextIO | None = None, out: TextIO | None = None,
+              max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
+              retriever: Retriever | None = None) -> int:
     """Answer each line of `inp`; returns the number of answers given. With a retriever, each answer comes from
     the rows retrieved for its question (checked before it is shown); otherwise replies stream as generated."""
     inp, out = inp or sys.stdin, out or sys.stdout  # the streams of the moment, not of import time

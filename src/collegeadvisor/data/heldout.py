@@ -5,10 +5,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from collegeadvisor.errors import AdvisorError, DataError
 
 QUESTION_FIELDS = ("question", "answer", "numeric", "kind")
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, its JSON value) for each line that is not blank; a malformed line's value is its
+    json.JSONDecodeError, and reading goes on."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rec = exc
+        yield n, rec
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -16,13 +30,9 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise DataError(f"--questions: {path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
+    for n, rec in json_lines(path.read_text(encoding="utf-8").splitlines()):
+        if isinstance(rec, json.JSONDecodeError):
+            raise DataError(f"{path}:{n}: malformed JSON ({rec.msg})") from rec
         missing = [f for f in QUESTION_FIELDS if f not in rec]
         if missing:
             raise DataError(f"{path}:{n}: question record is missing field '{missing[0]}'")

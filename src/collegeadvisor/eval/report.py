@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from collegeadvisor.data.heldout import json_lines
 from collegeadvisor.eval.metrics import METRICS
 from collegeadvisor.fsutil import atomic_write_json, atomic_write_text
 
@@ -64,18 +65,11 @@ def read_training_curve(metrics_jsonl: Path | None) -> dict[str, Any]:
         curve["note"] = f"training metrics not readable: {metrics_jsonl} ({e.strerror or e})"
         return curve
     skipped = 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
+    for n, rec in json_lines(lines):
+        if not isinstance(rec, dict):  # malformed (json_lines gives its error) or not an object
             skipped += 1
             continue
-        if not isinstance(rec, dict):
-            skipped += 1
-            continue
-        step = rec.get("step", i)
+        step = rec.get("step", n - 1)
         for key in ("loss", "val_loss"):
             value = rec.get(key)
             if _finite(value) and _finite(step):

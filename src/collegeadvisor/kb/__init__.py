@@ -1,10 +1,20 @@
-"""Knowledge base: College Scorecard rows and the user's documents in Chroma, found by question."""
+"""Knowledge base: College Scorecard rows and the user's documents in a `Store` (Chroma's), found by question:
+a `Retriever` (question -> `Hit`s) is what the stages above take."""
 
 from collegeadvisor.kb.embed import embed, load_embedder
-from collegeadvisor.kb.retrieve import parse_question, recall_at_k, retrieve, retriever, source_row_ids
+from collegeadvisor.kb.retrieve import (
+    Hit,
+    Retriever,
+    parse_question,
+    recall_at_k,
+    retrieve,
+    retriever,
+    source_row_ids,
+)
 from collegeadvisor.kb.store import (
     DEFAULT_COLLECTION,
     DEFAULT_PATH,
+    Store,
     build_kb,
     ingest_documents,
     kb_info,
@@ -17,6 +27,9 @@ from collegeadvisor.kb.store import (
 __all__ = [
     "DEFAULT_COLLECTION",
     "DEFAULT_PATH",
+    "Hit",
+    "Retriever",
+    "Store",
     "build_kb",
     "embed",
     "ingest_documents",

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Iterator
 
 from collegeadvisor.data.scorecard import load_table
 
@@ -259,18 +260,23 @@ class Parse:
     words: dict[str, float] = field(default_factory=dict)  # words that may name a program -> weight (idf)
 
 
+def unused_spans(tokens: list[str], longest: int, used: list[bool]) -> Iterator[tuple[int, int, str]]:
+    """(start, length, words joined) of each run of up to `longest` tokens none of which is `used`, longest first,
+    then left to right; lazily, so a run the caller marks used as it goes is skipped by every run after it."""
+    for n in range(min(longest, len(tokens)), 0, -1):
+        for i in range(len(tokens) - n + 1):
+            if not any(used[i:i + n]):
+                yield i, n, " ".join(tokens[i:i + n])
+
+
 def _longest_matches(tokens: list[str], index: dict, longest: int, used: list[bool], accept=None) -> list[Mention]:
     """The longest non-overlapping token runs found in `index` (and passing `accept`), marking their tokens used."""
     found = []
-    for n in range(min(longest, len(tokens)), 0, -1):
-        for i in range(len(tokens) - n + 1):
-            if any(used[i:i + n]):
-                continue
-            key = " ".join(tokens[i:i + n])
-            value = index.get(key)
-            if value is not None and (accept is None or accept(i, n)):
-                found.append(Mention(value[0], tuple(value[1]), i, i + n, key))
-                used[i:i + n] = [True] * n
+    for i, n, key in unused_spans(tokens, longest, used):
+        value = index.get(key)
+        if value is not None and (accept is None or accept(i, n)):
+            found.append(Mention(value[0], tuple(value[1]), i, i + n, key))
+            used[i:i + n] = [True] * n
     return found
 
 

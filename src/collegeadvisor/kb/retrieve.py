@@ -2,13 +2,15 @@
 the rows that pass by how exactly they match what the question names, then by vector.
 
 Filters are relaxed step by step (RELAXATIONS, ending with pure vector search) until k hits are found,
-so a wrong or partial parse costs precision, never the answer.
+so a wrong or partial parse costs precision, never the answer. Works on any `kb.store.Store`; what it returns is
+`Hit`s, and `Retriever` (question -> hits) is all that advise, serve, eval and chat know of the knowledge base.
 """
 
 from __future__ import annotations
 
 import time
 from functools import lru_cache
+from typing import Any, Callable, Sequence, TypedDict
 
 import numpy as np
 
@@ -16,7 +18,18 @@ from collegeadvisor.data.scorecard import load_table, row_metadata
 from collegeadvisor.errors import AdvisorError
 from collegeadvisor.kb.embed import embed
 from collegeadvisor.kb.parse import Parse, names, normalize, parse, parse_question  # noqa: F401 (re-exported)
-from collegeadvisor.kb.store import DOCUMENT_KIND, HAS_DOCUMENTS, open_store
+from collegeadvisor.kb.store import DOCUMENT_KIND, HAS_DOCUMENTS, Store, open_store
+
+
+class Hit(TypedDict):
+    """A retrieved Scorecard row or passage of an ingested document (a plain dict at run time)."""
+    id: str  # the row_id, or `file:index` for a passage
+    document: str  # the row's text (`data.scorecard.row_document`), or the passage
+    metadata: dict[str, Any]  # a row's `row_metadata`; a passage's source, kind and chunk
+    distance: float  # cosine distance to the question (0.0 for a row the question names, `advise.hit_of`)
+
+
+Retriever = Callable[[str], Sequence[Hit]]  # question -> hits, best first: what advise, serve, eval and chat take
 
 FIELDS = ("school", "program", "credential_level", "state")  # metadata keys a question can name
 # Where-filters tried in turn until k rows are found; () is pure vector search. "words": the programs that share
@@ -81,17 +94,17 @@ def _match(parsed: Parse, meta: dict) -> tuple:
             meta.get("state") in parsed.fields["state"], sum(w for t, w in parsed.words.items() if t in words))
 
 
-def _order(parsed: Parse, hits: list[dict]) -> list[dict]:
+def _order(parsed: Parse, hits: list[Hit]) -> list[Hit]:
     """Hits by how exactly they match the question (`_match`), then by distance."""
     return sorted(hits, key=lambda h: (tuple(-x for x in _match(parsed, h["metadata"])), h["distance"]))
 
 
-def _hits(ids, documents, metadatas, distances) -> list[dict]:
+def _hits(ids, documents, metadatas, distances) -> list[Hit]:
     return [{"id": i, "document": d, "metadata": m, "distance": float(dist)}
             for i, d, m, dist in zip(ids, documents, metadatas, distances)]
 
 
-def _rank(collection, ids: frozenset[str], query: np.ndarray, parsed: Parse) -> list[dict]:
+def _rank(collection: Store, ids: frozenset[str], query: np.ndarray, parsed: Parse) -> list[Hit]:
     """The rows of `ids`, fetched by id (fast in Chroma), best match to the question first (`_order`)."""
     if not ids:  # Chroma refuses an empty list of ids
         return []
@@ -103,7 +116,7 @@ def _rank(collection, ids: frozenset[str], query: np.ndarray, parsed: Parse) -> 
     return _order(parsed, _hits(got["ids"], got["documents"], got["metadatas"], distance))
 
 
-def _has_documents(collection) -> bool:
+def _has_documents(collection: Store) -> bool:
     """Whether the store holds ingested passages, re-checked at most every DOCUMENTS_TTL seconds."""
     checked, has = HAS_DOCUMENTS.get(id(collection), (float("-inf"), False))
     if time.monotonic() - checked > DOCUMENTS_TTL:
@@ -112,8 +125,8 @@ def _has_documents(collection) -> bool:
     return has
 
 
-def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = None,
-             url: str | None = None) -> list[dict]:
+def retrieve(question: str, k: int = 5, collection: Store | None = None, *, path: str | None = None,
+             url: str | None = None) -> list[Hit]:
     """Top-k Scorecard rows (and passages of ingested documents) for a question, best first.
 
     Each hit is {"id", "document", "metadata", "distance"}. Rows matching the school, program, credential
@@ -124,16 +137,16 @@ def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = N
     """
     collection = collection if collection is not None else open_store(path=path, url=url)
     query = embed([question])[0]
-    near_cache: list[list[dict]] = []
+    near_cache: list[list[Hit]] = []
 
-    def near() -> list[dict]:  # nearest neighbours of the whole store, without filters, fetched once
+    def near() -> list[Hit]:  # nearest neighbours of the whole store, without filters, fetched once
         if not near_cache:
             r = collection.query(query_embeddings=[query.tolist()], n_results=max(OVERFETCH, k),
                                  include=["metadatas", "distances"])
             near_cache.append(_hits(r["ids"][0], [None] * len(r["ids"][0]), r["metadatas"][0], r["distances"][0]))
         return near_cache[0]
 
-    hits: list[dict] = []
+    hits: list[Hit] = []
     parsed = parse(question)
     for ids in _candidates(parsed):
         if len(hits) >= k:
@@ -164,8 +177,10 @@ def retrieve(question: str, k: int = 5, collection=None, *, path: str | None = N
     return hits
 
 
-def retriever(k: int = 5, path: str | None = None, url: str | None = None, collection=None):
-    """question -> top-k hits, with the store opened once; an empty or missing store is a clear error."""
+def retriever(k: int = 5, path: str | None = None, url: str | None = None,
+              collection: Store | None = None) -> Retriever:
+    """question -> top-k hits, with the store (`collection`, else Chroma's at `path` or `url`) opened once; an empty
+    or missing store is a clear error."""
     collection = collection if collection is not None else open_store(path=path, url=url)
     if collection.count() == 0:
         where = url or path or "kb_store"
@@ -213,7 +228,7 @@ def found_at_k(question: dict, ids: list[str], k: int) -> bool:
     return bool(required) and set(required) <= set(ids[:k])
 
 
-def recall_at_k(questions: list[dict], k: int = 5, collection=None, *, path: str | None = None,
+def recall_at_k(questions: list[dict], k: int = 5, collection: Store | None = None, *, path: str | None = None,
                 url: str | None = None) -> float:
     """Share of questions whose source rows are ALL among the top-k retrieved ids (compare: both rows; a question
     that leaves the credential or campus open: one of the rows it can mean)."""

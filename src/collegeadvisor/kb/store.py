@@ -4,6 +4,10 @@ A row is found by what questions name: its school (with state) and its credentia
 two key texts is embedded once (~5.6k schools, ~2.7k programs instead of 221k rows) and a row's vector is
 the normalized sum of its two parts, so the full table embeds in seconds; Chroma stores the full
 `row_document` as the document, so a query finds the row and returns every fact.
+
+`Store` is what the rest of kb asks of a vector store; `open_store` gives Chroma's collection, which is one as it
+is. Another vector database is a class with `Store`'s members, opened by `open_store`: retrieval (`kb.retrieve`)
+takes any `Store`, and serve, eval and chat see only `kb.Retriever`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -27,6 +32,34 @@ DEFAULT_COLLECTION = "scorecard"
 DOCUMENT_KIND = "document"  # metadata "kind" of ingested passages; Scorecard rows carry none
 HAS_DOCUMENTS: dict[int, tuple[float, bool]] = {}  # retrieval's cache: id(collection) -> (checked at, has passages)
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A vector store of Scorecard rows and passages, each an id with a document, a metadata dict and a unit vector,
+    plus the store's own metadata (the embedder and row format a build recorded, `_stamp`). The members are the
+    ones kb uses of Chroma's collection, with its arguments and its results: plain dicts of lists, `get` ->
+    {"ids", and each of `include` ("documents", "metadatas", "embeddings")}, `query` -> the same keys with one list
+    per query vector, and "distances" (cosine). A `where` is one equality on a metadata key ({"kind": "document"},
+    {"source": name}); `include=[]` asks for the ids only."""
+
+    @property
+    def metadata(self) -> Mapping[str, Any] | None: ...
+
+    def modify(self, *, metadata: dict[str, Any]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def add(self, *, ids: list[str], embeddings: Any, documents: list[str],
+            metadatas: list[dict[str, Any]]) -> None: ...
+
+    def delete(self, *, where: dict[str, Any]) -> Any: ...
+
+    def get(self, *, ids: list[str] | None = None, where: dict[str, Any] | None = None, limit: int | None = None,
+            include: Sequence[str] = ("metadatas", "documents")) -> Mapping[str, Any]: ...
+
+    def query(self, *, query_embeddings: list[list[float]], n_results: int,
+              include: Sequence[str] = ("metadatas", "documents", "distances")) -> Mapping[str, Any]: ...
 
 
 CHROMA_SQLITE = (3, 35, 0)  # the oldest sqlite3 Chroma accepts
@@ -96,8 +129,9 @@ def _client(path: str | Path | None = None, url: str | None = None):
     return client
 
 
-def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION):
-    """The Chroma collection (cosine space, precomputed embeddings): on disk at `path`, or on the server at `url`."""
+def open_store(path: str | Path | None = None, url: str | None = None, collection: str = DEFAULT_COLLECTION) -> Store:
+    """The store: Chroma's collection (cosine space, precomputed embeddings), on disk at `path`, or on the server at
+    `url`."""
     client = _client(path, url)
     import chromadb  # imported by _client (heavy: never at module import)
 
@@ -133,7 +167,7 @@ def kb_info(path: str | Path | None = None, url: str | None = None, collection: 
                    "embedder": meta.get("embedder"), "row_format": meta.get("row_format")}
 
 
-def _stamp(store, rows, where: str) -> None:
+def _stamp(store: Store, rows, where: str) -> None:
     """Record the embedder and row format (`row_format_id`) in the collection's metadata at build. A store that
     holds rows already keeps what it recorded: another embedder or row format is an error (a build only adds
     missing rows: it would mix two); one built before builds recorded them is stamped when its documents read as
@@ -177,14 +211,15 @@ def row_vectors(rows: list[dict], cache: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def build_kb(path: str | Path | None = None, url: str | None = None, rows=None, batch_size: int = 2048,
-             progress: bool = True, collection: str = DEFAULT_COLLECTION) -> dict:
-    """Add every Scorecard row (default: the full table) not already in the store; returns build stats.
+             progress: bool = True, collection: str = DEFAULT_COLLECTION, *, store: Store | None = None) -> dict:
+    """Add every Scorecard row (default: the full table) not already in the store (`store`, else Chroma's at `path`
+    or `url`); returns build stats.
 
     Resumable: ids already present are skipped, so an interrupted build continues where it stopped.
     """
     from tqdm import tqdm  # ~25 ms: kept off the CLI's start (which imports kb)
 
-    store = open_store(path, url, collection)
+    store = store if store is not None else open_store(path, url, collection)
     rows = (load_table() if rows is None else rows).drop_duplicates("row_id")
     _stamp(store, rows, url or str(path or DEFAULT_PATH))
     start, added, cache = time.perf_counter(), 0, {}
@@ -245,8 +280,9 @@ def split_passages(text: str, max_chars: int = 500) -> list[str]:
 
 
 def ingest_documents(paths: list[Path], path: str | Path | None = None, url: str | None = None,
-                     collection: str = DEFAULT_COLLECTION, max_chars: int = 500) -> dict:
-    """Add Markdown/text files as passages (id `name:index`, metadata source=name); re-ingesting replaces a file."""
+                     collection: str = DEFAULT_COLLECTION, max_chars: int = 500, *, store: Store | None = None) -> dict:
+    """Add Markdown/text files as passages (id `name:index`, metadata source=name) to `store` (else Chroma's at
+    `path` or `url`); re-ingesting replaces a file."""
     texts = {}
     for file in map(Path, paths):
         if file.suffix.lower() not in TEXT_SUFFIXES:
@@ -257,7 +293,7 @@ def ingest_documents(paths: list[Path], path: str | Path | None = None, url: str
             raise DataError(f"{file}: cannot read as UTF-8 text ({exc.__class__.__name__})") from exc
         if not texts[file].strip():
             raise DataError(f"{file}: the file has no text")
-    store = open_store(path, url, collection)
+    store = store if store is not None else open_store(path, url, collection)
     total = 0
     for file, text in texts.items():
         passages = split_passages(text, max_chars)
