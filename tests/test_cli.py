@@ -9,7 +9,8 @@ import pytest
 
 import collegeadvisor
 from collegeadvisor.cli import build_parser, main
-from collegeadvisor.config import ChatConfig, Config, EvalConfig, ExportConfig, ServeConfig
+from collegeadvisor.config import (MAX_NEW_TOKENS, ChatConfig, Config, EvalConfig, ExportConfig, KbConfig, ServeConfig,
+                                   add_command)
 from collegeadvisor.errors import AdvisorError
 
 SRC = Path(collegeadvisor.__file__).parent
@@ -99,9 +100,82 @@ def test_run_options_keep_their_names_and_defaults():
     assert (s.run, s.output_dir, s.device, s.max_new_tokens) == ("latest", "runs", "auto", 256)
     assert (s.rag, s.k, s.kb_path, s.kb_url) == (None, None, None, None)
     s = settings("eval", "--no-rag", "--k", "5", "--kb-url", "http://x")
-    assert (s.rag, s.k, s.kb_url, s.max_new_tokens) == (False, 5, "http://x", 128)
+    assert (s.rag, s.k, s.kb_url, s.max_new_tokens) == (False, 5, "http://x", 256)
     s = settings("serve", "--rag", "--kb-path", "kb")
     assert (s.rag, s.kb_path, s.run, s.max_new_tokens) == (True, "kb", "latest", 256)
     s = settings("export", "--to", "merged")
     assert (s.run, s.output_dir, s.device) == ("latest", "runs", "cpu")
     assert not hasattr(s, "rag") and not hasattr(build_parser().parse_args(["export"]), "rag")
+
+
+def test_one_generation_budget_by_default():
+    """eval, chat and serve, and the functions they call, default to config.MAX_NEW_TOKENS per answer (eval's was 128
+    while the others' was 256); --help says so."""
+    import inspect
+
+    from collegeadvisor.chat import chat_loop
+    from collegeadvisor.eval.run import evaluate
+    from collegeadvisor.generate import answer, generate
+    from collegeadvisor.serve.app import create_app
+
+    assert MAX_NEW_TOKENS == 256
+    assert [c().max_new_tokens for c in (EvalConfig, ChatConfig, ServeConfig)] == [MAX_NEW_TOKENS] * 3
+    for fn, name in ((generate, "max_new_tokens"), (answer, "max_new_tokens"), (chat_loop, "max_new_tokens"),
+                     (evaluate, "max_new_tokens"), (create_app, "default_max_tokens")):
+        assert inspect.signature(fn).parameters[name].default == MAX_NEW_TOKENS, fn.__qualname__
+    for command in ("eval", "chat", "serve"):
+        text = " ".join(subparser(command).format_help().split())
+        assert f"most tokens generated per answer [default: {MAX_NEW_TOKENS}]" in text, command
+
+
+def subparser(*names) -> argparse.ArgumentParser:
+    p = build_parser()
+    for name in names:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return p
+
+
+def test_add_command_registers_a_settings_command():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    run = lambda args: 0  # noqa: E731
+    p = add_command(sub, "find", "look something up", KbConfig, run, only=("path", "k"))
+    p.add_argument("question")
+    args = parser.parse_args(["find", "--config", "x.yaml", "--k", "4", "what?"])
+    assert (args.func, args.config, args.k, args.question, args.path) == (run, "x.yaml", "4", "what?", None)
+    assert not hasattr(args, "url") and sub.choices["find"] is p
+    assert sub._choices_actions[0].help == "look something up"
+    train = add_command(sub, "t", "train", Config, run)
+    assert {"--config", "--max-length", "--lora-r"} <= set(train._option_string_actions)
+
+
+def test_settings_commands_are_registered_one_way():
+    """A command whose options are a settings class is added by config.add_command (subparser, --config and the
+    settings' options, func), not by writing those lines again in each module."""
+    written_again = []
+    for path in SRC.rglob("*.py"):
+        if path.relative_to(SRC).as_posix() in ("config.py", "data/preview.py"):  # preview: not converted yet
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "add_arguments"):
+                written_again.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert written_again == []
+    for argv in (["train"], ["eval"], ["chat"], ["check"], ["serve"], ["export"], ["kb", "build"], ["kb", "ingest"],
+                 ["kb", "query"], ["kb", "recall"]):
+        assert "--config" in subparser(*argv)._option_string_actions, argv
+
+
+def test_kb_build_and_ingest_report_alike(tmp_path, capsys):
+    """build and ingest end the same way: their stats on one line, then the settings they ran with (config.yaml in
+    the folder, or one line on stderr for a Chroma server)."""
+    from collegeadvisor.kb.cli import _report
+
+    s = KbConfig(path=str(tmp_path / "kb"))
+    assert _report(s, {"count": 3, "added": 1}) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["count=3 added=1", f"settings: {tmp_path / 'kb' / 'config.yaml'}"]
+    assert (tmp_path / "kb" / "config.yaml").read_text().startswith("# collegeadvisor kb:")
+    assert _report(KbConfig(url="http://chroma:8000"), {"count": 3}) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "count=3\n" and captured.err.startswith("settings: {kb: {path: null, url: 'http://chroma:8000'")

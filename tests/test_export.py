@@ -52,6 +52,58 @@ def texts(model, tok, n=12):
     return [r["text"] for r in generate(model, tok, PROMPTS, max_new_tokens=n)]
 
 
+# ------------------------------------------------------------------------------------------ the targets
+def test_exporters_are_the_targets_config_names():
+    """config.TARGETS (what --to accepts) and export.EXPORTERS (what writes and verifies each) name the same
+    targets in the same order: config sits below export and cannot read the registry itself."""
+    from collegeadvisor.config import TARGETS, ExportConfig
+    from collegeadvisor.export import EXPORTERS, Exporter, check_modelfile, load_gguf, load_merged
+
+    assert tuple(EXPORTERS) == TARGETS
+    assert all(isinstance(e, Exporter) and callable(e.write) and callable(e.load) for e in EXPORTERS.values())
+    assert (EXPORTERS["merged"].load, EXPORTERS["gguf"].load, EXPORTERS["ollama"].load) == (load_merged, load_gguf,
+                                                                                            load_gguf)
+    assert [e.check for e in EXPORTERS.values()] == [None, None, check_modelfile]
+    assert typing_args(ExportConfig.model_fields["to"].annotation) == TARGETS
+    with pytest.raises(Exception):  # frozen: a target is changed by its entry, not at run time
+        EXPORTERS["merged"].hint = "x"
+
+
+def typing_args(annotation) -> tuple:
+    import typing
+
+    literal = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_args(literal)
+
+
+def test_export_writes_through_the_registry(tmp_path, monkeypatch, capsys):
+    """`export --to X` calls EXPORTERS[X]'s writer with the run, the output folder and the settings, and prints its
+    hint; verify_export refuses a target it has no entry for."""
+    from collegeadvisor.errors import AdvisorError
+    from collegeadvisor.export import EXPORTERS, Exporter, verify_export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"status": "complete"}')
+    calls = []
+
+    def write(run_dir, out, s):
+        calls.append((run_dir, out, s.gguf_type, s.device))
+        return out / "model.bin"
+
+    monkeypatch.setitem(EXPORTERS, "gguf", Exporter(write=write, load=None, hint="then: {done}"))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "--run", str(run), "--to", "gguf", "--gguf-type", "f16"])
+    assert args.func(args) == 0
+    out = run / "export" / "gguf"
+    assert calls == [(run, out, "f16", "cpu")]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"gguf: {out / 'model.bin'}", f"then: {out / 'model.bin'}"]
+    with pytest.raises(AdvisorError, match="--to onnx: choose one of merged, gguf, ollama"):
+        verify_export(run, "onnx", out)
+
+
 # ------------------------------------------------------------------------------------------ merged
 def test_merged_loads_in_plain_transformers_and_answers_the_same(trained_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

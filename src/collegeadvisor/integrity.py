@@ -7,22 +7,14 @@ files where safetensors are expected is refused rather than handed to a loader t
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
 from collegeadvisor.chat_format import template_hash
 from collegeadvisor.errors import ManifestError
+from collegeadvisor.fsutil import file_sha256
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_inside(path: str | os.PathLike, root: str | os.PathLike) -> Path:
@@ -56,7 +48,7 @@ def file_hashes(folder: str | os.PathLike) -> dict[str, str]:
                 raise ManifestError(f"{p}: a symlink inside {folder}; refusing it")
         for name in sorted(files):
             p = Path(dirpath) / name
-            out[p.relative_to(folder).as_posix()] = sha256_of(p)
+            out[p.relative_to(folder).as_posix()] = file_sha256(p)
     return dict(sorted(out.items()))
 
 
@@ -82,7 +74,7 @@ def verify_hashes(folder: str | os.PathLike, hashes: dict[str, str], root: str |
         check_inside(p, root)
         if not p.is_file():
             raise ManifestError(f"{p}: missing from the {what} (it was listed when it was written)")
-        if sha256_of(p) != digest:
+        if file_sha256(p) != digest:
             raise ManifestError(f"{p}: sha256 differs from the one recorded when the {what} was written "
                                 "(the file was changed or damaged); refusing it")
 

@@ -48,7 +48,7 @@ from collegeadvisor.check.format import check_scaffolding, encode_split, example
 from collegeadvisor.check.retrieval import check_chromadb, check_kb, check_retrieval
 from collegeadvisor.check.runs import check_output_dir, check_run
 from collegeadvisor.check.setup import check_padding, check_plan, check_precision, check_setup, resolve_device
-from collegeadvisor.config import Config
+from collegeadvisor.config import Config, add_command
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
 from collegeadvisor.models import load_tokenizer, resolve_base_model
 
@@ -183,8 +183,8 @@ def cmd_check(args) -> int:
 
 def register(sub) -> None:
     """Add `check` (the same settings as train, plus --run) to the CLI's subparsers."""
-    p = sub.add_parser("check", help="preflight: check the config, data (and a run) before training; exit 1 on errors")
-    Config.add_arguments(p)
+    p = add_command(sub, "check", "preflight: check the config, data (and a run) before training; exit 1 on errors",
+                    Config, cmd_check)
     p.add_argument("--run", default=None, help="a run directory to inspect and compare with the config (and, when "
                    "it was trained on retrieved rows, the knowledge base)")
     p.add_argument("--kb-path", default=None, help="a knowledge base folder to check (default for a retrieval run: "
@@ -195,4 +195,3 @@ def register(sub) -> None:
                         f"[default: {','.join(DEFAULT_STAGES)}]")
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                    help="time one training step for the ETA [default: on]")
-    p.set_defaults(func=cmd_check)

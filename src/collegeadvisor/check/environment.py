@@ -8,7 +8,6 @@ import gc
 import resource
 import shutil
 import sys
-import time
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Sequence
 
 from collegeadvisor.check.findings import Finding, finding
 from collegeadvisor.config import duration_text
-from collegeadvisor.models import load_model
 
 # Packages each stage imports, as (import name, pip name).
 STAGE_PACKAGES = {
@@ -133,16 +131,14 @@ def check_disk(cfg, shape: dict, resolved: str) -> list[Finding]:
 
 
 def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], p) -> dict[str, float]:
-    """Tokens per second of the real training step (the train path's model, LoRA, the plan's precision and
-    batching) on one micro-batch of typical length: a warm-up on a sliver, a timed forward + backward of one example,
-    then of the whole micro-batch when that is predicted to take under MEASURE_BUDGET_S (a slow machine keeps the
-    preflight short)."""
+    """Tokens per second of the real training step (train's model builder: LoRA, the plan's precision, its loss;
+    train's batching) on one micro-batch of typical length: a warm-up on a sliver, a timed forward + backward of one
+    example, then of the whole micro-batch when that is predicted to take under MEASURE_BUDGET_S (a slow machine
+    keeps the preflight short)."""
     # torch and the train package: only when a step is measured
     import torch
 
-    from collegeadvisor.train.model import LabelLoss, keep_base_in_bf16, lora_model
-    from collegeadvisor.train.planner import autocast_context
-    from collegeadvisor.train.recipe import passes_for
+    from collegeadvisor.train.step import build_model, passes_for, sliver, timed
 
     device = p.device
     if cfg.num_threads:
@@ -153,33 +149,25 @@ def measure_step(cfg, resolved: str, tokenizer, rows: Sequence[dict], p) -> dict
     rss_before = _peak_rss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lora_model(load_model(resolved, dtype=p.dtype, device=device), cfg)
-    if p.base_bf16:
-        keep_base_in_bf16(model)
+        model, loss_module, autocast = build_model(cfg, resolved, p, device)
     model.train()
-    loss_module = LabelLoss(model, fused=cfg.fused)
-    autocast = autocast_context(device, p.autocast)
     batches = [{k: v.to(device) for k, v in b.items()} for b in passes_for(chosen, tokenizer.pad_token_id, cfg)]
     one = [{k: v.to(device) for k, v in b.items()} for b in passes_for(chosen[:1], tokenizer.pad_token_id, cfg)]
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
 
-    def step(batches) -> float:
-        t0 = time.perf_counter()
+    def passes(batches) -> None:
         for b in batches:
             with autocast():
                 loss = loss_module(**b)
             loss.backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
 
     try:
-        step([{k: v[:1, :32] for k, v in one[0].items()}])  # warm-up on a sliver: one-time set-up and allocation
+        timed(passes, sliver(one[0]), device)  # warm-up on a sliver: one-time set-up and allocation
         n_one = sum(int(b["input_ids"].numel()) for b in one)
-        seconds = step(one)
+        seconds = timed(passes, one, device)
         if tokens > n_one and seconds * tokens / n_one <= MEASURE_BUDGET_S:  # the whole micro-batch, when quick
-            seconds = step(batches)
+            seconds = timed(passes, batches, device)
         else:
             tokens = n_one
     finally:

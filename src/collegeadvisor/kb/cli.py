@@ -6,19 +6,22 @@ import json
 import sys
 from pathlib import Path
 
-from collegeadvisor.config import KbConfig, as_line, as_yaml
+from collegeadvisor.config import KbConfig, add_command, as_line, as_yaml
 from collegeadvisor.data.heldout import load_questions
 from collegeadvisor.data.scorecard import load_table
 from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import DEFAULT_PATH, build_kb, ingest_documents, open_store, recall_at_k, retriever
 
 
-def _record(s: KbConfig) -> None:
-    """The settings a build or ingest ran with: config.yaml inside the Chroma folder; logged for a Chroma server."""
+def _report(s: KbConfig, stats: dict) -> int:
+    """What a build or ingest did, on one line, then the settings it ran with: config.yaml inside the Chroma folder;
+    logged for a Chroma server."""
+    print(" ".join(f"{k}={v}" for k, v in stats.items()))
     if s.url:
         print(as_line(s), file=sys.stderr)
-        return
-    print(f"settings: {atomic_write_text(Path(s.path or DEFAULT_PATH) / 'config.yaml', as_yaml(s))}")
+    else:
+        print(f"settings: {atomic_write_text(Path(s.path or DEFAULT_PATH) / 'config.yaml', as_yaml(s))}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -26,18 +29,12 @@ def cmd_build(args) -> int:
     rows = None
     if s.limit:
         rows = load_table().head(s.limit)
-    stats = build_kb(s.path, s.url, rows=rows, batch_size=s.batch_size, collection=s.collection)
-    print(" ".join(f"{k}={v}" for k, v in stats.items()))
-    _record(s)
-    return 0
+    return _report(s, build_kb(s.path, s.url, rows=rows, batch_size=s.batch_size, collection=s.collection))
 
 
 def cmd_ingest(args) -> int:
     s = KbConfig.from_args(args)
-    stats = ingest_documents([Path(f) for f in args.files], s.path, s.url, collection=s.collection)
-    print(" ".join(f"{k}={v}" for k, v in stats.items()))
-    _record(s)
-    return 0
+    return _report(s, ingest_documents([Path(f) for f in args.files], s.path, s.url, collection=s.collection))
 
 
 def cmd_query(args) -> int:
@@ -63,19 +60,12 @@ def register(sub) -> None:
     """Add `kb` and its subcommands to the CLI's subparsers; their settings are the `kb:` section's."""
     kb = sub.add_parser("kb", help="the ChromaDB knowledge base of College Scorecard facts").add_subparsers(
         dest="kb_command", required=True)
-    p = kb.add_parser("build", help="embed every Scorecard row into the store (resumable: adds only what is missing)")
-    KbConfig.add_arguments(p, only=STORE + ("limit", "batch_size"))
-    p.set_defaults(func=cmd_build)
-    p = kb.add_parser("ingest", help="add your own Markdown or text files as passages")
-    KbConfig.add_arguments(p, only=STORE)
+    add_command(kb, "build", "embed every Scorecard row into the store (resumable: adds only what is missing)",
+                KbConfig, cmd_build, only=STORE + ("limit", "batch_size"))
+    p = add_command(kb, "ingest", "add your own Markdown or text files as passages", KbConfig, cmd_ingest, only=STORE)
     p.add_argument("files", nargs="+")
-    p.set_defaults(func=cmd_ingest)
-    p = kb.add_parser("query", help="show what a question retrieves")
-    KbConfig.add_arguments(p, only=STORE + ("k",))
+    p = add_command(kb, "query", "show what a question retrieves", KbConfig, cmd_query, only=STORE + ("k",))
     p.add_argument("question")
-    p.set_defaults(func=cmd_query)
-    p = kb.add_parser("recall", help="recall@k on a held-out question file")
-    KbConfig.add_arguments(p, only=STORE + ("k",))
+    p = add_command(kb, "recall", "recall@k on a held-out question file", KbConfig, cmd_recall, only=STORE + ("k",))
     p.add_argument("--questions", required=True, help="held-out JSONL (from collegeadvisor data scorecard)")
     p.add_argument("--limit", dest="question_limit", type=int, default=None, help="only the first N questions")
-    p.set_defaults(func=cmd_recall)

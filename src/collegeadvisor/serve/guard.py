@@ -178,6 +178,75 @@ class _Transport:
         return getattr(self.raw, name)
 
 
+class _HeadAndLinger:
+    """The request-head deadline and size cap, and the lingering close, of GuardedHTTP (guarded_http): its state and
+    the methods that call nothing of uvicorn's protocol; the overrides that do (through super()) are GuardedHTTP's
+    own. GuardedHTTP's bases are (uvicorn's protocol, this), so uvicorn's would win a name clash: none of these
+    names is uvicorn's. `guard_limits` is the server's Limits."""
+
+    guard_limits: Limits
+    _head_timer = None
+    _head_cycle = None
+    _head_bytes = 0
+    lingering = False
+    _linger_timer = None
+    _linger_left = 0
+    _linger_end = _linger_last = 0.0
+    _shutting_down = False
+
+    def close_transport(self) -> None:
+        """uvicorn closes the connection: at once, or lingering when a response went out before its request's
+        body had all arrived."""
+        raw, cycle, limits = self.transport.raw, self.cycle, self.guard_limits
+        if (self.lingering or self._shutting_down or raw.is_closing() or cycle is None
+                or not cycle.response_complete or not cycle.more_body or cycle.disconnected
+                or limits.linger_bytes <= 0 or limits.linger_s <= 0):
+            raw.close()
+            return
+        self.lingering = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        now = self.loop.time()
+        self._linger_left, self._linger_end, self._linger_last = limits.linger_bytes, now + limits.linger_s, now
+        if raw.can_write_eof():
+            raw.write_eof()  # after the response: the client sees it end
+        raw.resume_reading()
+        self._linger_timer = self.loop.call_later(min(LINGER_IDLE_S, limits.linger_s), self._linger_check)
+
+    def _linger_check(self) -> None:
+        now = self.loop.time()
+        if now >= self._linger_end or now - self._linger_last >= LINGER_IDLE_S:
+            self._linger_timer = None
+            self.transport.raw.close()
+            return
+        wake = min(self._linger_last + LINGER_IDLE_S, self._linger_end)
+        self._linger_timer = self.loop.call_later(max(wake - now, 0.01), self._linger_check)
+
+    def _arm(self) -> None:
+        if self._head_timer is not None and self._head_cycle is self.cycle:
+            return  # this head is already being timed
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_cycle, self._head_bytes = self.cycle, 0
+        self._head_timer = self.loop.call_later(self.guard_limits.head_timeout_s, self._expired, self.cycle)
+
+    def _expired(self, cycle) -> None:
+        self._head_timer = None
+        if self.cycle is cycle and (cycle is None or cycle.response_complete):
+            self._refuse(408, "Request Timeout", f"the request head did not arrive within "
+                                                 f"{self.guard_limits.head_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = _error_bytes(message, "invalid_request_error",
+                            "request_timeout" if status == 408 else "request_too_large")
+        self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: "
+                             f"{len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+        self.transport.close()
+
+
 def guarded_http(limits: Limits):
     """uvicorn's HTTP protocol (httptools where installed, else h11) with a deadline and a size cap for each
     request head: a client that sends part of a request line or headers and stalls gets 408 and is closed,
@@ -194,15 +263,8 @@ def guarded_http(limits: Limits):
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class GuardedHTTP(Base):
-        _head_timer = None
-        _head_cycle = None
-        _head_bytes = 0
-        lingering = False
-        _linger_timer = None
-        _linger_left = 0
-        _linger_end = _linger_last = 0.0
-        _shutting_down = False
+    class GuardedHTTP(Base, _HeadAndLinger):
+        guard_limits = limits
 
         def connection_made(self, transport):
             super().connection_made(_Transport(transport, self))
@@ -233,58 +295,6 @@ def guarded_http(limits: Limits):
         def shutdown(self) -> None:
             self._shutting_down = True  # the server stops: nothing lingers
             super().shutdown()
-
-        def close_transport(self) -> None:
-            """uvicorn closes the connection: at once, or lingering when a response went out before its request's
-            body had all arrived."""
-            raw, cycle = self.transport.raw, self.cycle
-            if (self.lingering or self._shutting_down or raw.is_closing() or cycle is None
-                    or not cycle.response_complete or not cycle.more_body or cycle.disconnected
-                    or limits.linger_bytes <= 0 or limits.linger_s <= 0):
-                raw.close()
-                return
-            self.lingering = True
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            now = self.loop.time()
-            self._linger_left, self._linger_end, self._linger_last = limits.linger_bytes, now + limits.linger_s, now
-            if raw.can_write_eof():
-                raw.write_eof()  # after the response: the client sees it end
-            raw.resume_reading()
-            self._linger_timer = self.loop.call_later(min(LINGER_IDLE_S, limits.linger_s), self._linger_check)
-
-        def _linger_check(self) -> None:
-            now = self.loop.time()
-            if now >= self._linger_end or now - self._linger_last >= LINGER_IDLE_S:
-                self._linger_timer = None
-                self.transport.raw.close()
-                return
-            wake = min(self._linger_last + LINGER_IDLE_S, self._linger_end)
-            self._linger_timer = self.loop.call_later(max(wake - now, 0.01), self._linger_check)
-
-        def _arm(self) -> None:
-            if self._head_timer is not None and self._head_cycle is self.cycle:
-                return  # this head is already being timed
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_cycle, self._head_bytes = self.cycle, 0
-            self._head_timer = self.loop.call_later(limits.head_timeout_s, self._expired, self.cycle)
-
-        def _expired(self, cycle) -> None:
-            self._head_timer = None
-            if self.cycle is cycle and (cycle is None or cycle.response_complete):
-                self._refuse(408, "Request Timeout", f"the request head did not arrive within "
-                                                     f"{limits.head_timeout_s:g} s")
-
-        def _refuse(self, status: int, reason: str, message: str) -> None:
-            if self.transport.is_closing():
-                return
-            body = _error_bytes(message, "invalid_request_error",
-                                "request_timeout" if status == 408 else "request_too_large")
-            self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: "
-                                 f"{len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
-            self.transport.close()
 
     return GuardedHTTP
 

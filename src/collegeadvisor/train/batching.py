@@ -27,13 +27,18 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
+def blank(n: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels, zeros) of n rows of `width`: all padding, nothing labelled; the zeros are filled in as the
+    attention mask (collate) or the position ids (collate_packed)."""
+    shape = (n, width)
+    return (torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            torch.zeros(shape, dtype=torch.long))
+
+
 def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row; padded positions are masked by attention and labelled -100, so a pad id equal
     to EOS never removes EOS from the loss."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, labels, mask = blank(len(rows), max(len(r["input_ids"]) for r in rows), pad_id)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
@@ -65,9 +70,7 @@ def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict[str, tor
     use_cache=False. Each example's first label is dropped, as the shift drops it unpacked, so no example is
     trained to predict its neighbour's first token."""
     longest = max(sum(len(r["input_ids"]) for r in b) for b in bins)
-    ids = torch.full((len(bins), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), longest), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(bins), longest), dtype=torch.long)
+    ids, labels, positions = blank(len(bins), longest, pad_id)
     for i, b in enumerate(bins):
         at = 0
         for r in b:

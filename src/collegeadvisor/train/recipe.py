@@ -2,7 +2,8 @@
 
 Runs as a plain command or under `accelerate launch` / `torchrun` (DDP through accelerate). Formatting is
 chat_format's job and every decision made before the first step is the plan's (train.planner, which check reports
-on); this module only moves ids through the model.
+on), a step's model, passes, guards and timing are train.step's, and what the run directory records (data split,
+manifest sections, samples, final adapter) is train.record's; this module only moves ids through the model.
 """
 
 from __future__ import annotations
@@ -21,21 +22,16 @@ from tqdm.auto import tqdm
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config, duration_text
-from collegeadvisor.data.loaders import load_examples, train_val
-from collegeadvisor.fsutil import file_sha256
-from collegeadvisor.data.scorecard_qa import retrieval_spec
 from collegeadvisor.errors import AdvisorError, TrainingError
-from collegeadvisor.fsutil import append_jsonl, atomic_replace_dir, atomic_write_jsonl, staging_dir
-from collegeadvisor.generate import answer
-from collegeadvisor.integrity import file_hashes
-from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
-from collegeadvisor.runs import now, package_versions, read_manifest, write_manifest
-from collegeadvisor.train import checkpoint
-from collegeadvisor.train.batching import epoch_batches, forward_batches
+from collegeadvisor.models import load_tokenizer, pick_device, resolve_base_model
+from collegeadvisor.runs import now, read_manifest, write_manifest
+from collegeadvisor.train import checkpoint, record
+from collegeadvisor.train.batching import epoch_batches
 from collegeadvisor.train.metrics import Metrics, missing_tracker
 from collegeadvisor.train.model import LabelLoss, LoraDropout, adapter_digest, keep_base_in_bf16, lora_model
-from collegeadvisor.train.planner import (Plan, Rows, autocast_context, autocast_for, cpu_has_bf16, encode, for_time,
-                                          pass_tokens, plan, with_steps)
+from collegeadvisor.train.planner import Plan, Rows, autocast_for, cpu_has_bf16, for_time, plan, with_steps
+from collegeadvisor.train.record import prepare_data
+from collegeadvisor.train.step import build_model, check_collapse, check_finite, passes_for, sliver, timed
 
 __all__ = ["LabelLoss", "LoraDropout", "Plan", "autocast_for", "cpu_has_bf16", "keep_base_in_bf16", "lora_model",
            "passes_for", "plan", "prepare_data", "setup", "fit", "train"]
@@ -54,49 +50,6 @@ def check_parallelism(distributed_type) -> None:
 clock = time.monotonic
 # Why an invocation ends with the run trained as planned (the others pause it: stop_after_steps, a signal's name).
 ENDS = ("max_steps", "epochs", "max_time")
-
-
-def passes_for(rows: list[dict], pad_id: int, cfg: Config) -> list[dict]:
-    return forward_batches(rows, pad_id, pass_tokens(cfg), cfg.packing, cfg.max_length)
-
-
-# ----------------------------------------------------------------------------------------------- guards
-def check_finite(value: float, what: str, step: int, last_ckpt: Path | None, cfg: Config) -> None:
-    if math.isfinite(value):
-        return
-    hint = "fp16 overflows: use fp32 or bf16" if cfg.dtype in ("fp16", "float16") else f"lower learning_rate ({cfg.learning_rate})"
-    kept = f"last checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written yet"
-    raise TrainingError(f"{what} is {value} at step {step}: training stopped before the update; {kept}; {hint}")
-
-
-def check_collapse(loss: float, grad_norm: float, step: int, cfg: Config) -> None:
-    if loss < cfg.collapse_loss and (grad_norm == 0 or not math.isfinite(grad_norm)):
-        raise TrainingError(
-            f"loss collapsed to {loss:.2e} with grad norm {grad_norm} at step {step}: the model is not learning "
-            "(all labels masked, or NaN on MPS/fp16); this is a failure, not convergence"
-        )
-
-
-# ----------------------------------------------------------------------------------------------- data
-def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
-    if not cfg.data:
-        raise AdvisorError("setting 'data': no training data given (--data FILE, or `collegeadvisor data scorecard`)")
-    examples, _ = load_examples(cfg.data)
-    val_given = load_examples(cfg.val_data)[0] if cfg.val_data else None
-    train_ex, val_ex, n_dupes = train_val(examples, val_given, cfg.val_fraction, cfg.seed, cfg.max_examples)
-    rows = encode(cfg, tokenizer, train_ex, val_ex)
-    if not rows.train:
-        raise AdvisorError(f"{cfg.data}: no example fits max_length {cfg.max_length}; raise max_length")
-    atomic_write_jsonl(run_dir / "data" / "train.jsonl", train_ex)
-    atomic_write_jsonl(run_dir / "data" / "val.jsonl", val_ex)
-    info = {
-        "path": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data),
-        "val_path": str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
-        "duplicates_dropped": n_dupes, "train": rows.train_stats, "val": rows.val_stats,
-        "context_k": max((len(ex.get("context") or []) for ex in train_ex), default=0),
-    }
-    return rows.train, rows.val, val_ex, info
-
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -197,15 +150,12 @@ class Training:
         self.write_running_manifest(fmt, data_info)
 
     def build_model(self) -> None:
-        """The base model with LoRA in the plan's precision, AdamW and the (DDP-wrapped) loss."""
-        cfg, p = self.cfg, self.plan
-        self.model = lora_model(load_model(self.resolved, dtype=p.dtype, device=self.device), cfg)
-        self.autocast = autocast_context(self.device, p.autocast)
-        if p.base_bf16:
-            keep_base_in_bf16(self.model)
+        """The base model with LoRA in the plan's precision (train.step.build_model), AdamW and the (DDP-wrapped)
+        loss."""
+        cfg = self.cfg
+        self.model, label_loss, self.autocast = build_model(cfg, self.resolved, self.plan, self.device)
         self.trainable = [w for w in self.model.parameters() if w.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        label_loss = LabelLoss(self.model, fused=cfg.fused)
         if cfg.compile:
             (label_loss.decoder or label_loss.model).compile(dynamic=True)
         self.loss_module = self.accelerator.prepare(label_loss)
@@ -242,12 +192,8 @@ class Training:
         rng = checkpoint.rng_state()
         self.model.train()
         try:
-            self.forward_backward([{k: v[:1, :32] for k, v in batches[0].items()}], 1)
-            start = clock()
-            self.forward_backward(batches, 1)
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds = clock() - start
+            self.forward_backward(sliver(batches[0]), 1)
+            seconds = timed(lambda b: self.forward_backward(b, 1), batches, self.device, clock)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             checkpoint.set_rng_state(rng)
@@ -272,24 +218,9 @@ class Training:
             self.say(f"resumed from {self.last_ckpt} at step {self.step}")
 
     def write_running_manifest(self, fmt: dict, data_info: dict) -> None:
-        cfg, p = self.cfg, self.plan
-        self.manifest.update({
-            "status": "running", "run_dir": str(self.run_dir.resolve()), "started": self.manifest.get("started", now()),
-            "config": cfg.model_dump(),
-            "base_model": base_fingerprint(cfg.base_model, self.resolved),
-            "format": fmt, "max_length": cfg.max_length,
-            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target": cfg.lora_target,
-                     "trainable_params": sum(w.numel() for w in self.trainable)},
-            "data": data_info, "versions": package_versions(),
-            "retrieval": retrieval_spec(data_info["context_k"]) if data_info["context_k"] else None,
-            "device": self.device, "dtype": str(p.dtype).replace("torch.", ""), "world_size": self.world,
-            "autocast_bf16": p.autocast, "base_bf16": p.base_bf16,
-            "forward_passes": {"packing": cfg.packing, "max_tokens": p.tokens_per_pass, "compile": cfg.compile,
-                               "threads": torch.get_num_threads()},
-            "schedule": {"total_steps": p.total_steps, "micro_batches_per_epoch": p.micro_batches_per_epoch,
-                         "effective_batch": p.effective_batch, "limit": p.limit, "budget": p.budget},
-            "stopped": None,  # why this invocation stopped: set once it does (Training.stopped)
-        })
+        started = self.manifest.get("started", now())
+        self.manifest.update(record.running(self.cfg, self.plan, self.run_dir, self.resolved, fmt, data_info,
+                                            self.trainable, self.device, self.world, started))
         if self.main:
             write_manifest(self.run_dir, self.manifest)
 
@@ -318,22 +249,8 @@ class Training:
         return total / max(count, 1)
 
     def sample(self, at_step: int) -> None:
-        cfg = self.cfg
-        chosen = self.val_ex[: cfg.sample_count]
-        if not chosen:
-            return
-        prompts = [ex["messages"][:-1] for ex in chosen]
-        with self.autocast():
-            replies = answer(self.model, self.tokenizer, prompts, [ex.get("context") for ex in chosen], retries=0,
-                             max_new_tokens=cfg.sample_max_new_tokens, batch_size=cfg.eval_batch_size)
-        rows = [{"step": at_step, "question": p[-1]["content"], "reference": ex["messages"][-1]["content"],
-                 "reply": r["text"], "stopped_at_eos": r["stopped"], "n_tokens": r["n_tokens"],
-                 "grounding": (r["grounding"] or {}).get("status")}
-                for p, ex, r in zip(prompts, chosen, replies)]
-        append_jsonl(self.run_dir / "samples.jsonl", rows)
-        for r in rows:
-            self.say(f"  [step {at_step}] Q: {r['question'][:90]}\n      A: {r['reply'][:200]!r}"
-                     f"{'' if r['stopped_at_eos'] else ' (no end-of-turn)'}")
+        record.samples(self.run_dir, at_step, self.model, self.tokenizer, self.val_ex[: self.cfg.sample_count],
+                       self.cfg, self.autocast, self.say)
 
     def fail(self, exc: BaseException) -> None:
         if self.main:
@@ -492,26 +409,15 @@ class Training:
                 self.fail(exc)
                 raise exc
         if self.main:
-            final = self.run_dir / "adapter"
-            stage = staging_dir(final)
-            self.model.save_pretrained(stage)
-            self.tokenizer.save_pretrained(stage)
-            atomic_replace_dir(stage, final)
-            self.manifest["adapter"] = {"files": file_hashes(final)}  # load_run refuses an adapter changed after this
+            self.manifest["adapter"] = record.save_adapter(self.run_dir, self.model, self.tokenizer)
             self.write_complete_manifest()
         self.accelerator.wait_for_everyone()
 
     def write_complete_manifest(self) -> None:
         loss, last_val = self.loss, self.last_val  # a resumed run with no step left: its checkpoint's losses
         elapsed = time.time() - self.start_time
-        step, world = self.step, self.world
-        self.manifest.update(status="complete", finished=now(), error=None, stopped_by=None, metrics={
-            "final_loss": loss, "val_loss": last_val,
-            "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
-            "steps": step, "tokens_seen": self.tokens_seen * world, "train_seconds": elapsed,
-            "tokens_per_s": (self.tokens_seen - self.start_tokens) * world / max(elapsed, 1e-9)
-            if step > self.start_step else None,
-        })
+        trained = self.tokens_seen - self.start_tokens if self.step > self.start_step else None
+        self.manifest.update(status="complete", finished=now(), error=None, stopped_by=None, metrics=record.metrics(
+            loss, last_val, self.step, self.tokens_seen, trained, self.world, elapsed))
         write_manifest(self.run_dir, self.manifest)
-        said = f"loss {loss:.4f}" if loss is not None else "no loss logged"
-        self.say(f"done: {self.run_dir} ({said}" + (f", val loss {last_val:.4f})" if last_val is not None else ")"))
+        self.say(record.done_line(self.run_dir, loss, last_val))
