@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from collegeadvisor import check, export, serve
-from collegeadvisor.config import ChatConfig, Config, EvalConfig, as_line, as_yaml
+from collegeadvisor.config import ChatConfig, Config, EvalConfig, add_command, as_line, as_yaml
 from collegeadvisor.data import preview
 from collegeadvisor.data.loaders import load_examples, unique_examples
 from collegeadvisor.data.prepare import control_token_problems
@@ -16,7 +16,7 @@ from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import cli as kb_cli
-from collegeadvisor.runs import find_run, load_run, read_manifest, retriever_for
+from collegeadvisor.runs import find_run, load_engine, read_manifest, retriever_for
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -78,7 +78,8 @@ def cmd_eval(args) -> int:
     report_json, report_html = evaluate(run, s.questions, s.out, compare=s.compare,
                                         retriever=retriever_for(s, run), max_new_tokens=s.max_new_tokens,
                                         batch_size=s.batch_size, limit=s.limit, device=s.device,
-                                        base_max_new_tokens=s.base_max_new_tokens)
+                                        base_max_new_tokens=s.base_max_new_tokens, engine=s.engine, gguf=s.gguf,
+                                        threads=s.threads)
     s.out = str(report_json.parent)
     settings = atomic_write_text(report_json.parent / "config.yaml", as_yaml(s))  # beside the report
     print(f"report:   {report_html}\ndata:     {report_json}\nsettings: {settings}")
@@ -93,18 +94,16 @@ def cmd_chat(args) -> int:
     s.run = str(run)
     print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
     retriever = retriever_for(s, run)
-    model, tok, _ = load_run(run, device=s.device, merge=True)
+    model, tok, _ = load_engine(run, s.engine, s.device, s.gguf, s.threads)
     chat_loop(model, tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, retriever=retriever)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ the parser
 def register_train(sub) -> None:
-    p = sub.add_parser("train", help="LoRA fine-tune a base model on a dataset")
-    Config.add_arguments(p)
+    p = add_command(sub, "train", "LoRA fine-tune a base model on a dataset", Config, cmd_train)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a paused or interrupted run exactly")
     p.add_argument("--force", action="store_true", help="train even when the preflight finds errors")
-    p.set_defaults(func=cmd_train)
 
 
 def register_data(sub) -> None:
@@ -129,15 +128,12 @@ def register_quickstart(sub) -> None:
 
 
 def register_eval(sub) -> None:
-    p = sub.add_parser("eval", help="answer held-out questions and score them (base vs tuned with --compare)")
-    EvalConfig.add_arguments(p)
-    p.set_defaults(func=cmd_eval)
+    add_command(sub, "eval", "answer held-out questions and score them (base vs tuned with --compare)", EvalConfig,
+                cmd_eval)
 
 
 def register_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive chat with a trained run (reads piped stdin too)")
-    ChatConfig.add_arguments(p)
-    p.set_defaults(func=cmd_chat)
+    add_command(sub, "chat", "interactive chat with a trained run (reads piped stdin too)", ChatConfig, cmd_chat)
 
 
 # Every command, in the order of `collegeadvisor --help`: each adds its subparser(s) and options, and sets `func`.

@@ -21,6 +21,9 @@ from collegeadvisor.models import DEFAULT_BASE_MODEL
 GGUF_TYPES = ("f32", "f16", "q8_0")  # export: GGUF weight types
 TARGETS = ("merged", "gguf", "ollama")  # export --to
 API_KEY_ENV = "COLLEGEADVISOR_API_KEY"  # serve: the environment variable holding the API key
+# The most tokens generated per answer, for every command (eval, chat, serve) and generate's own default: answers
+# run ~50-120 tokens and generation stops at end of turn, so the budget costs nothing on a good answer.
+MAX_NEW_TOKENS = 256
 
 
 class Config(BaseModel):
@@ -130,10 +133,11 @@ class Config(BaseModel):
 
     # ------------------------------------------------------------------------------------ command line
     @classmethod
-    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        """--config FILE, then one option per field (data over flags): --max-length 512, --no-group-by-length..."""
+    def add_arguments(cls, p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+        """--config FILE, then one option per field (or per field named in `only`), data over flags: --max-length
+        512, --no-group-by-length..."""
         p.add_argument("--config", help="YAML file of settings; options below override it")
-        add_model_arguments(p, cls)
+        add_model_arguments(p, cls, only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
@@ -229,7 +233,13 @@ class RunSettings(Section):
 
 class GenerationSettings(RunSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    max_new_tokens: int = Field(256, ge=1, description="most tokens generated per answer")
+    engine: Literal["torch", "llamacpp"] = Field(
+        "torch", description="what generates: torch (base + adapter), or llamacpp (the run's GGUF export through "
+                             "llama.cpp: pip install 'collegeadvisor[llamacpp]'); both under the same constraint and check")
+    gguf: Optional[str] = Field(None, description="--engine llamacpp: the GGUF file (default: RUN/export/gguf/"
+                                                  "model-q8_0.gguf, as `export --to gguf` writes it)")
+    threads: Optional[int] = Field(None, ge=1, description="--engine llamacpp: CPU threads (default: all cores)")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="most tokens generated per answer")
     rag: Optional[bool] = Field(None, description="answer from rows retrieved from the knowledge base (default: when "
                                                   "the run was trained on retrieved rows)")
     k: Optional[int] = Field(None, ge=1, description="rows retrieved per question (default: the run's, as in "
@@ -240,7 +250,6 @@ class GenerationSettings(RunSettings):
 
 class EvalConfig(GenerationSettings):
     section: ClassVar[str] = "eval"
-    max_new_tokens: int = Field(128, ge=1, description="most tokens generated per answer")
     questions: Optional[str] = Field(None, description="held-out JSONL (default: heldout.jsonl beside the run's data)")
     out: Optional[str] = Field(None, description="report folder (default: RUN/eval)")
     compare: bool = Field(False, description="also run the base model without the adapter")
@@ -313,6 +322,16 @@ def as_line(settings: Section) -> str:
 
 
 # ------------------------------------------------------------------------------------------ flags and YAML
+def add_command(sub, name: str, help_: str, settings: type[Config] | type[Section], func,
+                only: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The subcommand `name` of the CLI's subparsers: --config FILE and one option per field of `settings` (or per
+    field named in `only`), run by `func(args)`; returned for the command's own arguments."""
+    p = sub.add_parser(name, help=help_)
+    settings.add_arguments(p, only)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_model_arguments(p: argparse.ArgumentParser, model: type[BaseModel], only: Sequence[str] | None = None) -> None:
     """One option per field of `model` (default None: the YAML file or the field's default decides); booleans get
     --x/--no-x, Literal fields their choices; a field's json_schema_extra holds its flag name or argparse shape."""

@@ -16,15 +16,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from collegeadvisor.chat_format import encode_prompt, render_text, stop_token_ids
-from collegeadvisor.config import GGUF_TYPES, TARGETS, ExportConfig, as_yaml
+from collegeadvisor.config import GGUF_TYPES, TARGETS, ExportConfig, add_command, as_yaml
 from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.errors import AdvisorError, ModelError, TemplateError
 from collegeadvisor.fsutil import atomic_replace_dir, atomic_write_json, atomic_write_text, staging_dir
 from collegeadvisor.integrity import export_member, refuse_pickles
+from collegeadvisor.llamacpp import adapter_sha256
 from collegeadvisor.runs import find_run, load_run
 
 ROLES = ("system", "user", "assistant")
@@ -41,8 +43,10 @@ def merged_model(run_dir: str | Path, device: str = "cpu"):
 
 
 def _provenance(run_dir, manifest: dict, kind: str, **more) -> dict:
+    """What an export came from: `--engine llamacpp` refuses a GGUF whose template or adapter isn't its run's."""
     return {"kind": kind, "run": str(Path(run_dir).resolve()), "base_model": manifest["base_model"]["spec"],
-            "template_sha256": manifest["format"]["template_sha256"], **more}
+            "template_sha256": manifest["format"]["template_sha256"], "adapter_sha256": adapter_sha256(manifest),
+            **more}
 
 
 def export_merged(run_dir: str | Path, out: str | Path, device: str = "cpu") -> Path:
@@ -214,43 +218,91 @@ def verify_prompts(manifest: dict, n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": q["question"]}] for q in load_questions(path, limit=n)]
 
 
-def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8, max_new_tokens: int = 48) -> dict:
-    """Load what `export` wrote, the way its users would, and compare it with the run (base + adapter):
-    the chat template, the prompt tokens, and greedy text on `n` held-out questions. Merged and f32 GGUF must give
-    identical text; a quantized GGUF reports how many texts stayed identical. Raises ModelError on a mismatch."""
-    # torch, transformers (and generate, which imports both): not loaded until an export is verified
+def load_merged(out: Path, report: dict) -> tuple:
+    """merged: the folder in plain transformers, safetensors only; its greedy text must be the run's exactly."""
+    # torch, transformers: not loaded until an export is verified
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(out), True
+
+
+def load_gguf(out: Path, report: dict) -> tuple:
+    """gguf (and ollama's GGUF): the file the provenance names, in transformers' GGUF loader; exact text only from
+    f32 weights (a quantized GGUF reports how many texts stayed identical)."""
+    # torch, transformers: not loaded until an export is verified
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((out / "collegeadvisor-export.json").read_text())
+    export_member(out, info.get("file"))  # a plain file inside the export: no path out of it, no symlink
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=info["file"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=info["file"])
+    report["gguf_type"] = info["gguf_type"]
+    return model, tok, info["gguf_type"] == "f32"
+
+
+def check_modelfile(out: Path, ref_tok, convs: list[list[dict]]) -> dict:
+    """ollama: the Modelfile's TEMPLATE is the one chat_format's template gives, and renders the prompts alike."""
+    pieces = template_pieces(ref_tok)
+    if f'TEMPLATE """{ollama_template(pieces)}"""' not in (out / "Modelfile").read_text():
+        raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE is not the one chat_format's template gives")
+    if any(render_pieces(pieces, c) != render_text(ref_tok, c, add_generation_prompt=True) for c in convs):
+        raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE renders a held-out prompt differently")
+    return {"ollama_template_matches": True}
+
+
+# ------------------------------------------------------------------------------------------ the targets
+@dataclass(frozen=True)
+class Exporter:
+    """One export target: how `export --to NAME` writes it, and how `--verify` loads it back."""
+
+    write: Callable[[Path, Path, ExportConfig], Path]  # (run, out, settings) -> what was written (printed)
+    load: Callable[[Path, dict], tuple]  # (out, report) -> (model, tokenizer, whether greedy text must be identical)
+    check: Callable[[Path, object, list], dict] | None = None  # (out, run's tokenizer, prompts) -> report entries
+    hint: str = ""  # printed after the write, with {done}: what to do with it
+
+
+# One entry a target; the names are config.TARGETS (what --to accepts), in that order.
+EXPORTERS: dict[str, Exporter] = {
+    "merged": Exporter(write=lambda run, out, s: export_merged(run, out, s.device), load=load_merged),
+    "gguf": Exporter(write=lambda run, out, s: export_gguf(run, out, s.gguf_type, s.device), load=load_gguf),
+    "ollama": Exporter(write=lambda run, out, s: export_ollama(run, out, s.gguf_type, s.device), load=load_gguf,
+                       check=check_modelfile, hint="import it with: ollama create collegeadvisor -f {done}"),
+}
+
+
+def exporter(to: str) -> Exporter:
+    if to not in EXPORTERS:
+        raise AdvisorError(f"--to {to}: choose one of {', '.join(EXPORTERS)}")
+    return EXPORTERS[to]
+
+
+VERIFY_MAX_NEW_TOKENS = 48  # --verify is a quick smoke check, not the answers' budget (config.MAX_NEW_TOKENS)
+
+
+def verify_export(run_dir: str | Path, to: str, out: str | Path, n: int = 8,
+                  max_new_tokens: int = VERIFY_MAX_NEW_TOKENS) -> dict:
+    """Load what `export` wrote, the way its users would, and compare it with the run (base + adapter):
+    the chat template, the prompt tokens, and greedy text on `n` held-out questions. Merged and f32 GGUF must give
+    identical text; a quantized GGUF reports how many texts stayed identical. Raises ModelError on a mismatch."""
+    # generate imports torch and transformers: not loaded until an export is verified
     from collegeadvisor.generate import generate
 
+    target = exporter(to)
     ref_model, ref_tok, manifest = load_run(run_dir, device="cpu")
     convs = verify_prompts(manifest, n)
     out = Path(out)
     report = {"kind": to, "prompts": len(convs)}
     refuse_pickles(out, "export")  # safetensors or GGUF only: a pickle is never handed to a loader
-    if to == "merged":
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(out)
-        exact = True
-    else:
-        info = json.loads((out / "collegeadvisor-export.json").read_text())
-        export_member(out, info.get("file"))  # a plain file inside the export: no path out of it, no symlink
-        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=info["file"], dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(out, gguf_file=info["file"])
-        exact = info["gguf_type"] == "f32"
-        report["gguf_type"] = info["gguf_type"]
+    model, tok, exact = target.load(out, report)
     if (tok.chat_template or "") != manifest["format"]["chat_template"]:
         raise ModelError(f"{out}: the exported chat template differs from run {Path(run_dir).name}'s")
     if any(encode_prompt(tok, c) != encode_prompt(ref_tok, c) for c in convs):
         raise ModelError(f"{out}: the exported tokenizer encodes prompts differently from run {Path(run_dir).name}")
-    if to == "ollama":
-        pieces = template_pieces(ref_tok)
-        if f'TEMPLATE """{ollama_template(pieces)}"""' not in (out / "Modelfile").read_text():
-            raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE is not the one chat_format's template gives")
-        if any(render_pieces(pieces, c) != render_text(ref_tok, c, add_generation_prompt=True) for c in convs):
-            raise ModelError(f"{out / 'Modelfile'}: its TEMPLATE renders a held-out prompt differently")
-        report["ollama_template_matches"] = True
+    if target.check is not None:
+        report.update(target.check(out, ref_tok, convs))
     ref = [r["text"] for r in generate(ref_model, ref_tok, convs, max_new_tokens=max_new_tokens)]
     got = [r["text"] for r in generate(model.eval(), tok, convs, max_new_tokens=max_new_tokens)]
     report["identical_text"] = sum(a == b for a, b in zip(ref, got))
@@ -268,15 +320,11 @@ def cmd_export(args) -> int:
     run = find_run(s.run, s.output_dir)
     out = Path(s.out) if s.out else run / "export" / s.to
     s.run, s.out = str(run), str(out)
-    if s.to == "merged":
-        done = export_merged(run, out, s.device)
-    elif s.to == "gguf":
-        done = export_gguf(run, out, s.gguf_type, s.device)
-    else:
-        done = export_ollama(run, out, s.gguf_type, s.device)
+    target = exporter(s.to)
+    done = target.write(run, out, s)
     print(f"{s.to}: {done}")
-    if s.to == "ollama":
-        print(f"import it with: ollama create collegeadvisor -f {done}")
+    if target.hint:
+        print(target.hint.format(done=done))
     if s.verify:
         r = verify_export(run, s.to, out, n=s.verify)
         extra = " (quantized: small drift is expected)" if r.get("gguf_type") in ("f16", "q8_0") else ""
@@ -290,6 +338,5 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add the `export` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("export", help="write a run as merged safetensors, a GGUF file, or an Ollama Modelfile")
-    ExportConfig.add_arguments(p)
-    p.set_defaults(func=cmd_export)
+    add_command(sub, "export", "write a run as merged safetensors, a GGUF file, or an Ollama Modelfile", ExportConfig,
+                cmd_export)

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from collegeadvisor import grounding
 from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
+from collegeadvisor.config import MAX_NEW_TOKENS
 
 RETRIES = 2  # generations after a failed check, before answering with the row itself
 
@@ -195,8 +196,24 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
     return {"text": text.strip(), "ids": new_ids, "stopped": stopped, "n_tokens": len(new_ids)}
 
 
+def is_engine(model) -> bool:
+    """Whether `model` is an engine of its own (llamacpp.LlamaCpp: `complete` one prompt at a time) rather than a
+    transformers model."""
+    return callable(getattr(model, "complete", None))
+
+
+def _complete(engine, tokenizer, ids: list[int], passages, forbid, expected, grounded: bool, max_new_tokens: int,
+              temperature: float, top_p: float, stop: Sequence[str] = (), on_token=None, cancel=None) -> dict:
+    """One reply from an engine, under the same constraint and cuts as `generate`'s batches."""
+    procs = _processors(tokenizer, [passages], len(ids), [forbid], [expected]) if grounded else []
+    constraint = procs[0] if procs else None
+    stops = stop_token_ids(tokenizer)
+    new = engine.complete(ids, max_new_tokens, temperature, top_p, constraint, stops, on_token, cancel)
+    return _finish(tokenizer, new, stops, stop, constraint.rules[0] if constraint is not None else None)
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
+def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = MAX_NEW_TOKENS,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, stop: Sequence[str] = (),
              passages: Sequence[Sequence[str] | None] | None = None, forbid: Sequence[dict | None] | None = None,
              grounded: bool = True, expected: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
@@ -209,6 +226,9 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
     forbid = list(forbid) if forbid is not None else [None] * len(conversations)
     expected = list(expected) if expected is not None else [None] * len(conversations)
     prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
+    if is_engine(model):
+        return [_complete(model, tokenizer, ids, passages[i], forbid[i], expected[i], grounded, max_new_tokens,
+                          temperature, top_p, stop) for i, ids in enumerate(prompts)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict] = [{} for _ in prompts]
     stops = stop_token_ids(tokenizer)
@@ -233,7 +253,7 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
 
 
 def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], passages: Sequence[Sequence[str] | None],
-           max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16,
+           max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16,
            stop: Sequence[str] = (), grounded: bool = True, retries: int = RETRIES,
            expected: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
     """Replies checked against their rows: generate's fields plus 'grounding' (the check's verdict, with
@@ -336,10 +356,17 @@ def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_
     they come (under the same grounding constraint as `generate`, expected[i] as there); returns
     [{'stopped', 'n_tokens'}] per row. Greedy text equals `generate`'s."""
     passages = list(passages) if passages is not None else [None] * len(conversations)
+    expected = list(expected) if expected is not None else [None] * len(conversations)
     prompts = [encode_prompt(tokenizer, with_context(c, p or [])) for c, p in zip(conversations, passages)]
-    device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     rows = [_PieceStreamer(tokenizer, stops, emit) for emit in emits]
+    if is_engine(model):  # one reply after another, each streamed as it comes
+        for i, (row, ids) in enumerate(zip(rows, prompts)):
+            _complete(model, tokenizer, ids, passages[i], None, expected[i], True, max_new_tokens, temperature,
+                      top_p, on_token=row.add, cancel=cancels[i])
+            row.end()
+        return _streamed(tokenizer, rows)
+    device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
@@ -350,5 +377,9 @@ def stream_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], max_
                        **gen_kwargs(tokenizer, max_new_tokens, temperature, top_p))
     finally:
         model.train(was_training)
+    return _streamed(tokenizer, rows)
+
+
+def _streamed(tokenizer, rows: Sequence[_PieceStreamer]) -> list[dict]:
     return [{"stopped": r.stopped, "n_tokens": len(r.ids), "text": tokenizer.decode(r.ids, skip_special_tokens=True)}
             for r in rows]

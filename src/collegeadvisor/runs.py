@@ -14,11 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from collegeadvisor.chat_format import template_hash
+from collegeadvisor.chat_format import encode_prompt, render_text, template_hash
 from collegeadvisor.errors import ManifestError, ModelError
 from collegeadvisor.fsutil import atomic_write_json
 from collegeadvisor.integrity import verify_adapter, verify_manifest
-from collegeadvisor.kb import retriever
+from collegeadvisor.kb import Retriever, retriever
+from collegeadvisor.llamacpp import LlamaCpp, gguf_for_run
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
 
 MANIFEST = "manifest.json"
@@ -113,14 +114,9 @@ def run_mismatches(manifest: dict[str, Any], base_model: str | None = None, reso
     return out
 
 
-def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True,
-             merge: bool = False):
-    """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads.
-
-    merge: fold the LoRA weights into the base weights (same greedy text, ~30% faster generation on CPU); the
-    model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
-    import torch  # torch and peft: not loaded until a run is (train, check and the CLI import this module)
-
+def run_tokenizer(run_dir: str | Path, base_model: str | None = None):
+    """(tokenizer with the run's chat template, manifest, the base model's folder), refusing any mismatch between
+    the manifest and what loads."""
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
     verify_manifest(run_dir, m)
@@ -146,6 +142,20 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     for name in ("eos", "bos", "pad"):
         if fmt[name]["id"] is not None and tok.convert_tokens_to_ids(fmt[name]["token"]) != fmt[name]["id"]:
             raise ManifestError(f"{run_dir}: tokenizer maps {name} token {fmt[name]['token']!r} to another id than the run")
+    return tok, m, resolved
+
+
+def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "auto", adapter: bool = True,
+             merge: bool = False):
+    """(model, tokenizer, manifest) for a run, refusing any mismatch between the manifest and what loads.
+
+    merge: fold the LoRA weights into the base weights (same greedy text, ~30% faster generation on CPU); the
+    model stays a PeftModel, so `disable_adapter()` still gives the base model back."""
+    import torch  # torch and peft: not loaded until a run is (train, check and the CLI import this module)
+
+    run_dir = Path(run_dir)
+    tok, m, resolved = run_tokenizer(run_dir, base_model)
+    base = m["base_model"]
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(resolved, dtype=dtype, device=dev)
@@ -166,8 +176,29 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
     return model, tok, m
 
 
+def load_engine(run_dir: str | Path, engine: str = "torch", device: str = "auto", gguf: str | None = None,
+                threads: int | None = None):
+    """(model or engine, tokenizer, manifest) for answering with a run: `torch` (base + merged adapter, as
+    `load_run`) or `llamacpp` (the run's GGUF export, refused unless it came from this run's template and adapter)."""
+    if engine == "torch":
+        return load_run(run_dir, device=device, merge=True)
+    if engine != "llamacpp":
+        raise ManifestError(f"--engine {engine}: choose torch or llamacpp")
+    tok, m, _ = run_tokenizer(run_dir)
+    verify_adapter(Path(run_dir), m)
+    path = gguf_for_run(run_dir, m, gguf)
+    engine_ = LlamaCpp(path, threads=threads)
+    probe = [{"role": "user", "content": "What do graduates of the Bachelor's Degree in Nursing at Ohio University "
+                                         "earn? [1] $54,321."}]
+    ids, head = encode_prompt(tok, probe), m["format"].get("bos_prefix_ids") or []
+    theirs = engine_.tokenize(render_text(tok, probe, add_generation_prompt=True))
+    if engine_.n_vocab() != len(tok) or theirs not in (ids, ids[len(head):] if ids[:len(head)] == head else ids):
+        raise ManifestError(f"{path}: its tokenizer encodes prompts differently from run {Path(run_dir).name}'s")
+    return engine_, tok, m
+
+
 def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = None, kb_path: str | None = None,
-                  kb_url: str | None = None):
+                  kb_url: str | None = None) -> Retriever | None:
     """question -> hits from the knowledge base when the run was trained to read retrieved rows (rag None) or
     rag is True; None when rag is False or the run reads none. k as in training unless given."""
     trained = read_manifest(run_dir).get("retrieval") or {}
@@ -176,6 +207,6 @@ def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = 
     return retriever(k=k or trained.get("k") or 3, path=kb_path, url=kb_url)
 
 
-def retriever_for(settings, run_dir: str | Path):
+def retriever_for(settings, run_dir: str | Path) -> Retriever | None:
     """run_retriever with a command's settings (config.GenerationSettings: rag, k, kb_path, kb_url)."""
     return run_retriever(run_dir, settings.rag, settings.k, settings.kb_path, settings.kb_url)

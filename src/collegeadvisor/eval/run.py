@@ -11,15 +11,17 @@ import torch
 from tqdm import tqdm
 
 from collegeadvisor import advise
-from collegeadvisor.advise import Retriever
 from collegeadvisor.chat_format import IGNORE_INDEX
+from collegeadvisor.config import MAX_NEW_TOKENS
 from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.data.loaders import load_examples
 from collegeadvisor.data.prepare import encode_examples
 from collegeadvisor.eval.metrics import aggregate, score_reply
 from collegeadvisor.eval.report import write_report
-from collegeadvisor.generate import RETRIES, answer
-from collegeadvisor.runs import load_run
+from collegeadvisor.errors import AdvisorError
+from collegeadvisor.generate import RETRIES, answer, is_engine
+from collegeadvisor.kb import Retriever
+from collegeadvisor.runs import load_engine, load_run
 from collegeadvisor.train.batching import collate
 from collegeadvisor.train.model import LabelLoss
 
@@ -43,7 +45,10 @@ def perplexity(model, tokenizer, examples: list[dict], max_length: int, batch_si
 @contextlib.contextmanager
 def adapter_state(model, on: bool):
     """The tuned model with its LoRA weights merged in while `on` (the same greedy text, ~30% faster generation
-    on CPU than LoRA's side path), the base model while not."""
+    on CPU than LoRA's side path), the base model while not. An engine (a GGUF export) is the tuned model."""
+    if is_engine(model):
+        yield
+        return
     if not on:
         with model.disable_adapter():  # unmerges first if merged
             yield
@@ -103,12 +108,19 @@ def _sample_rows(questions, replies, hits, scores, text_key: str) -> list[dict]:
 
 
 def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | None = None, compare: bool = False,
-             retriever: Retriever | None = None, max_new_tokens: int = 128, batch_size: int = 16,
+             retriever: Retriever | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
              limit: int | None = None, val_limit: int = 200, device: str = "auto", log=print,
-             base_max_new_tokens: int | None = None) -> tuple[Path, Path]:
+             base_max_new_tokens: int | None = None, engine: str = "torch", gguf: str | None = None,
+             threads: int | None = None) -> tuple[Path, Path]:
     """Score the run (and with `compare` its base model) on held-out questions, through retrieval when a retriever
-    is given: the model's raw answers, and the answers as served after the check and its retries."""
-    model, tokenizer, manifest = load_run(run_dir, device=device)
+    is given: the model's raw answers, and the answers as served after the check and its retries. `engine`
+    llamacpp answers with the run's GGUF export (no perplexity: that is torch's loss, and no base model to compare)."""
+    if engine != "torch" and compare:
+        raise AdvisorError("eval --compare runs the base model without the adapter: it needs --engine torch")
+    if engine == "torch":
+        model, tokenizer, manifest = load_run(run_dir, device=device)
+    else:
+        model, tokenizer, manifest = load_engine(run_dir, engine, gguf=gguf, threads=threads)
     questions_path = Path(questions_path) if questions_path else default_questions(manifest)
     questions = load_questions(questions_path, limit)
     val_path = Path(run_dir) / "data" / "val.jsonl"
@@ -126,7 +138,8 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
             replies, hits, timing = replies_for(model, tokenizer, questions, budget, batch_size, retriever,
                                                 RETRIES if adapter_on else 0)
             if adapter_on not in ppl_of:
-                ppl_of[adapter_on] = perplexity(model, tokenizer, val, manifest["max_length"]) if val else None
+                ppl_of[adapter_on] = (perplexity(model, tokenizer, val, manifest["max_length"])
+                                      if val and engine == "torch" else None)
         views = [("raw", "raw")] + ([("served", "text")] if retriever is not None and adapter_on else [])
         for view, key in views:
             label = f"{name}{tag}" + (" (served)" if view == "served" else "")
@@ -136,5 +149,6 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     meta = {"run": str(Path(run_dir).resolve()), "questions": str(questions_path), "base_model": manifest["base_model"]["spec"],
             "template_sha256": manifest["format"]["template_sha256"], "max_new_tokens": max_new_tokens,
+            "engine": engine if engine == "torch" else f"{engine} ({Path(model.path).name}, {model.threads} threads)",
             "n_questions": len(questions), "retrieval": retriever is not None}
     return write_report(out_dir, results, samples, metrics_jsonl=Path(run_dir) / "metrics.jsonl", meta=meta)

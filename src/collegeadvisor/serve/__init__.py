@@ -12,9 +12,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from collegeadvisor.config import ServeConfig, as_line
+from collegeadvisor.config import ServeConfig, add_command, as_line
 from collegeadvisor.errors import AdvisorError
-from collegeadvisor.runs import find_run, load_run, retriever_for
+from collegeadvisor.runs import find_run, load_engine, retriever_for
 from collegeadvisor.serve.guard import Limits, allow_cors, uvicorn_config
 
 
@@ -81,7 +81,7 @@ def cmd_serve(args) -> int:
         s.run = str(run)
         print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
         retriever = retriever_for(s, run)
-        model, tok, manifest = load_run(run, device=s.device, merge=True)
+        model, tok, manifest = load_engine(run, s.engine, s.device, s.gguf, s.threads)
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=s.max_new_tokens, max_tokens_limit=s.max_tokens_limit,
                          batch_size=s.batch_size, limits=Limits.from_config(s))
@@ -99,8 +99,6 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Add the `serve` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a trained run")
-    ServeConfig.add_arguments(p)
+    p = add_command(sub, "serve", "OpenAI-compatible API and web chat page for a trained run", ServeConfig, cmd_serve)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the key in the "
                                                    "environment variable api_key_env names); never logged")
-    p.set_defaults(func=cmd_serve)

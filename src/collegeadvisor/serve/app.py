@@ -26,10 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collegeadvisor import advise
-from collegeadvisor.advise import Retriever
 from collegeadvisor.chat_format import encode_prompt, with_context
 from collegeadvisor.errors import TemplateError
 from collegeadvisor.generate import answer, cut_at_stop, stream_batch
+from collegeadvisor.kb import Retriever
 from collegeadvisor.serve import guard
 from collegeadvisor.serve.batcher import Batcher, BatchKey
 from collegeadvisor.serve.guard import error_body
@@ -286,13 +286,15 @@ def create_app(model, tokenizer, manifest: dict, retriever: Retriever | None = N
     below, and `limits` (body size and time, request heads, connections; default guard.Limits()), which the guard
     in front of the app and its uvicorn server (guard.uvicorn_config, `serving`) both read.
 
-    `retriever(question)` returns hits {'id', 'document', 'metadata'}; with one, every answer is grounded on
+    `retriever` (a `kb.Retriever`, over any `kb.Store`) returns `kb.Hit`s; with one, every answer is grounded on
     the hits for the last user message and lists them as `sources`. A prompt longer than `max_prompt_tokens`,
     or one that with max_tokens overflows the model's context, is refused with code context_length_exceeded.
     The API key, when one is given, is checked by the guard on every route but /health and the page.
     """
     name = model_name or Path(manifest.get("run_dir") or "collegeadvisor").name
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    # a transformers model's window, or an engine's context (llamacpp.LlamaCpp.n_ctx)
+    context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or getattr(model, "n_ctx", 0)
+                  or 2048)
     batcher = Batcher(partial(answer, model, tokenizer), partial(stream_batch, model, tokenizer), batch_size,
                       batch_wait_ms)
     srv = Served(name, tokenizer, retriever, batcher, context,

@@ -1,0 +1,165 @@
+"""Engines side by side, in one run (issue 22): the same held-out questions, resolved and retrieved as served
+(`advise`), answered by
+- `bare`: llama.cpp on the run's GGUF with the same prompt ids and token budget, nothing of ours in the way
+  (llama-cpp-python's own `generate`, no constraint, no check);
+- `llamacpp`: `--engine llamacpp` (the grounding constraint inside llama.cpp's sampling, the check, retries);
+- `torch`: `--engine torch` (base + merged adapter, fp32), one question at a time as a single client sends them.
+
+Each engine runs in its own process, one after another (peak RSS is the process's). Reports whole-answer latency
+p50/p95, generated and prompt tokens/s, peak RSS, and, for the two grounded engines, held-out accuracy as served.
+
+    python bench/engine_bench.py --run latest --n 60            # writes the '## Engines' section of BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import write_section  # noqa: E402
+
+ENGINES = ("bare", "llamacpp", "torch")
+KINDS = ("numeric_correct", "yes_no_correct", "no_data_correct")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            amx = " with AMX" if "amx_int8" in Path("/proc/cpuinfo").read_text() else ""
+            return line.split(":", 1)[1].strip() + amx
+    return platform.processor()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, out: Path) -> None:
+    """One engine over the first n held-out questions; writes its timings and scores as JSON."""
+    from collegeadvisor import advise
+    from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
+    from collegeadvisor.data.heldout import default_questions, load_questions
+    from collegeadvisor.eval.metrics import score_reply
+    from collegeadvisor.generate import answer
+    from collegeadvisor.runs import load_engine, read_manifest, run_retriever
+
+    manifest = read_manifest(run)
+    questions = load_questions(default_questions(manifest), n)
+    retrieve = run_retriever(run)
+    model, tok, _ = load_engine(run, "torch" if engine == "torch" else "llamacpp", "cpu", threads=threads)
+    convs = [[{"role": "user", "content": q["question"]}] for q in questions]
+    plans = [advise.plan(c, retrieve) for c in convs]
+    rows = []
+    for q, c, p in zip(questions, convs, plans):
+        if p.reply is not None:  # a fixed reply: no generation in any engine
+            rows.append({"fixed": True, "score": score_reply(q, p.reply, True, 0)})
+            continue
+        messages, passages = advise.model_messages(p, c), p.passages
+        ids = encode_prompt(tok, with_context(messages, passages))
+        t0 = time.perf_counter()
+        if engine == "bare":
+            new = []
+            for token in model.llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                new.append(token)
+                if token in stop_token_ids(tok) or len(new) >= max_new_tokens:
+                    break
+            text, n_tokens, attempts = tok.decode(new, skip_special_tokens=True), len(new), 1
+        else:
+            r = advise.finish(p, answer(model, tok, [messages], [passages], max_new_tokens=max_new_tokens,
+                                        batch_size=1, expected=[p.expected or None])[0])
+            text, n_tokens, attempts = r["text"], r["n_tokens"], r["grounding"].get("attempts", 1)
+        dt = time.perf_counter() - t0
+        rows.append({"fixed": False, "latency": dt, "prompt_tokens": len(ids), "tokens": n_tokens,
+                     "attempts": attempts, "score": score_reply(q, text, True, n_tokens),
+                     "status": None if engine == "bare" else r["grounding"]["status"]})
+    out.write_text(json.dumps({"engine": engine, "rows": rows,
+                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def summary(res: dict) -> dict:
+    gen = [r for r in res["rows"] if not r["fixed"]]
+    lat = [r["latency"] for r in gen]
+    acc = {}
+    for key in KINDS:
+        graded = [r["score"][key] for r in res["rows"] if r["score"].get(key) is not None]
+        acc[key] = (100 * sum(graded) / len(graded), len(graded)) if graded else None
+    return {"engine": res["engine"], "answers": len(gen), "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
+            "total": sum(lat), "tok_s": sum(r["tokens"] for r in gen) / sum(lat),
+            "mean_tokens": statistics.mean(r["tokens"] for r in gen),
+            "mean_prompt": statistics.mean(r["prompt_tokens"] for r in gen),
+            "retried": sum(r["attempts"] > 1 for r in gen), "rss": res["peak_rss_mb"], "acc": acc,
+            "unverified": sum(r.get("status") == "unverified" for r in gen)}
+
+
+def table(sums: list[dict]) -> str:
+    base = next((s for s in sums if s["engine"] == "bare"), None)
+    lines = ["| engine | answers | p50 s | p95 s | total s | vs bare (p50 / p95 / total) | generated tok/s | mean "
+             "tokens | retried | peak RSS MB | figures | yes/no | no data | unverified |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in sums:
+        ratio = "-" if base is None or s is base else (
+            f"{s['p50'] / base['p50']:.2f}x / {s['p95'] / base['p95']:.2f}x / {s['total'] / base['total']:.2f}x")
+        acc = [("-" if s["engine"] == "bare" or s["acc"][k] is None else f"{s['acc'][k][0]:.1f}% of {s['acc'][k][1]}")
+               for k in KINDS]
+        lines.append(f"| {s['engine']} | {s['answers']} | {s['p50']:.2f} | {s['p95']:.2f} | {s['total']:.1f} | {ratio} | "
+                     f"{s['tok_s']:.1f} | {s['mean_tokens']:.0f} | {s['retried']} | {s['rss']:.0f} | "
+                     + " | ".join(acc) + f" | {'-' if s['engine'] == 'bare' else s['unverified']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="latest")
+    p.add_argument("--output-dir", default="runs")
+    p.add_argument("--n", type=int, default=60, help="held-out questions")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--write", action="store_true", help="write the '## Engines' section of BENCHMARKS.md")
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from collegeadvisor.runs import find_run
+
+    run = find_run(args.run, args.output_dir)
+    if args.worker:
+        worker(args.worker, run, args.n, args.max_new_tokens, args.threads, Path(args.worker_out))
+        return 0
+    sums = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines.split(","):
+            out = Path(tmp) / f"{engine}.json"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--run", str(run), "--n", str(args.n), "--max-new-tokens",
+                            str(args.max_new_tokens), "--threads", str(args.threads), "--worker", engine,
+                            "--worker-out", str(out)], check=True)
+            sums.append(summary(json.loads(out.read_text())))
+            print(f"{engine}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
+            print(table(sums).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(sums))
+    if args.write:
+        body = (f"`python bench/engine_bench.py --run {args.run} --n {args.n} --threads {args.threads}` on run "
+                f"`{run.name}`, {cpu_name()}, {args.threads} threads, with retrieval on the full knowledge base "
+                f"(k = 3, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
+                f"budget of {args.max_new_tokens} new tokens. One question at a time, each engine in its own process, "
+                "one after another; fixed replies (no row, off topic, ...) generate nothing and are left out of the "
+                "timings but not of the accuracy. `bare`: llama-cpp-python's `generate` on the same GGUF (q8_0) and "
+                "prompt ids, nothing of ours; `llamacpp`: `--engine llamacpp`, grounded (constraint, check, "
+                "retries); `torch`: `--engine torch`, fp32, merged adapter.\n\n" + table(sums))
+        write_section("Engines", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The llama.cpp engine (`--engine llamacpp`) on a tiny run's GGUF export: the torch engine's prompt tokens, the
+grounding constraint applied inside llama.cpp's sampling, the export's provenance refused when it isn't the run's,
+and serve and eval answering through it. Runs where the optional extra (llama-cpp-python) is installed; `.ci/run`
+installs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from collegeadvisor.chat_format import encode_prompt, render_text, stop_token_ids, with_context  # noqa: E402
+from collegeadvisor.errors import AdvisorError, ManifestError  # noqa: E402
+from collegeadvisor.export import export_gguf  # noqa: E402
+from collegeadvisor.generate import _processors, answer, generate  # noqa: E402
+from collegeadvisor.runs import load_engine  # noqa: E402
+
+DOC = ("Test University (OH, public): Bachelor's Degree in Nursing. Completers: 45. Median earnings four years after "
+       "completion: $54,321. High-school graduate earnings in OH: $32,100. Earnings premium: $22,221 (passes the "
+       "test). Median debt: $23,456. Debt-to-earnings: 0.43. Payback: 4.5 years.")
+QUESTIONS = [
+    [{"role": "user", "content": "What do graduates of the Bachelor's Degree in Nursing at Test University earn?"}],
+    [{"role": "user", "content": "How much debt do nursing grads from Test University have?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory, smol_tiny_model):
+    """A 3-step run on the tiny model with SmolLM2's real tokenizer, and its f32 GGUF export."""
+    from collegeadvisor.config import load_config
+    from collegeadvisor.train import train
+    from helpers import advisor_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("llamacpp_run")
+    data = write_jsonl(root / "scorecard.jsonl", advisor_rows(12))
+    cfg = load_config(None, dict(base_model=str(smol_tiny_model), data=str(data), output_dir=str(root / "runs"),
+                                 max_steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, sample_every=0,
+                                 val_fraction=0.0, run_name="gguf"))
+    run = train(cfg, log=lambda _: None)
+    gguf = export_gguf(run, run / "export" / "gguf", "f32")
+    return run, gguf
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_run):
+    run, gguf = gguf_run
+    return load_engine(run, "llamacpp", gguf=str(gguf), threads=2)
+
+
+def test_prompts_are_the_torch_engines_token_for_token(engine):
+    llm, tok, _ = engine
+    assert llm.n_vocab() == len(tok)
+    for conv in QUESTIONS:
+        messages = with_context(conv, [DOC])
+        assert llm.tokenize(render_text(tok, messages, add_generation_prompt=True)) == encode_prompt(tok, messages)
+
+
+def test_a_constraint_is_applied_inside_llamacpps_sampling(engine):
+    llm, tok, _ = engine
+    only = tok.convert_tokens_to_ids("7")
+
+    def only_sevens(input_ids, scores):
+        keep = scores[0, only].clone()
+        scores[:] = float("-inf")
+        scores[0, only] = keep
+        return scores
+
+    out = llm.complete(encode_prompt(tok, QUESTIONS[0]), 6, constraint=only_sevens)
+    assert out == [only] * 6
+
+
+def test_after_a_citation_the_engine_writes_only_the_cited_rows_name(engine):
+    """The grounding rules as a llama.cpp logits processor: the reply so far is "[1]"; what follows is forced to be
+    the cited row's own name, whatever the (barely trained) model would rather write."""
+    llm, tok, _ = engine
+    prompt = encode_prompt(tok, with_context(QUESTIONS[0], [DOC]))
+    written = tok.encode("[1]", add_special_tokens=False)
+    constraint = _processors(tok, [[DOC]], len(prompt))[0]
+    new = llm.complete(prompt + written, 24, constraint=constraint, stops=stop_token_ids(tok))
+    text = tok.decode(written + new, skip_special_tokens=True)
+    assert text.startswith("[1] Bachelor's Degree in Nursing at Test University") or text.startswith("[1] Bachelor's Degree.") \
+        or text.startswith("[1] At Test University,"), text
+
+
+def test_answers_are_checked_and_never_contradict_their_row(engine):
+    llm, tok, _ = engine
+    out = answer(llm, tok, QUESTIONS, [[DOC], [DOC]], max_new_tokens=40, expected=[[1], [1]])
+    for r in out:
+        assert r["grounding"]["status"] in ("verified", "no_claims")  # a contradiction is retried, then the row itself
+        assert r["n_tokens"] <= 40 or r["grounding"].get("fallback")
+    free = generate(llm, tok, QUESTIONS, max_new_tokens=8, grounded=False)
+    assert all(r["n_tokens"] <= 8 for r in free)
+
+
+def test_a_gguf_from_another_template_or_adapter_is_refused(gguf_run, tmp_path):
+    run, gguf = gguf_run
+    for key, said in (("template_sha256", "0" * 64), ("adapter_sha256", "f" * 64)):
+        other = tmp_path / key
+        shutil.copytree(gguf.parent, other)
+        record = json.loads((other / "collegeadvisor-export.json").read_text()) | {key: said}
+        (other / "collegeadvisor-export.json").write_text(json.dumps(record))
+        with pytest.raises(ManifestError, match="another chat template" if key == "template_sha256" else "another adapter"):
+            load_engine(run, "llamacpp", gguf=str(other / gguf.name))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(gguf, bare / gguf.name)
+    with pytest.raises(ManifestError, match="nothing says which run"):
+        load_engine(run, "llamacpp", gguf=str(bare / gguf.name))
+    with pytest.raises(AdvisorError, match="export --to gguf"):
+        load_engine(run, "llamacpp", gguf=str(tmp_path / "none.gguf"))
+
+
+def test_serve_answers_through_the_engine(engine):
+    from fastapi.testclient import TestClient
+
+    from collegeadvisor.serve.app import create_app
+
+    llm, tok, manifest = engine
+    hits = [{"id": "r1", "document": DOC, "metadata": {}, "distance": 0.0}]
+    app = create_app(llm, tok, manifest, retriever=lambda q: hits, default_max_tokens=24)
+    with TestClient(app) as client:
+        body = {"model": "x", "messages": QUESTIONS[0], "max_tokens": 24}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["grounding"]["status"] in ("verified", "no_claims", "unresolved")
+        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            chunks = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert s.status_code == 200 and chunks[-1] == "data: [DONE]"
+
+
+def test_eval_records_the_engine(gguf_run, tmp_path):
+    from collegeadvisor.eval.run import evaluate
+
+    run, gguf = gguf_run
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(json.dumps({"question": q[0]["content"], "answer": "", "numeric": 54321.0,
+                                             "kind": "earnings", "source": {"row_id": "x"}}) for q in QUESTIONS))
+    report_json, _ = evaluate(run, heldout, tmp_path / "eval", max_new_tokens=16, engine="llamacpp", gguf=str(gguf),
+                              threads=2, log=lambda _: None)
+    report = json.loads(report_json.read_text())
+    assert report["meta"]["engine"].startswith("llamacpp (model-f32.gguf")
+    with pytest.raises(AdvisorError, match="needs --engine torch"):
+        evaluate(run, heldout, tmp_path / "eval2", compare=True, engine="llamacpp", gguf=str(gguf))
