@@ -3,6 +3,11 @@ server on loopback, for batched (non-streaming) and streaming requests. Bounded:
 level, then it stops. Prints a table and writes the `## Serving` section of BENCHMARKS.md.
 
     python bench/serve_bench.py --run latest --requests 16 --max-tokens 32
+
+With `--engine` (torch | llamacpp) and `--rag`, the questions are the run's held-out ones, answered from the full
+knowledge base as served (k = 3), and `--baseline` adds bare llama.cpp: llama-cpp-python's own server on the same
+GGUF, sent the same rendered prompts (what our server would prompt its engine with) at the same concurrency and
+token budget, nothing of ours in the way.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 import httpx
 
 from collegeadvisor.fsutil import atomic_write_text
-from collegeadvisor.runs import find_run, load_run
+from collegeadvisor.data.heldout import default_questions, load_questions
+from collegeadvisor.runs import find_run, load_engine, load_run, run_retriever
 from collegeadvisor.serve import serving
 from collegeadvisor.serve.app import create_app
 
@@ -33,6 +39,12 @@ QUESTIONS = [
     "Does a certificate in Cosmetology pay more than a high-school diploma in Texas?",
 ]
 SECTION = "## Serving"
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "a CPU")
+    return name + (" with AMX" if "amx_int8" in info else "")
 WARMUP = 6  # requests before measuring
 
 
@@ -41,10 +53,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool) -> dict:
+def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool, prompts: list[str] | None = None) -> dict:
     body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": max_tokens,
             "stream": stream}
     t0 = time.perf_counter()
+    if prompts is not None:  # bare llama.cpp: the rendered prompt, as our server would send its engine
+        r = http.post("/v1/completions", json={"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                                               "temperature": 0.0, "stream": False})
+        r.raise_for_status()
+        return {"latency": time.perf_counter() - t0, "tokens": r.json()["usage"]["completion_tokens"], "ttft": None}
     if not stream:
         r = http.post("/v1/chat/completions", json=body)
         r.raise_for_status()
@@ -64,7 +81,8 @@ def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool) -> di
     return {"latency": time.perf_counter() - t0, "tokens": tokens, "ttft": first}
 
 
-def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool) -> dict:
+def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool,
+          prompts: list[str] | None = None, label: str | None = None) -> dict:
     """`clients` threads share `n_requests` requests; each thread sends its next one when the last returns."""
     results: list[dict] = []
     errors: list[str] = []
@@ -79,7 +97,7 @@ def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool
                 if i is None:
                     return
                 try:
-                    results.append(one_request(http, i, max_tokens, stream))
+                    results.append(one_request(http, i, max_tokens, stream, prompts))
                 except httpx.HTTPError as exc:
                     errors.append(str(exc))
 
@@ -92,10 +110,53 @@ def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool
     wall = time.perf_counter() - t0
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
-    return {"mode": "stream" if stream else "batched", "clients": clients, "requests": len(results),
+    return {"mode": label or ("stream" if stream else "batched"), "clients": clients, "requests": len(results),
             "errors": len(errors), "req_s": len(results) / wall, "tok_s": sum(r["tokens"] for r in results) / wall,
             "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * percentile(lat, 0.95),
             "ttft_p50_ms": 1000 * statistics.median(ttft) if ttft else None}
+
+
+def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
+    """The same questions' prompts (as `advise` renders them for the engine) sent to llama-cpp-python's own server
+    on the run's GGUF, at the same concurrency levels and token budget."""
+    import socket
+    import subprocess
+
+    from collegeadvisor import advise
+    from collegeadvisor.chat_format import render_text, with_context
+    from collegeadvisor.llamacpp import gguf_for_run
+
+    prompts = []
+    for q in QUESTIONS:
+        conv = [{"role": "user", "content": q}]
+        plan = advise.plan(conv, retrieve)
+        if plan.reply is None:
+            prompts.append(render_text(tok, with_context(advise.model_messages(plan, conv), plan.passages),
+                                       add_generation_prompt=True))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_for_run(run, manifest)),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads",
+                               str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, rows = f"http://127.0.0.1:{port}", []
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for i in range(WARMUP):
+                one_request(http, i, args.max_tokens, False, prompts)
+        for clients in (int(c) for c in args.levels.split(",")):
+            rows.append(level(url, clients, args.requests, args.max_tokens, False, prompts, "bare llama.cpp"))
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -108,11 +169,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only the `## Serving` section; other sections belong to other benchmarks."""
+def write_section(path: Path, body: str, title: str = SECTION) -> None:
+    """Replace (or append) only this benchmark's section; other sections belong to other benchmarks."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    section = f"{title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:
@@ -130,11 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--modes", default="batched,stream")
     p.add_argument("--out", default="BENCHMARKS.md", help="file whose '## Serving' section is rewritten ('' to skip)")
+    p.add_argument("--engine", default=None, choices=("torch", "llamacpp"),
+                   help="answer as `serve --engine` does (with --rag: held-out questions, grounded)")
+    p.add_argument("--rag", action="store_true", help="retrieve from the full knowledge base, as served")
+    p.add_argument("--baseline", action="store_true", help="also bare llama.cpp (its own server, same prompts)")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
     run = find_run(args.run, args.output_dir)
-    model, tok, manifest = load_run(run, device="cpu")
-    app = create_app(model, tok, manifest, batch_size=args.batch_size)
+    if args.engine is None:
+        model, tok, manifest = load_run(run, device="cpu")
+        retrieve = None
+    else:
+        model, tok, manifest = load_engine(run, args.engine, "cpu", threads=args.threads)
+        retrieve = run_retriever(run, rag=True) if args.rag else None
+    if retrieve is not None:  # the held-out questions, as users ask them of the served run
+        QUESTIONS[:] = [q["question"] for q in load_questions(default_questions(manifest), args.requests)]
+    app = create_app(model, tok, manifest, retriever=retrieve, batch_size=args.batch_size)
     rows = []
     with serving(app) as url:
         with httpx.Client(base_url=url, timeout=600) as http:  # warm-up: the first generate calls run slow
@@ -142,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                 one_request(http, i, args.max_tokens, stream=i % 2 == 1)
         for mode in args.modes.split(","):
             for clients in (int(c) for c in args.levels.split(",")):
-                rows.append(level(url, clients, args.requests, args.max_tokens, mode == "stream"))
+                rows.append(level(url, clients, args.requests, args.max_tokens, mode == "stream",
+                                  label=f"{args.engine or 'torch'} {'stream' if mode == 'stream' else 'batched'}"))
                 print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    if args.baseline:
+        del model
+        rows += bare_llamacpp(run, manifest, tok, retrieve, args)
     print(table(rows))
     if args.out:
         import torch
@@ -151,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         body = (
             f"`python bench/serve_bench.py --run {args.run} --requests {args.requests} --levels {args.levels} "
-            f"--max-tokens {args.max_tokens}` ({when}). Run `{run.name}` on base model "
+            f"--max-tokens {args.max_tokens}"
+            + (f" --engine {args.engine}" if args.engine else "") + (" --rag" if args.rag else "")
+            + (" --baseline" if args.baseline else "") + f"` ({when}), on {cpu_name()}. "
+            + (f"Engine `{args.engine}`; questions: the run's held-out ones, answered from the full knowledge base "
+               "as served (resolution, retrieval k = 3, constraint, check). `bare llama.cpp`: llama-cpp-python's own "
+               "server on the same GGUF, sent the same rendered prompts (non-streaming), nothing of ours. "
+               if args.rag else "")
+            + f"Run `{run.name}` on base model "
             f"`{manifest['base_model']['spec']}`, served by `collegeadvisor serve`'s app (uvicorn, loopback, CPU, "
             f"fp32, greedy, batch size {args.batch_size}); {platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__} with {torch.get_num_threads()} threads. After {WARMUP} warm-up requests, "
@@ -162,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             "The machine is shared with other developers' jobs, so the numbers are noisy; compare levels within "
             "one run, not across runs."
         )
-        write_section(Path(args.out), body)
-        print(f"wrote the '{SECTION}' section of {args.out}", file=sys.stderr)
+        title = SECTION if args.engine is None else f"{SECTION}: grounded, by engine"
+        write_section(Path(args.out), body, title)
+        print(f"wrote the '{title}' section of {args.out}", file=sys.stderr)
     return 1 if any(r["errors"] for r in rows) else 0
 
 

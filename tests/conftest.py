@@ -138,3 +138,21 @@ def trained_run(tmp_path_factory, tinyllama_tiny_model) -> Path:
                                  max_steps=10, batch_size=4, grad_accum=1, learning_rate=1e-2, sample_every=0,
                                  val_fraction=0.1, run_name="tiny"))
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory, smol_tiny_model):
+    """A 3-step run on the tiny model with SmolLM2's real tokenizer, and its f32 GGUF export."""
+    from collegeadvisor.config import load_config
+    from collegeadvisor.export import export_gguf
+    from collegeadvisor.train import train
+    from helpers import advisor_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("llamacpp_run")
+    data = write_jsonl(root / "scorecard.jsonl", advisor_rows(12))
+    cfg = load_config(None, dict(base_model=str(smol_tiny_model), data=str(data), output_dir=str(root / "runs"),
+                                 max_steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, sample_every=0,
+                                 val_fraction=0.0, run_name="gguf"))
+    run = train(cfg, log=lambda _: None)
+    gguf = export_gguf(run, run / "export" / "gguf", "f32")
+    return run, gguf

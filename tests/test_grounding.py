@@ -489,3 +489,16 @@ def test_rules_hold_the_name_after_a_citation_to_the_cited_row(colorado):
     assert rules.admits("[2]", " Master") and not rules.admits("[2]", " Bachelor")
     notes = Rules(["A passage of a user's own notes: tuition was $12,000."])
     assert notes.name_slot("[1]") is None and notes.admits("[1]", " Tuition")  # no Scorecard row, no name to hold
+
+
+def test_the_in_a_school_name_is_no_comparison_winner():
+    """"... at The Rockefeller University ... whether it pays more" is a premium answer, not a winner sentence."""
+    from collegeadvisor.grounding import check
+
+    doc = ("The Rockefeller University (NY, private, nonprofit): Doctoral Degree in Biology, General. Median "
+           "earnings: no data (suppressed). Earnings premium: no data. Median debt: no data.")
+    answer = ("[1] Unknown. Doctoral Degree in Biology, General at The Rockefeller University. Median earnings: no data "
+              "(suppressed for privacy: too few graduates were counted), so the Scorecard can't tell whether it pays "
+              "more than a high-school diploma.")
+    verdict = check(answer, [doc])
+    assert verdict["status"] == "verified" and not any(c["type"] == "winner" for c in verdict["claims"])

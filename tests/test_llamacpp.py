@@ -14,7 +14,6 @@ pytest.importorskip("llama_cpp")
 
 from collegeadvisor.chat_format import encode_prompt, render_text, stop_token_ids, with_context  # noqa: E402
 from collegeadvisor.errors import AdvisorError, ManifestError  # noqa: E402
-from collegeadvisor.export import export_gguf  # noqa: E402
 from collegeadvisor.generate import _processors, answer, generate  # noqa: E402
 from collegeadvisor.runs import load_engine  # noqa: E402
 
@@ -25,23 +24,6 @@ QUESTIONS = [
     [{"role": "user", "content": "What do graduates of the Bachelor's Degree in Nursing at Test University earn?"}],
     [{"role": "user", "content": "How much debt do nursing grads from Test University have?"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def gguf_run(tmp_path_factory, smol_tiny_model):
-    """A 3-step run on the tiny model with SmolLM2's real tokenizer, and its f32 GGUF export."""
-    from collegeadvisor.config import load_config
-    from collegeadvisor.train import train
-    from helpers import advisor_rows, write_jsonl
-
-    root = tmp_path_factory.mktemp("llamacpp_run")
-    data = write_jsonl(root / "scorecard.jsonl", advisor_rows(12))
-    cfg = load_config(None, dict(base_model=str(smol_tiny_model), data=str(data), output_dir=str(root / "runs"),
-                                 max_steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, sample_every=0,
-                                 val_fraction=0.0, run_name="gguf"))
-    run = train(cfg, log=lambda _: None)
-    gguf = export_gguf(run, run / "export" / "gguf", "f32")
-    return run, gguf
 
 
 @pytest.fixture(scope="module")

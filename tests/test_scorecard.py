@@ -214,3 +214,17 @@ def test_full_table_default_scale(tmp_path):
     assert len({ex["messages"][0]["content"] for ex in train}) == 8000
     assert sum(1 for ex in train if ex["context"]) == stats["retrieval_grounded"] >= 0.95 * 8000
     assert all(ex["context"] for ex in read(tmp_path / "heldout.jsonl"))
+
+
+def test_a_dataset_from_another_builder_is_not_current(built, tmp_path, monkeypatch):
+    """The quickstart rebuilds a dataset that an older builder wrote (other kinds or words), never trains on it."""
+    import collegeadvisor.data.scorecard_qa as qa
+
+    out = tmp_path / "ds"
+    qa.build_scorecard_dataset(out, n_examples=40, n_heldout=0, seed=0, table=load_table().head(3000))
+    assert qa.dataset_is_current(out)
+    monkeypatch.setattr(qa, "STRUCTURAL_MIX", {**qa.STRUCTURAL_MIX, "open": 0.2})  # a builder of other shares
+    assert not qa.dataset_is_current(out)
+    monkeypatch.undo()
+    (out / "dataset.json").unlink()  # a dataset from before the builder recorded itself
+    assert not qa.dataset_is_current(out)

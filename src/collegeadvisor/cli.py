@@ -16,7 +16,7 @@ from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_text
 from collegeadvisor.kb import cli as kb_cli
-from collegeadvisor.runs import find_run, load_engine, read_manifest, retriever_for
+from collegeadvisor.runs import engine_options, open_run, read_manifest, retriever_for, settle_run
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,13 +73,12 @@ def cmd_eval(args) -> int:
     from collegeadvisor.eval.run import evaluate  # torch: see cmd_train
 
     s = EvalConfig.from_args(args)
-    run = find_run(s.run, s.output_dir)
-    s.run = str(run)
+    run = settle_run(s)
     report_json, report_html = evaluate(run, s.questions, s.out, compare=s.compare,
                                         retriever=retriever_for(s, run), max_new_tokens=s.max_new_tokens,
                                         batch_size=s.batch_size, limit=s.limit, device=s.device,
-                                        base_max_new_tokens=s.base_max_new_tokens, engine=s.engine, gguf=s.gguf,
-                                        threads=s.threads)
+                                        base_max_new_tokens=s.base_max_new_tokens, engine=s.engine,
+                                        **engine_options(s))
     s.out = str(report_json.parent)
     settings = atomic_write_text(report_json.parent / "config.yaml", as_yaml(s))  # beside the report
     print(f"report:   {report_html}\ndata:     {report_json}\nsettings: {settings}")
@@ -90,11 +89,8 @@ def cmd_chat(args) -> int:
     from collegeadvisor.chat import chat_loop  # torch: see cmd_train
 
     s = ChatConfig.from_args(args)
-    run = find_run(s.run, s.output_dir)
-    s.run = str(run)
-    print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
-    retriever = retriever_for(s, run)
-    model, tok, _ = load_engine(run, s.engine, s.device, s.gguf, s.threads)
+    # no output folder: the settings go to the log
+    _, retriever, model, tok, _ = open_run(s, log=lambda s: print(as_line(s), file=sys.stderr))
     chat_loop(model, tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, retriever=retriever)
     return 0
 

@@ -233,9 +233,16 @@ class RunSettings(Section):
 
 class GenerationSettings(RunSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    engine: Literal["torch", "llamacpp"] = Field(
-        "torch", description="what generates: torch (base + adapter), or llamacpp (the run's GGUF export through "
-                             "llama.cpp: pip install 'collegeadvisor[llamacpp]'); both under the same constraint and check")
+    engine: Literal["torch", "llamacpp", "openai"] = Field(
+        "torch", description="what generates: torch (base + adapter), llamacpp (the run's GGUF export through "
+                             "llama.cpp: pip install 'collegeadvisor[llamacpp]'), both under the constraint and the "
+                             "check; or openai (an OpenAI-compatible server at --engine-url: the rows' grammar and the "
+                             "check)")
+    engine_url: Optional[str] = Field(None, description="--engine openai: the server (http://host:port)")
+    engine_model: Optional[str] = Field(None, description="--engine openai: the model it serves (default: its first)")
+    engine_grammar: Literal["llamacpp", "vllm", "none"] = Field(
+        "llamacpp", description="--engine openai: how the server takes the rows' grammar (llama.cpp's 'grammar', "
+                                "vLLM's structured outputs, or none: the check alone)")
     gguf: Optional[str] = Field(None, description="--engine llamacpp: the GGUF file (default: RUN/export/gguf/"
                                                   "model-q8_0.gguf, as `export --to gguf` writes it)")
     threads: Optional[int] = Field(None, ge=1, description="--engine llamacpp: CPU threads (default: all cores)")

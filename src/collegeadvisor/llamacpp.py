@@ -90,6 +90,9 @@ class LlamaCpp:
         self.lock = threading.Lock()  # one context: one generation at a time
         self._processors = llama_cpp.LogitsProcessorList
 
+    def describe(self) -> str:
+        return f"llamacpp ({self.path.name}, {self.threads} threads)"
+
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
 

@@ -14,7 +14,7 @@ from collegeadvisor.check import preflight
 from collegeadvisor.config import load_config
 from collegeadvisor.data.heldout import load_questions
 from collegeadvisor.data.scorecard import load_table
-from collegeadvisor.data.scorecard_qa import build_scorecard_dataset
+from collegeadvisor.data.scorecard_qa import build_scorecard_dataset, dataset_is_current
 from collegeadvisor.eval.run import adapter_state, evaluate
 from collegeadvisor.generate import answer
 from collegeadvisor.kb import build_kb, open_store, retriever
@@ -61,7 +61,7 @@ def quickstart(config: str | None = None, out: str | Path = "out/quickstart", ev
     cfg = load_config(config, {})  # the run goes to output_dir (default runs/), where `--run latest` looks
     if not cfg.data:
         data_dir = out / "data"
-        if not (data_dir / "scorecard.jsonl").is_file():
+        if not dataset_is_current(data_dir):  # none yet, or one an older builder wrote
             print(f"[1/4] building the College Scorecard dataset in {data_dir}")
             stats = build_scorecard_dataset(data_dir)
             print(f"      {stats['examples']} examples, {stats['heldout']} held-out questions: {stats['kinds']}")

@@ -20,6 +20,7 @@ from collegeadvisor.fsutil import atomic_write_json
 from collegeadvisor.integrity import verify_adapter, verify_manifest
 from collegeadvisor.kb import Retriever, retriever
 from collegeadvisor.llamacpp import LlamaCpp, gguf_for_run
+from collegeadvisor.remote import RemoteEngine, api_key_from_env
 from collegeadvisor.models import base_fingerprint, load_model, load_tokenizer, pick_device, resolve_base_model
 
 MANIFEST = "manifest.json"
@@ -177,13 +178,20 @@ def load_run(run_dir: str | Path, base_model: str | None = None, device: str = "
 
 
 def load_engine(run_dir: str | Path, engine: str = "torch", device: str = "auto", gguf: str | None = None,
-                threads: int | None = None):
+                threads: int | None = None, url: str | None = None, model: str | None = None,
+                grammar: str = "llamacpp"):
     """(model or engine, tokenizer, manifest) for answering with a run: `torch` (base + merged adapter, as
-    `load_run`) or `llamacpp` (the run's GGUF export, refused unless it came from this run's template and adapter)."""
+    `load_run`), `llamacpp` (the run's GGUF export, refused unless it came from this run's template and adapter)
+    or `openai` (an OpenAI-compatible server at `url` serving the run's export; key: COLLEGEADVISOR_ENGINE_KEY)."""
     if engine == "torch":
         return load_run(run_dir, device=device, merge=True)
+    if engine == "openai":
+        if not url:
+            raise ManifestError("--engine openai needs --engine-url (the server's address)")
+        tok, m, _ = run_tokenizer(run_dir)
+        return RemoteEngine(url, tok, model, grammar, api_key_from_env()), tok, m
     if engine != "llamacpp":
-        raise ManifestError(f"--engine {engine}: choose torch or llamacpp")
+        raise ManifestError(f"--engine {engine}: choose torch, llamacpp or openai")
     tok, m, _ = run_tokenizer(run_dir)
     verify_adapter(Path(run_dir), m)
     path = gguf_for_run(run_dir, m, gguf)
@@ -195,6 +203,30 @@ def load_engine(run_dir: str | Path, engine: str = "torch", device: str = "auto"
     if engine_.n_vocab() != len(tok) or theirs not in (ids, ids[len(head):] if ids[:len(head)] == head else ids):
         raise ManifestError(f"{path}: its tokenizer encodes prompts differently from run {Path(run_dir).name}'s")
     return engine_, tok, m
+
+
+def settle_run(settings) -> Path:
+    """The run a command's settings name ('latest' found), written back into them as its path (what the settings
+    saved beside its output then say)."""
+    run = find_run(settings.run, settings.output_dir)
+    settings.run = str(run)
+    return run
+
+
+def open_run(settings, log=None) -> tuple[Path, Retriever | None, Any, Any, dict]:
+    """What chat and serve answer with, from their settings (config.GenerationSettings): the run, its retriever,
+    and the engine's model (or engine), tokenizer and manifest. `log` gets the settings line before the slow load."""
+    run = settle_run(settings)
+    if log is not None:
+        log(settings)
+    retrieve = retriever_for(settings, run)
+    return (run, retrieve, *load_engine(run, settings.engine, settings.device, **engine_options(settings)))
+
+
+def engine_options(settings) -> dict:
+    """load_engine's options from a command's settings (config.GenerationSettings)."""
+    return dict(gguf=settings.gguf, threads=settings.threads, url=settings.engine_url, model=settings.engine_model,
+                grammar=settings.engine_grammar)
 
 
 def run_retriever(run_dir: str | Path, rag: bool | None = None, k: int | None = None, kb_path: str | None = None,

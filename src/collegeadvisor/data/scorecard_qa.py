@@ -16,6 +16,7 @@ Every answer cites its row as "[n]" and names the field of each figure ("Median 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from collegeadvisor.data.scorecard_answers import (
 )
 from collegeadvisor.data.scorecard_text import NO_CONTEXT_ANSWER, NOT_COVERED, TEMPLATES
 from collegeadvisor.errors import AdvisorError, DataError
-from collegeadvisor.fsutil import atomic_write_jsonl
+from collegeadvisor.fsutil import atomic_write_json, atomic_write_jsonl
 from collegeadvisor.models import EMBEDDING_MODEL
 
 # Kinds whose answers need more than one figure or a choice of label get more examples than their share of
@@ -63,6 +64,23 @@ NEEDED = [
     "unitid", "inst_name", "state", "control", "cip_code", "cip_desc", "credential_level", "credential_desc",
     "earnings_horizon", *(f.column for f in FIELDS),
 ]
+
+
+def builder_id() -> str:
+    """A fingerprint of what this builder writes for a seed (the kinds, their words and shares, the row format): a
+    dataset built by another version is rebuilt rather than trained on (`dataset_is_current`)."""
+    parts = (KINDS, STRUCTURAL_MIX, NO_DATA_MIX, COMPARE_MIX, TEMPLATES, NO_CONTEXT_ANSWER, NOT_COVERED,
+             NOT_COVERED_SHARE, NO_CONTEXT_SHARE, FIRST_SHARE, SAME_PROGRAM_FIRST, MAX_PASSAGES, row_format_id())
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_is_current(out_dir: Path) -> bool:
+    """Whether out_dir holds a dataset this builder wrote (its `dataset.json` names this builder)."""
+    try:
+        said = json.loads((Path(out_dir) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return said.get("builder") == builder_id() and (Path(out_dir) / "scorecard.jsonl").is_file()
 
 
 def retrieval_spec(k: int = MAX_PASSAGES) -> dict[str, Any]:
@@ -364,6 +382,8 @@ def build_scorecard_dataset(out_dir: Path, n_examples: int = 8000, n_heldout: in
                             "context_ids") if k in ex}
         for ex in heldout
     ))
+    atomic_write_json(out_dir / "dataset.json", {"builder": builder_id(), "seed": seed, "examples": len(train),
+                                                  "heldout": len(heldout)})
     return {
         "examples": len(train),
         "kinds": dict(Counter(ex["kind"] for ex in train)),

@@ -110,17 +110,17 @@ def _sample_rows(questions, replies, hits, scores, text_key: str) -> list[dict]:
 def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | None = None, compare: bool = False,
              retriever: Retriever | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
              limit: int | None = None, val_limit: int = 200, device: str = "auto", log=print,
-             base_max_new_tokens: int | None = None, engine: str = "torch", gguf: str | None = None,
-             threads: int | None = None) -> tuple[Path, Path]:
+             base_max_new_tokens: int | None = None, engine: str = "torch", **engine_options) -> tuple[Path, Path]:
     """Score the run (and with `compare` its base model) on held-out questions, through retrieval when a retriever
     is given: the model's raw answers, and the answers as served after the check and its retries. `engine`
-    llamacpp answers with the run's GGUF export (no perplexity: that is torch's loss, and no base model to compare)."""
+    llamacpp or openai answers with the run's export (`engine_options`: runs.load_engine's; no perplexity: that is
+    torch's loss, and no base model to compare)."""
     if engine != "torch" and compare:
         raise AdvisorError("eval --compare runs the base model without the adapter: it needs --engine torch")
     if engine == "torch":
         model, tokenizer, manifest = load_run(run_dir, device=device)
     else:
-        model, tokenizer, manifest = load_engine(run_dir, engine, gguf=gguf, threads=threads)
+        model, tokenizer, manifest = load_engine(run_dir, engine, **engine_options)
     questions_path = Path(questions_path) if questions_path else default_questions(manifest)
     questions = load_questions(questions_path, limit)
     val_path = Path(run_dir) / "data" / "val.jsonl"
@@ -149,6 +149,7 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     meta = {"run": str(Path(run_dir).resolve()), "questions": str(questions_path), "base_model": manifest["base_model"]["spec"],
             "template_sha256": manifest["format"]["template_sha256"], "max_new_tokens": max_new_tokens,
-            "engine": engine if engine == "torch" else f"{engine} ({Path(model.path).name}, {model.threads} threads)",
+            "engine": model.describe() if is_engine(model) else engine,
+            "tokens_per_s": {label: r.get("tokens_per_s") for label, r in results.items()},
             "n_questions": len(questions), "retrieval": retriever is not None}
     return write_report(out_dir, results, samples, metrics_jsonl=Path(run_dir) / "metrics.jsonl", meta=meta)

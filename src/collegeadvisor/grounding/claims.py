@@ -50,8 +50,10 @@ PSEUDO_CITATION = re.compile(
 # A comparison's winner, in the dataset's words: the school (two schools' same program) or the credential and program
 # (two programs at one school).
 WINNER_OPENING = {by: form.split(" {")[0] for by, form in WINNER_FORMS.items()}  # "Graduates of", "The"
+# A winner sentence opens a sentence, as the dataset writes it: "The Rockefeller University ... whether it pays more"
+# is no winner.
 WINNER = re.compile("|".join(
-    rf"\b{re.escape(WINNER_OPENING[by])} (?P<{by}>[^\n]{{1,200}}?){re.escape(form.split('}')[1])}\b"
+    rf"(?:^|(?<=[.!?]\s)){re.escape(WINNER_OPENING[by])} (?P<{by}>[^\n]{{1,200}}?){re.escape(form.split('}')[1])}\b"
     for by, form in WINNER_FORMS.items()))
 # Where a comparison's winner sentence opens, after two rows are cited: the winner's name is forced there.
 WINNER_OPEN = re.compile(r"(?:^|(?<=[.!?]\s))(?P<opening>" + "|".join(map(re.escape, WINNER_OPENING.values()))

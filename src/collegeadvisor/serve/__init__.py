@@ -14,7 +14,7 @@ from typing import Iterator
 
 from collegeadvisor.config import ServeConfig, add_command, as_line
 from collegeadvisor.errors import AdvisorError
-from collegeadvisor.runs import find_run, load_engine, retriever_for
+from collegeadvisor.runs import open_run
 from collegeadvisor.serve.guard import Limits, allow_cors, uvicorn_config
 
 
@@ -77,11 +77,8 @@ def cmd_serve(args) -> int:
     sock = bind(s.host, s.port)  # before the slow model load: a taken port fails at once
     api_key = args.api_key or os.environ.get(s.api_key_env) or None
     try:
-        run = find_run(s.run, s.output_dir)
-        s.run = str(run)
-        print(as_line(s), file=sys.stderr)  # no output folder: the settings go to the log
-        retriever = retriever_for(s, run)
-        model, tok, manifest = load_engine(run, s.engine, s.device, s.gguf, s.threads)
+        # no output folder: the settings go to the log
+        run, retriever, model, tok, manifest = open_run(s, log=lambda s: print(as_line(s), file=sys.stderr))
         app = create_app(model, tok, manifest, retriever=retriever, api_key=api_key,
                          default_max_tokens=s.max_new_tokens, max_tokens_limit=s.max_tokens_limit,
                          batch_size=s.batch_size, limits=Limits.from_config(s))
