@@ -136,7 +136,15 @@ def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_for_run(run, manifest)),
+    # llama.cpp's AMX matmul segfaults on the developers' Xeons: the server loads as our engine does there, without
+    # extra buffer types (llamacpp.LlamaCpp); nothing else of ours runs in it
+    launch = ("import sys, runpy, llama_cpp.llama_cpp as L\n"
+              "from collegeadvisor.llamacpp import _has_amx, _without_extra_bufts\n"
+              "d = L.llama_model_default_params\n"
+              "if _has_amx(): L.llama_model_default_params = lambda: _without_extra_bufts(d())\n"
+              "sys.argv = ['llama_cpp.server'] + sys.argv[1:]\n"
+              "runpy.run_module('llama_cpp.server', run_name='__main__')\n")
+    server = subprocess.Popen([sys.executable, "-c", launch, "--model", str(gguf_for_run(run, manifest)),
                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads",
                                str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, rows = f"http://127.0.0.1:{port}", []
