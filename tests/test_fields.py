@@ -111,3 +111,27 @@ def test_advise_answers_a_completers_question_about_the_asked_row(text):
     assert fallback["grounding"]["status"] == "verified"
     assert f"Completers: {row_values(row)['completers']}" in fallback["text"]
     assert row_names(row["credential_desc"], row["cip_desc"].rstrip("."), row["inst_name"])["full"] in fallback["text"]
+
+
+def test_a_value_slot_takes_the_rows_value_or_no_data_never_words(rows, smol_tokenizer):
+    """Held-out answers wrote "Completers: Seven" and "Completers: one (...)" for a row without completers: no figure,
+    so nothing held them. The check refuses words in a field's value slot, and decoding keeps only the row's value
+    (or "no data" where it has none) there."""
+    from collegeadvisor.generate import GroundedDecoding
+
+    with_count = next(x for x in rows if x["completers_count"] == x["completers_count"] and x["completers_count"] >= 40)
+    without = next(x for x in rows if x["completers_count"] != x["completers_count"])
+    for r in (with_count, without):
+        doc, name = row_document(r), row_names(r["credential_desc"], r["cip_desc"].rstrip("."), r["inst_name"])["full"]
+        verdict = grounding.check(f"[1] {name}. Completers: Seven.", [doc])
+        assert verdict["status"] == "unverified" and "where row [1]'s completers goes" in verdict["problems"][0]
+        text = f"[1] {name}. Completers: "
+        rules = grounding.Rules([doc])
+        assert rules.value_slot(text) and not rules.value_slot(f"[1] {name}. Graduates")
+        banned, keep = GroundedDecoding(smol_tokenizer, [rules], 0)._decide(rules, text)
+        kept = {smol_tokenizer.decode([i]).strip().lower() for i in keep}
+        assert "seven" not in kept and "one" not in kept
+        if r is without:
+            assert "no" in kept and not any(k[:1].isdigit() for k in kept)
+        else:
+            assert "no" not in kept and row_values(r)["completers"][:1] in kept

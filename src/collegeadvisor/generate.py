@@ -75,7 +75,7 @@ def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], st
             groups["after_open"][("text", text)] = (list(ids), text)
         if "[" in text:
             kind = "bracket"
-        elif any(c.isdigit() or c in "$%" for c in text):
+        elif any(c.isdigit() or c in "$%" for c in text) or text.strip() in ("-", "\u2212"):
             kind = "figure"
         elif text[:1] in (",", "."):
             kind = "cont"
@@ -143,6 +143,12 @@ class GroundedDecoding(LogitsProcessor):
             return [], keep
         if rules.open_citation(text) is not None:
             keep = [i for _, (ids, piece) in self.classes["after_open"] if rules.admits(text, piece) for i in ids]
+            if keep:
+                return [], keep
+        if rules.value_slot(text):  # after a field's label: only the row's value, or "no data" where it has none
+            keep = [i for _, (ids, piece) in self.classes["figure"] + self.classes["word"]
+                    if (piece.strip().lower() in grounding.NO_WORDS or any(c.isdigit() or c in "$-\u2212" for c in piece))
+                    and rules.admits(text, piece) for i in ids]
             if keep:
                 return [], keep
         open_figure = rules.open_figure(text)

@@ -58,6 +58,9 @@ WINNER = re.compile("|".join(
 # Where a comparison's winner sentence opens, after two rows are cited: the winner's name is forced there.
 WINNER_OPEN = re.compile(r"(?:^|(?<=[.!?]\s))(?P<opening>" + "|".join(map(re.escape, WINNER_OPENING.values()))
                          + r")(?P<rest>(?:\s[^.\n]*)?)$")
+# A field's label (as the dataset writes it: its start, then up to a few words) and its colon: what follows is the
+# field's value slot.
+_SLOT = re.compile(r"\b(?:" + "|".join(re.escape(f.bare_label) for f in FIELDS) + r")(?:[ \t][^:.;\n]{1,60})?:[ \t]*(?=\S)")
 _NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
@@ -235,6 +238,14 @@ def claims(answer: str) -> list[dict[str, Any]]:
     for m in NO_DATA_PHRASE.finditer(plain(answer)):
         out.append({"type": "no_data", "row": cited_at(answer, m.start()), "field": field_at(answer, m.start()),
                     "value": None, "text": m.group(), "start": m.start()})
+    for m in _SLOT.finditer(answer):  # a field's label followed by neither a figure nor "no data" ("Completers: Seven")
+        after = answer[m.end():]
+        if NUMBER.match(after) or NO_DATA_PHRASE.match(plain(after)) or PSEUDO_CITATION.match(after):
+            continue
+        name, n = field_at(answer, m.end()), cited_at(answer, m.end())
+        if name is not None and n is not None:
+            out.append({"type": "slot", "row": n, "field": name, "value": None, "text": re.split(r"[.;\n]", after)[0][:60],
+                        "start": m.end()})
     for m in _NAMED.finditer(answer):
         named = answer[m.end():]
         out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": named,
@@ -315,6 +326,8 @@ def _problem(claim: dict, ctx: Context, expected: set[int] | None = None) -> str
         return _citation_problem(claim, ctx, expected)
     if claim["type"] == "winner":
         return _winner_problem(claim, ctx)
+    if claim["type"] == "slot":
+        return None if ctx.row(n) is None else f"writes '{claim['text']}' where row [{n}]'s {label} goes"
     if n is not None and not 1 <= n <= len(ctx.passages):
         return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
     row = ctx.row(n)

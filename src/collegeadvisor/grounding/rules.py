@@ -97,6 +97,11 @@ class Rules:
             got = self._allowed[before] = (texts, slot)
         return got
 
+    def value_slot(self, text: str) -> bool:
+        """Whether text ends in a field's label of a cited Scorecard row ("Completers:", "Median debt: "), where only
+        the row's value, or "no data" where it has none, may be written (not a number in words)."""
+        return text.rstrip().endswith(":") and self._at(text)[1]
+
     def open_figure(self, text: str) -> re.Match | None:
         """The figure being written at the end of text, if any (cached: every candidate token asks about it)."""
         if self._open[0] != text:
