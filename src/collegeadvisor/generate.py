@@ -23,6 +23,7 @@ from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_conte
 from collegeadvisor.config import MAX_NEW_TOKENS
 
 RETRIES = 2  # generations after a failed check, before answering with the row itself
+SLOT_STARTS = set("0123456789$-\u2212")  # how a value in a field's slot may begin (else "no data")
 
 
 def gen_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
@@ -147,7 +148,7 @@ class GroundedDecoding(LogitsProcessor):
                 return [], keep
         if rules.value_slot(text):  # after a field's label: only the row's value, or "no data" where it has none
             keep = [i for _, (ids, piece) in self.classes["figure"] + self.classes["word"]
-                    if (piece.strip().lower() in grounding.NO_WORDS or any(c.isdigit() or c in "$-\u2212" for c in piece))
+                    if (piece.strip().lower() in grounding.NO_WORDS or piece.strip()[:1] in SLOT_STARTS)
                     and rules.admits(text, piece) for i in ids]
             if keep:
                 return [], keep
