@@ -147,9 +147,12 @@ class GroundedDecoding(LogitsProcessor):
             if keep:
                 return [], keep
         if rules.value_slot(text):  # after a field's label: only the row's value, or "no data" where it has none
+            signed = any(a[:1] in "-\u2212" for a in rules.allowed(text))  # a "-" only before a negative value
             keep = [i for _, (ids, piece) in self.classes["figure"] + self.classes["word"]
                     if (piece.strip().lower() in grounding.NO_WORDS or piece.strip()[:1] in SLOT_STARTS)
-                    and rules.admits(text, piece) for i in ids]
+                    and (signed or piece.strip()[:1] not in "-\u2212") and rules.admits(text, piece) for i in ids]
+            if keep and text.endswith(":"):
+                keep += self.texts.get(" ", [])  # the space after the colon, as the dataset writes it
             if keep:
                 return [], keep
         open_figure = rules.open_figure(text)
