@@ -17,3 +17,10 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     atomic_write_text(path, text)
+
+
+def cpu_name() -> str:
+    """The CPU, as BENCHMARKS.md names it beside every figure ("... with AMX" where it has AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "a CPU")
+    return name + (" with AMX" if "amx_int8" in info else "")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,18 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import write_section  # noqa: E402
+from _bench import cpu_name, write_section  # noqa: E402
 
 ENGINES = ("bare", "llamacpp", "torch")
 KINDS = ("numeric_correct", "yes_no_correct", "no_data_correct")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            amx = " with AMX" if "amx_int8" in Path("/proc/cpuinfo").read_text() else ""
-            return line.split(":", 1)[1].strip() + amx
-    return platform.processor()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -27,6 +27,9 @@ from pathlib import Path
 import httpx
 
 from collegeadvisor.fsutil import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import cpu_name  # noqa: E402
 from collegeadvisor.data.heldout import default_questions, load_questions
 from collegeadvisor.runs import find_run, load_engine, load_run, run_retriever
 from collegeadvisor.serve import serving
@@ -39,12 +42,6 @@ QUESTIONS = [
     "Does a certificate in Cosmetology pay more than a high-school diploma in Texas?",
 ]
 SECTION = "## Serving"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "a CPU")
-    return name + (" with AMX" if "amx_int8" in info else "")
 WARMUP = 6  # requests before measuring
 
 

@@ -141,18 +141,23 @@ def trained_run(tmp_path_factory, tinyllama_tiny_model) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gguf_run(tmp_path_factory, smol_tiny_model):
-    """A 3-step run on the tiny model with SmolLM2's real tokenizer, and its f32 GGUF export."""
+def smol_run(tmp_path_factory, smol_tiny_model):
+    """A complete 3-step run on the tiny model with SmolLM2's real (byte-level BPE, ChatML) tokenizer."""
     from collegeadvisor.config import load_config
-    from collegeadvisor.export import export_gguf
     from collegeadvisor.train import train
     from helpers import advisor_rows, write_jsonl
 
-    root = tmp_path_factory.mktemp("llamacpp_run")
+    root = tmp_path_factory.mktemp("smol_run")
     data = write_jsonl(root / "scorecard.jsonl", advisor_rows(12))
     cfg = load_config(None, dict(base_model=str(smol_tiny_model), data=str(data), output_dir=str(root / "runs"),
                                  max_steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, sample_every=0,
-                                 val_fraction=0.0, run_name="gguf"))
-    run = train(cfg, log=lambda _: None)
-    gguf = export_gguf(run, run / "export" / "gguf", "f32")
-    return run, gguf
+                                 val_fraction=0.0, run_name="smol"))
+    return train(cfg, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory, smol_run):
+    """smol_run and its f32 GGUF export (in a folder of its own, with the export's record beside it)."""
+    from collegeadvisor.export import export_gguf
+
+    return smol_run, export_gguf(smol_run, tmp_path_factory.mktemp("smol_gguf"), "f32")

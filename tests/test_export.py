@@ -28,21 +28,6 @@ PROMPTS = [
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-@pytest.fixture(scope="module")
-def smol_run(tmp_path_factory, smol_tiny_model):
-    """A complete 3-step run on the tiny model with SmolLM2's real (byte-level BPE, ChatML) tokenizer."""
-    from collegeadvisor.config import load_config
-    from collegeadvisor.train import train
-    from helpers import advisor_rows, write_jsonl
-
-    root = tmp_path_factory.mktemp("smol_run")
-    data = write_jsonl(root / "scorecard.jsonl", advisor_rows(12))
-    cfg = load_config(None, dict(base_model=str(smol_tiny_model), data=str(data), output_dir=str(root / "runs"),
-                                 max_steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, sample_every=0,
-                                 val_fraction=0.0, run_name="smol"))
-    return train(cfg, log=lambda _: None)
-
-
 @pytest.fixture(scope="module", params=["tinyllama", "smollm2"])
 def run(request, trained_run):
     return trained_run if request.param == "tinyllama" else request.getfixturevalue("smol_run")

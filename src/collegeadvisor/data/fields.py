@@ -70,7 +70,7 @@ VALUE_PATTERN = {"money": r"-?\$[\d,]+", "ratio": r"\d+\.\d+", "years": r"\d+\.\
 def value_text(form: str, v: float) -> str:
     if form == "money":
         return f"${v:,.0f}" if v >= 0 else f"-${-v:,.0f}"
-    if form in ("ratio",):
+    if form == "ratio":
         return f"{v:.2f}"
     if form == "years":
         return f"{v:.1f}"

@@ -150,6 +150,5 @@ def evaluate(run_dir: Path, questions_path: Path | None = None, out_dir: Path | 
     meta = {"run": str(Path(run_dir).resolve()), "questions": str(questions_path), "base_model": manifest["base_model"]["spec"],
             "template_sha256": manifest["format"]["template_sha256"], "max_new_tokens": max_new_tokens,
             "engine": model.describe() if is_engine(model) else engine,
-            "tokens_per_s": {label: r.get("tokens_per_s") for label, r in results.items()},
             "n_questions": len(questions), "retrieval": retriever is not None}
     return write_report(out_dir, results, samples, metrics_jsonl=Path(run_dir) / "metrics.jsonl", meta=meta)
