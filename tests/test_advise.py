@@ -5,7 +5,7 @@ import re
 import pytest
 
 from collegeadvisor import advise, grounding
-from collegeadvisor.data.scorecard import load_table, program_name
+from collegeadvisor.data.scorecard import load_table, program_name, read_row
 
 
 def _plan(*turns: str, retrieve=None) -> advise.Plan:
@@ -120,3 +120,35 @@ def test_a_failed_model_answer_becomes_the_dataset_answer_for_the_asked_row():
     done = advise.finish(p, failed)
     assert done["grounding"]["status"] == "verified" and done["grounding"]["fallback"]
     assert done["text"].startswith("[1] Bachelor's Degree in Marketing at University of Georgia.")
+
+
+@pytest.mark.parametrize("question", [
+    "uga marketing bs",  # earnings
+    "is a bachelors in marketing at uga worth it vs just high school",  # premium: a verdict
+    "how much debt after the marketing bs at uga",  # debt
+    "what do marketing grads from uga make",  # open: every credential's earnings
+    "marketing bs: uga or georgia tech, which one's grads make more?",  # compare: the winner
+])
+def test_an_answer_that_leaves_out_what_was_asked_becomes_the_dataset_answer(question):
+    p = _plan(question)
+    assert p.kind and p.rows
+    cite = {str(r["row_id"]): i for i, r in enumerate(p.rows, 1)}
+    own = advise.answer_text(p.kind[0], p.kind[1], p.rows, cite)
+    assert advise.unanswered(p, grounding.check(own, p.passages, expected=p.expected)) is None  # the dataset's own
+    # a verified answer about the right row that says only its name: no answer to the question
+    bare = f"[1] {grounding.row_names(read_row(p.passages[0]))[0]}"
+    verdict = grounding.check(bare, p.passages, expected=p.expected)
+    assert verdict["status"] != "unverified" and advise.unanswered(p, verdict)
+    done = advise.finish(p, {"text": bare, "grounding": verdict | {"status": "verified"}})
+    assert done["text"] == own and done["grounding"]["fallback"] and done["grounding"]["left_out"]
+
+
+def test_a_premium_question_answered_with_earnings_alone_gets_its_verdict():
+    p = _plan("is a bachelors in marketing at uga worth it vs just high school")
+    earnings = re.search(r"Median earnings [^:]*: \$[\d,]+", p.passages[0]).group()
+    text = f"[1] {grounding.row_names(read_row(p.passages[0]))[0]} {earnings}."
+    verdict = grounding.check(text, p.passages, expected=p.expected)
+    assert verdict["status"] == "verified"  # every figure is the row's: the check alone passes it
+    done = advise.finish(p, {"text": text, "grounding": verdict})
+    assert done["text"].startswith("[1] Yes.") or done["text"].startswith("[1] No.")
+    assert "verdict" in done["grounding"]["left_out"]

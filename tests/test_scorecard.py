@@ -21,6 +21,7 @@ from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.grounding import check
 
 N, HELD = 400, 60
+TALK = {"follow_up", "no_row", "unknown_school", "ambiguous", "off_topic"}
 HELDOUT_KEYS = {"question", "answer", "numeric", "kind", "source", "context", "context_ids"}
 
 
@@ -44,7 +45,7 @@ def read(path):
 
 
 def row_ids(source):
-    ids = {source["row_id"]} | ({source["compare_with"]["row_id"]} if "compare_with" in source else set())
+    ids = {source["row_id"]} if "row_id" in source else set() | ({source["compare_with"]["row_id"]} if "compare_with" in source else set())
     return ids | {r["row_id"] for r in source.get("rows", [])}
 
 
@@ -98,16 +99,18 @@ def test_training_examples_cite_their_rows(built, table):
     rows = by_id(table)
     assert len(train) == stats["examples"] == N
     counts = stats["kinds"]
-    assert sum(counts.values()) == N and set(counts) == set(KIND_MIX) | {"not_in_context", "no_context"}
+    assert sum(counts.values()) == N and set(counts) - TALK == set(KIND_MIX) | {"not_in_context", "no_context"}
     assert counts["compare"] == round(N * KIND_MIX["compare"]) and counts["open"] == round(N * KIND_MIX["open"])
-    for ex in train:
+    templated = [ex for ex in train if "talk" not in ex["source"]]  # tests/test_scorecard_talk.py has the rest
+    assert len(templated) > 0.85 * N
+    for ex in templated:
         user, assistant = ex["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert ex["source"]["school"] in user["content"]
+        assert ex["source"].get("loose") or ex["source"]["school"] in user["content"]
         check_answer(ex["kind"], assistant["content"], ex["source"], ex["context"], rows)
     premium = [ex["messages"][1]["content"] for ex in train if ex["kind"] == "premium"]
     assert any("fails the test" in a for a in premium) and any("passes the test" in a for a in premium)
-    assert len({ex["messages"][0]["content"] for ex in train}) == N  # no question twice
+    assert len({ex["messages"][0]["content"] for ex in templated}) == len(templated)  # no question twice
     assert stats["retrieval"] == retrieval_spec()
 
 
@@ -153,6 +156,8 @@ def test_contexts_are_built_as_raft_builds_them(built, table):
     for ex in train:
         ctx = ex["context"]
         assert len(set(ctx)) == len(ctx) <= MAX_PASSAGES
+        if "talk" in ex["source"]:
+            continue
         truth = [docs[r] for r in row_ids(ex["source"])]
         if ex["kind"] == "no_context":
             assert ctx == []

@@ -22,10 +22,20 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 from collegeadvisor import grounding
-from collegeadvisor.data.fields import KIND, KIND_OF_FIELD, VERDICT_SIGN, covers
-from collegeadvisor.data.scorecard import load_table, program_name, read_row, row_document, row_metadata, row_values
-from collegeadvisor.data.scorecard_answers import answer_text, question_text
-from collegeadvisor.data.scorecard_text import SHORT_CREDENTIAL
+from collegeadvisor.data.fields import KIND
+from collegeadvisor.data.scorecard import load_table, nearest_rows, program_name, row_document, row_metadata
+from collegeadvisor.data.scorecard_answers import (
+    ambiguous_reply,
+    answer_text,
+    ask_program_reply,
+    ask_school_reply,
+    credential_words,
+    kind_for,
+    no_row_reply,
+    off_topic_reply,
+    question_text,
+    unknown_school_reply,
+)
 from collegeadvisor.generate import answer
 from collegeadvisor.kb import Retriever
 from collegeadvisor.kb.resolve import Resolution, compare_cue, resolve_conversation
@@ -33,7 +43,6 @@ from collegeadvisor.kb.resolve import Resolution, compare_cue, resolve_conversat
 NEAREST = 3  # rows a "not in the data" answer offers instead
 CANDIDATES = 8  # schools listed when a name fits several
 LEVEL_ORDER = ["3", "5", "2", "6", "7", "1", "8", "4", "99"]  # an open credential: the rows shown first
-COVERS = covers()
 FIXED_STATUS = {"no_row": "verified", "unknown_school": "verified", "off_topic": "verified",
                 "ambiguous": "no_claims", "ask_program": "no_claims", "ask_school": "no_claims"}
 
@@ -89,7 +98,7 @@ def credential_phrase(levels: Sequence[str]) -> str:
     table = load_table()
     found = table.loc[table["credential_level"].astype(str) == str(levels[0]), "credential_desc"] if levels else []
     desc = str(found.iloc[0]) if len(found) else "degree"
-    return SHORT_CREDENTIAL.get(desc, desc) if len(levels) == 1 else "credential"
+    return credential_words(desc) if len(levels) == 1 else "credential"
 
 
 # ------------------------------------------------------------------------------------------ finding rows
@@ -116,63 +125,38 @@ def find(unitid: str, programs: Sequence[str], levels: Sequence[str]) -> tuple[l
 
 
 def nearest(unitid: str, programs: Sequence[str], levels: Sequence[str], n: int = NEAREST) -> list[dict]:
-    """What a school lists instead: the asked program at other credentials, else programs of the same family
-    (CIP 2-digit) or sharing a word, at the asked credential first."""
-    rows = _records(unitid)
-    same = [r for r in rows if program_name(r) in programs]
-    if same:
-        return same[:n]
+    """What a school lists instead (`data.scorecard.nearest_rows`)."""
     table = load_table()
-    cips = {str(c)[:2] for c in table.loc[table["cip_desc"].str.rstrip(".").isin(list(programs)), "cip_code"]}
-    words = {w.lower() for p in programs for w in p.replace(",", " ").split() if len(w) > 3}
-    scored = [((str(r["cip_code"])[:2] in cips) * 2 + bool(words & set(program_name(r).lower().split())) * 1.5
-               + (str(r["credential_level"]) in set(levels)) * 0.5, i) for i, r in enumerate(rows)]
-    return [rows[i] for s, i in sorted(scored, key=lambda x: -x[0]) if s >= 2][:n]
+    families = {str(c)[:2] for c in table.loc[table["cip_desc"].str.rstrip(".").isin(list(programs)), "cip_code"]}
+    return nearest_rows(_records(unitid), programs, levels, families, n)
 
 
 # ------------------------------------------------------------------------------------------ deciding
-def _kind(asked: str, record: dict) -> tuple[str, str]:
-    """The dataset's (kind, sub) for one row and the field asked (`data.fields.KINDS`): its answer's form, and "no
-    data" where the row lacks that field."""
-    spec = KIND_OF_FIELD.get(asked, KIND["earnings"])
-    value = row_values(record).get(spec.field)
-    if value is None:
-        return "no_data", spec.name
-    sign = -1 if value.startswith("-") else 1
-    return spec.name, next((s for s in spec.subs if VERDICT_SIGN.get(s) == sign), spec.name)
-
-
 def _ask(res: Resolution, decision: str, reply: str, why: str) -> Plan:
     return Plan(decision, res, reply=reply, why=why)
 
 
 def _fixed(res: Resolution) -> Plan | None:
     """The decisions that need no row: a topic the data doesn't hold, a school it doesn't, a name several share."""
-    where = f" at {res.schools[0].units[0][1]}" if res.schools and len(res.schools[0].units) == 1 else ""
+    where = res.schools[0].units[0][1] if res.schools and len(res.schools[0].units) == 1 else None
     if res.off_topic:
-        return _ask(res, "off_topic", f"The College Scorecard data I answer from doesn't cover {res.off_topic}"
-                    f"{where}. {COVERS} Ask me about one of those.", f"the data does not cover {res.off_topic}")
+        return _ask(res, "off_topic", off_topic_reply(res.off_topic, where), f"the data does not cover {res.off_topic}")
     if res.unknown_school:
-        return _ask(res, "unknown_school", f'The College Scorecard has no school named "{res.unknown_school}". '
-                    "Check the spelling, or write the school's full name and its state.",
+        return _ask(res, "unknown_school", unknown_school_reply(res.unknown_school),
                     f"no school named {res.unknown_school!r}")
     for school in res.schools:
         if len(school.units) > 1 and res.programs:  # the one of them that has the asked row is the one meant
             having = tuple(u for u in school.units if find(u[0], res.programs[0], res.levels)[0])
             school.units = having if len(having) == 1 else school.units
         if len(school.units) > 1:
-            listed = "; ".join(f"{u[1]} ({u[2]})" for u in school.units[:CANDIDATES])
-            more = f", and {len(school.units) - CANDIDATES} more" if len(school.units) > CANDIDATES else ""
-            return _ask(res, "ambiguous", f'Several schools in the College Scorecard go by "{school.text}": '
-                        f"{listed}{more}. Which one do you mean? Add its full name or its state.",
-                        f"{school.text!r} fits {len(school.units)} schools")
+            reply = ambiguous_reply(school.text, [(u[1], u[2]) for u in school.units[:CANDIDATES]],
+                                    max(0, len(school.units) - CANDIDATES))
+            return _ask(res, "ambiguous", reply, f"{school.text!r} fits {len(school.units)} schools")
     if res.schools and not res.programs:
         name = res.schools[0].units[0][1] if res.schools[0].units else res.schools[0].text
-        return _ask(res, "ask_program", f"Which program at {name}? Name one, and a credential such as a "
-                    "bachelor's or a master's, and I'll look up its College Scorecard row.", "no program named")
+        return _ask(res, "ask_program", ask_program_reply(name), "no program named")
     if res.programs and not res.schools:
-        return _ask(res, "ask_school", "Which school? Name one, and I'll look up its College Scorecard row for "
-                    f"{res.programs[0][0]}.", "no school named")
+        return _ask(res, "ask_school", ask_school_reply(res.programs[0][0]), "no school named")
     return None
 
 
@@ -181,17 +165,8 @@ def _missing(res: Resolution, unitid: str, name: str, why: str, retrieve_rows: l
     program = res.programs[0][0]
     what = f"{credential_phrase(res.levels)} in {program}" if res.levels else f"{program} program"
     near = nearest(unitid, res.programs[0], res.levels)
-    text = f"The College Scorecard has no {what} for {name}."
-    if near:
-        listed = " ".join(f"[{i}] {grounding.row_names(grounding_row(r))[0]}" for i, r in enumerate(near, 1))
-        text += f" What it lists there instead: {listed}"
-    return Plan("no_row", res, hits=[hit_of(r) for r in near], reply=text,
+    return Plan("no_row", res, hits=[hit_of(r) for r in near], reply=no_row_reply(what, name, near),
                 why=f"{name} has no row for {what}" + (" (the credential)" if why == "credential" else ""))
-
-
-def grounding_row(record: dict) -> dict:
-    """A table row as `grounding` reads one back from its document."""
-    return read_row(row_document(record))
 
 
 def _with_neighbours(rows: list[dict], question: str, retrieve: Retriever | None, k: int) -> list[dict]:
@@ -219,7 +194,7 @@ def _single(res: Resolution, unitid: str, name: str, retrieve: Retriever | None,
     asked = res.field or "earnings"
     if len(rows) > 1 and asked == "earnings":
         return _model_plan(res, "open", ("open", "open"), rows[:k], retrieve, k)
-    return _model_plan(res, "answer", _kind(asked, rows[0]), rows[:1], retrieve, k)
+    return _model_plan(res, "answer", kind_for(asked, rows[0]), rows[:1], retrieve, k)
 
 
 def _shared_level(pairs: list[tuple[str, str, Sequence[str], tuple]]) -> tuple[str, ...]:
@@ -239,18 +214,18 @@ def _compare(res: Resolution, pairs: list[tuple[str, str, Sequence[str], tuple]]
     rows = [f[0][0] for f in found if f[0]]
     missing = [(name, programs, levels) for (u, name, programs, levels), f in zip(pairs, found) if not f[0]]
     if missing:
-        said = " ".join(f"The College Scorecard has no {credential_phrase(lv) + ' in ' if lv else ''}{programs[0]} "
-                        f"for {name}." for name, programs, lv in missing)
+        said = " ".join(no_row_reply(f"{credential_phrase(lv) + ' in ' if lv else ''}{programs[0]}", name)
+                        for name, programs, lv in missing)
         if not rows:
             return Plan("no_row", res, reply=said, why="neither side is in the data")
-        kind = _kind("earnings", rows[0])
+        kind = kind_for("earnings", rows[0])
         text = answer_text(kind[0], kind[1], rows, {str(rows[0]["row_id"]): 1})
         return Plan("no_row", res, hits=[hit_of(rows[0])], expected=[1], rows=rows, kind=kind,
                     reply=f"{said} So I can't compare the two; the other side: {text}",
                     why=f"{missing[0][0]} has no such row")
-    if any(_kind("earnings", r)[0] == "no_data" for r in rows):
+    if any(kind_for("earnings", r)[0] == "no_data" for r in rows):
         cite = {str(r["row_id"]): i for i, r in enumerate(rows, 1)}
-        texts = [answer_text(*_kind("earnings", r), [r], cite) for r in rows]
+        texts = [answer_text(*kind_for("earnings", r), [r], cite) for r in rows]
         return Plan("compare", res, hits=[hit_of(r) for r in rows], expected=[1, 2], rows=rows,
                     reply=" ".join(texts) + " With one side's earnings suppressed, the data can't say which pays more.",
                     why="one side's earnings are suppressed")
@@ -292,20 +267,46 @@ def fixed_result(p: Plan) -> dict:
             "grounding": verdict | {"fixed": True}, "raw_grounding": verdict}
 
 
+def unanswered(p: Plan, verdict: dict) -> str | None:
+    """What a checked answer leaves out of what was asked, or None: a premium question's verdict (Yes / No /
+    Unknown), the asked field's figure or "no data" for the asked row, every asked row's earnings for an open
+    question, the winner of a comparison. A verified answer about the right row that says something else (its
+    earnings for a premium question) is no answer to the question."""
+    if not p.kind or not p.rows:
+        return None
+    kind, sub = p.kind
+    claims = [c for c in verdict.get("claims") or [] if not c.get("problem")]
+    stated = lambda row, types, fields: any(  # noqa: E731
+        c["row"] == row and c["type"] in types and (fields is None or c["field"] in fields) for c in claims)
+    if kind == "compare":
+        return None if any(c["type"] == "winner" for c in claims) else "which of the two earns more"
+    if kind == "open":
+        missing = [i for i in p.expected if not stated(i, ("figure", "no_data"), ("earnings",))]
+        return f"the earnings of row [{missing[0]}]" if missing else None
+    spec = KIND[sub if kind == "no_data" else kind]
+    if spec.score == "verdict":
+        return None if stated(1, ("verdict",), None) else "the verdict (Yes, No or Unknown)"
+    fields = None if kind == "no_data" else (spec.field,)
+    return None if stated(1, ("figure", "no_data") if kind != "no_data" else ("no_data",), fields) \
+        else f"the {spec.field} asked"
+
+
 def finish(p: Plan, result: dict) -> dict:
-    """A generated answer that failed its check after every retry becomes the dataset's own answer for the asked
-    rows (the form the model was trained to write), checked like any other. An answer to a question that resolved
-    to no row is "unresolved" at best: its figures match the rows it cites, but nothing says those are the rows
-    meant."""
+    """A generated answer that failed its check after every retry, or that leaves out what was asked
+    (`unanswered`), becomes the dataset's own answer for the asked rows (the form the model was trained to write),
+    checked like any other. An answer to a question that resolved to no row is "unresolved" at best: its figures
+    match the rows it cites, but nothing says those are the rows meant."""
     verdict = result.get("grounding") or {}
     if p.decision == "retrieval" and verdict.get("status") == "verified":  # its rows may not be the ones meant
         return result | {"grounding": verdict | {"status": "unresolved"}}
-    if not verdict.get("fallback") or not p.kind or not p.rows:
+    left_out = unanswered(p, verdict) if verdict.get("status") == "verified" else None
+    if not (verdict.get("fallback") or left_out) or not p.kind or not p.rows:
         return result
     cite = {str(r["row_id"]): i for i, r in enumerate(p.rows, 1)}
     text = answer_text(p.kind[0], p.kind[1], p.rows, cite)
     return result | {"text": text, "grounding": grounding.check(text, p.passages, expected=p.expected)
-                     | {"fallback": True, "attempts": verdict.get("attempts")}}
+                     | {"fallback": True, "attempts": verdict.get("attempts")}
+                     | ({"left_out": left_out} if left_out else {})}
 
 
 def respond(model, tokenizer, conversations: Sequence[Sequence[dict]], retrieve: Retriever | None, k: int = 3,

@@ -109,6 +109,8 @@ class KindSpec:
     score: str = "figure"  # how eval scores an answer: figure (the value), verdict (yes / no on the value's sign)
     model_template: int = 0  # the question template advise asks the model in
     topic: str = ""  # what the data covers, said where a question asks for something else
+    loose: tuple[str, ...] = ()  # the same question as students type it ({what} "cs bs", {school} "uga")
+    follow: tuple[str, ...] = ()  # a follow-up that asks for this field about the row just discussed
 
     @property
     def subs(self) -> dict[str, float]:
@@ -141,6 +143,10 @@ KINDS: tuple[KindSpec, ...] = (
              r"|\bpaycheck"),
         specificity=0,
         no_data_share=0.40,
+        loose=("{school} {what} salary?", "how much do {what} grads make at {school}",
+               "what do ppl make after {what} at {school}", "{what} at {school}, pay after graduating?",
+               "{school} {what} how much do grads earn", "whats the median income for {what} from {school}"),
+        follow=("and the salary?", "what do they make?", "ok and how much do grads earn?"),
     ),
     KindSpec(
         "debt", "debt", 0.10,
@@ -159,6 +165,9 @@ KINDS: tuple[KindSpec, ...] = (
         cue=r"\bdebt|\bloans?\b|\bowe\b|\bborrow",
         specificity=2,
         no_data_share=0.25,
+        loose=("{school} {what} debt?", "how much debt after {what} at {school}",
+               "how much will i owe for {what} at {school}", "{what} {school} student loans how much"),
+        follow=("what about debt?", "and the debt?", "how much do they owe?"),
     ),
     KindSpec(
         "debt_to_earnings", "ratio", 0.12,
@@ -183,6 +192,9 @@ KINDS: tuple[KindSpec, ...] = (
             "{horizon} after completion).")},
         needs=("earnings", "debt"),
         no_data_share=0.15,
+        loose=("{what} at {school} debt to income ratio?", "can i handle the loans from {what} at {school}",
+               "{school} {what} debt vs salary"),
+        follow=("and the debt to earnings ratio?", "what about debt vs pay?"),
         no_data_answer="{tag} {name}. Debt-to-earnings ratio: no data (its {missing} is {suppressed}).",
     ),
     KindSpec(
@@ -219,6 +231,9 @@ KINDS: tuple[KindSpec, ...] = (
         no_data_answer=("{tag} Unknown. {name}. Median earnings: no data ({suppressed}), so the Scorecard can't tell "
                         "whether it pays more than a high-school diploma."),
         score="verdict",
+        loose=("is {what} at {school} worth it vs just high school", "do {school} {what} grads earn more than ppl "
+               "with only a hs diploma", "{what} {school} worth it compared to high school?"),
+        follow=("is it worth it vs high school?", "do they out-earn high school grads?"),
         # "Is a ... worth it compared to just high school?" (0) drew figures after "Unknown ... no data" in 4 of 4
         # suppressed rows tried; "Do ... grads from ... earn more than high school graduates?" (1) in none.
         model_template=1,
@@ -240,6 +255,8 @@ KINDS: tuple[KindSpec, ...] = (
              r"|\bnumber of (?:grads|graduates|students|completers)\b|\bhow big is\b"),
         specificity=-1,
         no_data_share=0.05,
+        loose=("how many ppl finish {what} at {school}", "how many grads does {school} {what} have"),
+        follow=("how many finish it?", "and how many graduates?"),
         no_data_answer="{tag} {name}. Completers: no data (not reported for this row).",
     ),
 )
@@ -252,6 +269,44 @@ def covers() -> str:
     topics = [k.topic for k in KINDS]
     return ("For each school, program and credential, the College Scorecard reports "
             f"{', '.join(topics[:-1])} and {topics[-1]}.")
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic students ask about that the Scorecard's rows don't hold: resolution finds it by its cue and the reply
+    names it; the dataset asks its questions ({school}) so the model learns the same reply."""
+    name: str  # as the reply names it ("tuition and costs")
+    cue: str  # regex: a question asks about it (with none of the KINDS' cues)
+    questions: tuple[str, ...]
+
+
+UNCOVERED: tuple[Topic, ...] = (
+    Topic("tuition and costs", r"tuition|cost of attendance|sticker price|\bfees?\b|\bcosts?\b|\bprice\b|expensive",
+          ("how much is tuition at {school}", "whats the cost of attendance for {school}?",
+           "is {school} expensive", "{school} tuition per year?")),
+    Topic("admissions", r"admission|acceptance rate|admit rate|get in(?:to)?\b|selectiv|\bapply\b|application"
+                        r"|admitted",
+          ("what's the acceptance rate at {school}", "how hard is it to get into {school}?",
+           "{school} admission requirements")),
+    Topic("test scores", r"\bsat\b|\bact scores?\b|\bgpa\b|test scores?",
+          ("what sat score do i need for {school}", "average gpa at {school}?")),
+    Topic("campus housing and student life", r"housing|dorms?\b|residence hall|room and board|meal plan|campus life|"
+                                             r"roommate|\bclubs?\b|dining|\bfood\b|party|parties|nightlife|student life",
+          ("how's the campus housing at {school}", "are the dorms at {school} any good?",
+           "what's student life like at {school}")),
+    Topic("rankings", r"\brank(?:ed|ing|ings)?\b|prestig|reputation",
+          ("how is {school} ranked?", "is {school} prestigious")),
+    Topic("graduation and retention rates", r"graduation rate|retention|drop ?out",
+          ("what's the graduation rate at {school}?", "do a lot of people drop out of {school}")),
+    Topic("financial aid and scholarships", r"financial aid|scholarship|\bgrants?\b|fafsa",
+          ("does {school} give good financial aid?", "scholarships at {school}?")),
+    Topic("sports", r"football|basketball|athletic|\bsports?\b", ("is {school} good at football",)),
+    Topic("campus safety", r"safety|\bcrime|\bsafe\b", ("is {school} safe?", "crime near {school} campus")),
+    Topic("class sizes and faculty", r"class size|student[- ]to[- ]faculty|professors?|faculty|teachers are",
+          ("what are class sizes like at {school}", "are the professors at {school} good?")),
+    Topic("location and weather", r"weather|climate|parking|\bcity like\b",
+          ("what's the weather like at {school}", "is parking bad at {school}?")),
+)
 
 
 @lru_cache(maxsize=1)

@@ -177,3 +177,15 @@ def row_format_id() -> str:
     so a model is never served rows written in another format than the one it was trained to read."""
     text = "\n".join(row_document(r) for r in _FORMAT_PROBES)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def nearest_rows(rows: list[dict], programs, levels, families: set[str], n: int = 3) -> list[dict]:
+    """What a school lists instead of an asked row it lacks, from its rows: the asked program at other credentials,
+    else programs of the same family (CIP 2-digit `families`) or sharing a word, at the asked credential first."""
+    same = [r for r in rows if program_name(r) in programs]
+    if same:
+        return same[:n]
+    words = {w.lower() for p in programs for w in p.replace(",", " ").split() if len(w) > 3}
+    scored = [((str(r["cip_code"])[:2] in families) * 2 + bool(words & set(program_name(r).lower().split())) * 1.5
+               + (str(r["credential_level"]) in set(levels)) * 0.5, i) for i, r in enumerate(rows)]
+    return [rows[i] for s, i in sorted(scored, key=lambda x: -x[0]) if s >= 2][:n]

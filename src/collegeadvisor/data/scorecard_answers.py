@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from collegeadvisor.data.fields import FIELD, KIND, suppressed_field
+from collegeadvisor.data.fields import FIELD, KIND, KIND_OF_FIELD, VERDICT_SIGN, covers, suppressed_field
 from collegeadvisor.data.scorecard import HORIZON, _missing, program_name, row_names, row_values, winner_sentence
-from collegeadvisor.data.scorecard_text import SHORT_CREDENTIAL, SUPPRESSED, TEMPLATES
+from collegeadvisor.data.scorecard_text import (
+    AMBIGUOUS,
+    ASK_PROGRAM,
+    ASK_SCHOOL,
+    NO_ROW,
+    NO_ROW_NEAREST,
+    OFF_TOPIC,
+    SHORT_CREDENTIAL,
+    SUPPRESSED,
+    TEMPLATES,
+    UNKNOWN_SCHOOL,
+)
 
 
 def _what(r, rng) -> tuple[str, str]:
@@ -127,3 +138,51 @@ def reference_for(kind: str, sub: str, recs: list[dict]) -> dict[str, Any]:
     hi, lo = (a, b) if a["earnings"] > b["earnings"] else (b, a)
     return {"numeric": float(hi["earnings"]),
             "source": row_source(hi, "earnings") | {"compare_with": row_source(lo, "earnings")}}
+
+
+def kind_for(asked: str, r) -> tuple[str, str]:
+    """The dataset's (kind, sub) for a question asking for field `asked` about row r (`data.fields.KINDS`): its
+    answer's form, and "no data" where the row lacks that field."""
+    spec = KIND_OF_FIELD.get(asked, KIND["earnings"])
+    value = row_values(r).get(spec.field)
+    if value is None:
+        return "no_data", spec.name
+    sign = -1 if value.startswith("-") else 1
+    return spec.name, next((s for s in spec.subs if VERDICT_SIGN.get(s) == sign), spec.name)
+
+
+# ------------------------------------------------------------------------------------------ fixed replies
+def credential_words(desc: str) -> str:
+    """How a sentence names a credential ("bachelor's", "certificate")."""
+    return SHORT_CREDENTIAL.get(desc, desc)
+
+
+def no_row_reply(what: str, school: str, nearest: list[dict] | None = None) -> str:
+    """The asked row isn't in the data ("no bachelor's in Criminal Justice for Vanderbilt University"); the rows the
+    school lists instead follow, each cited [1], [2]... and named as what it is."""
+    text = NO_ROW.format(what=what, school=school)
+    if nearest:
+        text += NO_ROW_NEAREST.format(listed=" ".join(f"[{i}] {row_name(r)}." for i, r in enumerate(nearest, 1)))
+    return text
+
+
+def unknown_school_reply(school: str) -> str:
+    return UNKNOWN_SCHOOL.format(school=school)
+
+
+def ambiguous_reply(name: str, candidates: list[tuple[str, str]], more: int = 0) -> str:
+    """A name several schools share: each candidate (school, state), by state, and how many more there are."""
+    listed = "; ".join(f"{school} ({state})" for school, state in sorted(candidates, key=lambda c: (c[1], c[0])))
+    return AMBIGUOUS.format(name=name, listed=listed, more=f", and {more} more" if more else "")
+
+
+def off_topic_reply(topic: str, school: str | None = None) -> str:
+    return OFF_TOPIC.format(topic=topic, where=f" at {school}" if school else "", covers=covers())
+
+
+def ask_program_reply(school: str) -> str:
+    return ASK_PROGRAM.format(school=school)
+
+
+def ask_school_reply(program: str) -> str:
+    return ASK_SCHOOL.format(program=program)

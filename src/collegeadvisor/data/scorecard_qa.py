@@ -8,6 +8,9 @@ grounded examples: a question, the retrieved rows it is answered from, and an an
 - "No data" questions ask about a suppressed row among distractors that carry figures: the answer says no data.
 - Questions that leave the credential open are answered with up to three matching rows, each by its credential.
 - A few questions come with no rows at all: the answer states no figure and asks for a school and program.
+- A share is then asked the way students write (`data.scorecard_talk`): loose wording, follow-ups, and turns
+  answered by the fixed replies advise gives (a row the school lacks, an unknown or ambiguous school, a topic the
+  data doesn't cover). Held-out questions keep the templated wording.
 
 Every answer cites its row as "[n]" and names the field of each figure ("Median debt: $23,456"), the form that
 `grounding` checks and generation constrains. Deterministic for a seed.
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from collegeadvisor.data.fields import FIELD, FIELDS, KINDS, VERDICT_SIGN
+from collegeadvisor.data.fields import FIELD, FIELDS, KINDS, UNCOVERED, VERDICT_SIGN
 from collegeadvisor.data.scorecard import (
     _row_ids,
     load_table,
@@ -38,7 +41,20 @@ from collegeadvisor.data.scorecard_answers import (
     row_source,
     templates,
 )
-from collegeadvisor.data.scorecard_text import NO_CONTEXT_ANSWER, NOT_COVERED, TEMPLATES
+from collegeadvisor.data.scorecard_talk import FIXED_MIX, FOLLOW_SHARE, LOOSE_SHARE, converse
+from collegeadvisor.data.scorecard_text import (
+    AMBIGUOUS,
+    CREDENTIAL_SLANG,
+    FOLLOW_UPS,
+    LOOSE_TEMPLATES,
+    NO_CONTEXT_ANSWER,
+    NO_ROW,
+    NOT_COVERED,
+    OFF_TOPIC,
+    TEMPLATES,
+    UNKNOWN_SCHOOL,
+    alias_table,
+)
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.fsutil import atomic_write_json, atomic_write_jsonl
 from collegeadvisor.models import EMBEDDING_MODEL
@@ -70,7 +86,10 @@ def builder_id() -> str:
     """A fingerprint of what this builder writes for a seed (the kinds, their words and shares, the row format): a
     dataset built by another version is rebuilt rather than trained on (`dataset_is_current`)."""
     parts = (KINDS, STRUCTURAL_MIX, NO_DATA_MIX, COMPARE_MIX, TEMPLATES, NO_CONTEXT_ANSWER, NOT_COVERED,
-             NOT_COVERED_SHARE, NO_CONTEXT_SHARE, FIRST_SHARE, SAME_PROGRAM_FIRST, MAX_PASSAGES, row_format_id())
+             NOT_COVERED_SHARE, NO_CONTEXT_SHARE, FIRST_SHARE, SAME_PROGRAM_FIRST, MAX_PASSAGES, row_format_id(),
+             LOOSE_SHARE, FOLLOW_SHARE, FIXED_MIX, LOOSE_TEMPLATES, CREDENTIAL_SLANG, FOLLOW_UPS, UNCOVERED, NO_ROW,
+             UNKNOWN_SCHOOL, AMBIGUOUS, OFF_TOPIC, sorted(alias_table()["schools"].items()),
+             sorted(alias_table()["programs"].items()))
     return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
 
 
@@ -333,7 +352,7 @@ def _finish(df, ex: dict, ctx_rows: list[int] | None, recs: dict[int, dict], cov
         return ex | {"kind": "not_in_context", "answer": NOT_COVERED.format(name=row_name(asked[0])), "context": context,
                      "source": row_source(asked[0]) | {"asked": ex["kind"]}}
     cite = {recs[r]["row_id"]: i for i, r in enumerate(ctx_rows, 1)}
-    return ex | {"answer": answer_text(ex["kind"], ex["sub"], asked, cite), "context": context,
+    return ex | {"ctx_rows": ctx_rows, "answer": answer_text(ex["kind"], ex["sub"], asked, cite), "context": context,
                  "context_ids": [str(recs[r]["row_id"]) for r in ctx_rows], **reference_for(ex["kind"], ex["sub"], asked)}
 
 
@@ -368,13 +387,16 @@ def build_scorecard_dataset(out_dir: Path, n_examples: int = 8000, n_heldout: in
     no_context = {int(i) for i in picked[:n_none]}
     not_covered = {int(i) for i in picked[n_none:n_none + round(NOT_COVERED_SHARE * len(single))]}
     train = _ground(df, train, keys, np.flatnonzero(~held), rng, no_context, not_covered)
+    train = converse(df, train, np.flatnonzero(~held), np.random.default_rng([seed, 3]))
     heldout = _ground(df, heldout, keys, np.arange(len(df)), rng, set(), set())
 
     out_dir = Path(out_dir)
     train_path, heldout_path = out_dir / "scorecard.jsonl", out_dir / "heldout.jsonl"
     atomic_write_jsonl(train_path, (
-        {"messages": [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["answer"]}],
-         "kind": ex["kind"], "source": ex["source"], "context": ex["context"]}
+        {"messages": ex.get("messages") or [{"role": "user", "content": ex["question"]},
+                                            {"role": "assistant", "content": ex["answer"]}],
+         "kind": ex["kind"], "source": ex["source"] | ({"loose": True} if ex.get("loose") else {}),
+         "context": ex["context"]}
         for ex in train
     ))
     atomic_write_jsonl(heldout_path, (
@@ -390,7 +412,7 @@ def build_scorecard_dataset(out_dir: Path, n_examples: int = 8000, n_heldout: in
         "retrieval_grounded": sum(1 for ex in train if ex["context"]),
         "heldout": len(heldout),
         "heldout_kinds": dict(Counter(ex["kind"] for ex in heldout)),
-        "rows_used": len({r for ex in train for r in ex["rows"]}),
+        "rows_used": len({r for ex in train for r in ex.get("rows", ())}),
         "rows_heldout": int(held.sum()),
         "retrieval": retrieval_spec(),
         "paths": {"train": str(train_path), "heldout": str(heldout_path)},

@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from importlib import resources
 
 from collegeadvisor.data.scorecard import load_table
+from collegeadvisor.data.scorecard_text import alias_table
 from collegeadvisor.kb.parse import CREDENTIAL_WORDS, STATES, _campus, _preferred, _shortened, names, normalize
 
 COMMON = 4.5  # wordfreq zipf at or above which a word is an ordinary word, not a school's nickname
@@ -18,10 +17,7 @@ INITIAL_SKIP = {"of", "the", "at", "and", "&", "in", "for", "a", "an", "on"}
 
 @lru_cache(maxsize=1)
 def aliases() -> dict[str, dict]:
-    text = resources.files("collegeadvisor.kb").joinpath("aliases.json").read_text(encoding="utf-8")
-    table = json.loads(text)
-    return {kind: {" ".join(normalize(k)): v for k, v in entries.items()}
-            for kind, entries in table.items() if not kind.startswith("_")}
+    return {kind: {" ".join(normalize(k)): v for k, v in entries.items()} for kind, entries in alias_table().items()}
 
 
 @lru_cache(maxsize=1)

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
-from collegeadvisor.data.fields import question_cues
+from collegeadvisor.data.fields import UNCOVERED, question_cues
 from collegeadvisor.data.scorecard import load_table
 from collegeadvisor.kb.nameindex import aliases, name_indexes, zipf_of
 from collegeadvisor.kb.parse import (
@@ -56,21 +56,7 @@ COMPARE_CUE = re.compile(r"\b(?:or|vs|versus|compare|compared|comparison|which|b
 # The field a question asks for, most specific first (`data.fields.KINDS`); a topic the Scorecard doesn't hold
 # (asked without any of these fields) gets a sentence on what the data covers.
 FIELD_CUES = question_cues()
-OFF_TOPIC = [
-    ("tuition and costs", r"tuition|cost of attendance|sticker price|\bfees?\b|\bcosts?\b|\bprice\b|expensive"),
-    ("admissions", r"admission|acceptance rate|admit rate|get in(?:to)?\b|selectiv|\bapply\b|application|admitted"),
-    ("test scores", r"\bsat\b|\bact scores?\b|\bgpa\b|test scores?"),
-    ("campus housing and student life", r"housing|dorms?\b|residence hall|room and board|meal plan|campus life|"
-                                        r"roommate|\bclubs?\b|"
-                                        r"dining|\bfood\b|party|parties|nightlife"),
-    ("rankings", r"\brank(?:ed|ing|ings)?\b|prestig|reputation"),
-    ("graduation and retention rates", r"graduation rate|retention|drop ?out"),
-    ("financial aid and scholarships", r"financial aid|scholarship|\bgrants?\b|fafsa"),
-    ("sports", r"football|basketball|athletic|\bsports?\b"),
-    ("campus safety", r"safety|\bcrime|\bsafe\b"),
-    ("class sizes and faculty", r"class size|student[- ]to[- ]faculty|professors?|faculty|teachers are"),
-    ("location and weather", r"weather|climate|parking|\bcity like\b"),
-]
+OFF_TOPIC = [(topic.name, topic.cue) for topic in UNCOVERED]
 _OFF_RE = [(name, re.compile(p, re.I)) for name, p in OFF_TOPIC]
 _UNKNOWN_SCHOOL = re.compile(
     rf"\b((?:the\s+)?(?:[a-z][a-z&'.-]*\s+){{0,3}}(?:{SCHOOL_WORDS})(?:\s+of(?:\s+[a-z][a-z&'.-]*){{1,3}})?)\b")
