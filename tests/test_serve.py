@@ -19,7 +19,7 @@ from collegeadvisor.errors import AdvisorError
 from collegeadvisor.generate import answer, generate, stream_batch
 from collegeadvisor.serve import bind, register, serving
 from collegeadvisor.serve import app as serve_app
-from collegeadvisor.serve.app import create_app
+from collegeadvisor.serve.app import create_app, grounded_fields
 
 QUESTION = "What do graduates of program 3 earn at school 3?"
 ASK = [{"role": "user", "content": QUESTION}]
@@ -340,3 +340,11 @@ def test_overlapping_stop_strings_cut_at_the_earliest_in_both_paths():
 
     assert cut_at_stop("abcd", ["c", "bc"]) == 1  # "bc" starts first, whatever the list's order
     assert cut_at_stop("abcd", ["x", ""]) is None
+
+
+def test_an_answer_replaced_for_leaving_out_what_was_asked_says_so():
+    verdict = {"status": "verified", "cited": [1], "problems": [], "fallback": True,
+               "left_out": "the verdict (Yes, No or Unknown)"}
+    fields = grounded_fields(HITS, verdict)["grounding"]
+    assert fields["fallback"] and fields["left_out"] == "the verdict (Yes, No or Unknown)"
+    assert "left_out" not in grounded_fields(HITS, verdict | {"left_out": None})["grounding"]

@@ -107,7 +107,8 @@ def grounded_fields(hits: Sequence[dict], verdict: dict | None) -> dict[str, Any
     cited = [{"index": n, **sources[n - 1]} for n in verdict["cited"] if 1 <= n <= len(sources)]
     return {"sources": sources, "grounding": {"status": verdict["status"], "cited": cited,
                                               "problems": verdict["problems"],
-                                              "fallback": bool(verdict.get("fallback"))}}
+                                              "fallback": bool(verdict.get("fallback"))}
+                                 | ({"left_out": verdict["left_out"]} if verdict.get("left_out") else {})}
 
 
 @dataclass
