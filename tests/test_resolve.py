@@ -39,6 +39,7 @@ def test_every_alias_names_a_real_school_or_program():
     ("housing at kent state", "Kent State University at Kent"),  # "X at Campus" means the main campus
     ("econ at Ohio State University", "Ohio State University-Main Campus"),
     ("history bachelors at alabama tuscaloosa", "The University of Alabama"),  # a state, then its city
+    ("how about at u of m twin cities", "University of Minnesota-Twin Cities"),  # a common initialism + campus
 ])
 def test_schools_as_people_write_them(text, school):
     assert _school(text) == (school,)
@@ -56,6 +57,7 @@ def test_schools_as_people_write_them(text, school):
     ("poli sci ba at pitt", "Political Science and Government"),
     ("if i do ed admin phd at michigan st", "Educational Administration and Supervision"),
     ("uw seattle mannagement information systems bs", "Management Information Systems and Services"),  # not "management"
+    ("med school at wisconsin madison, whats the median salary", "Medicine"),  # a professional school by its name
 ])
 def test_programs_as_people_write_them(text, program):
     assert resolve_turn(text).programs[0][0] == program

@@ -56,12 +56,19 @@ def name_indexes() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...
     taken = set(aliases()["programs"]) | set(aliases()["credentials"]) | set(_credential_keys())
     schools: dict[str, tuple[str, ...]] = {}
     generated: dict[str, set[str]] = {}
+    with_campus: dict[str, set[str]] = {}
     for name in table["inst_name"].dropna().unique():
+        campus = _campus(name)[1].removesuffix(" campus")
         for key in _initialisms(name):
             if zipf(key) < COMMON and key not in taken:
                 generated.setdefault(key, set()).add(name)
+            if campus:  # "u of m twin cities": an initialism too common alone, with its campus names one school
+                with_campus.setdefault(f"{key} {campus}", set()).add(name)
     for key, found in generated.items():
         schools[key] = _dominant(found, sizes)
+    for key, found in with_campus.items():
+        if len(found) == 1 and key not in schools:
+            schools[key] = tuple(found)
     for key, (_, found) in idx.short_schools.items():  # one word, "University"/"College" left out
         if not key.startswith("?") and (len(key.split()) > 1 or (zipf(key) < COMMON and len(key) > 3)):
             schools[key] = _narrowed(key, found, sizes)  # "temple": Temple University, not Temple College
