@@ -169,3 +169,23 @@ def test_a_comparisons_winner_can_only_be_the_row_that_earns_more(tokenizer):
     assert _rivals_banned(tokenizer, rules, both + " Graduates of", ["Colorado State University-Fort Collins"])
     wrong = both + " Graduates of Colorado State University-Fort Collins earn more."
     assert grounding.check(wrong, DOCS)["status"] == "unverified"
+
+
+def test_a_value_slot_keeps_the_space_dollar_whatever_order_the_vocabulary_comes_in(tokenizer):
+    """After "Median earnings ...:" the slot keeps " $" (the dataset writes ": $52,861"). A token class is asked
+    about by one of its texts; when " $" shared a class with " ($", the text that happened to come first in the
+    process's vocabulary order decided for both, and answers lost the space in some processes and not others."""
+    from collegeadvisor.generate import _token_classes
+
+    rules = Rules(DOCS, None, [1])
+    text = f"[1] {grounding.row_names(read_row(DOCS[0]))[0]} Median earnings four years after completion:"
+    assert rules.value_slot(text)
+    assert _spelling(tokenizer, " $") <= _kept(tokenizer, rules, text) or _spelling(tokenizer, " ") <= _kept(
+        tokenizer, rules, text)
+    for kind in ("figure", "word"):  # a class never mixes texts that begin differently once stripped
+        for _, (ids, _piece) in _token_classes(tokenizer)[kind]:
+            texts = {tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)]).strip()[:1]
+                     for i in ids}
+            assert len(texts) <= 1 or kind == "word", texts
+    assert list(_token_texts(tokenizer).values())[0][0] == min(i for ids in _token_texts(tokenizer).values()
+                                                               for i in ids)  # the vocabulary read by id

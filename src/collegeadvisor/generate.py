@@ -53,7 +53,9 @@ def _token_texts(tokenizer) -> dict[str, list[int]]:
     """Every token's text (as it reads after other text: SentencePiece's word-start marker "▁" as a space) -> the
     ids that spell it."""
     out: dict[str, list[int]] = {}
-    for token, i in tokenizer.get_vocab().items():
+    # by id: a fast tokenizer's get_vocab() comes in another order in each process, and the first text of a token
+    # class stands for the class (`_token_classes`), so an unsorted vocabulary could decode differently per process
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         text = tokenizer.convert_tokens_to_string([token])
         if token.startswith("\u2581") and not text.startswith(" "):  # SentencePiece's word-start marker
             text = " " + text

@@ -46,7 +46,8 @@ def signature(piece: str) -> tuple:
     lead = _LEAD.match(body).group()
     head = _LEAD.match(piece).group()
     return ("figure", body is piece or body == piece, lead, bool(body[len(lead):]), head, bool(piece[len(head):]),
-            re.match(r"[0-9]+", piece).group() if piece[:1].isdigit() and re.match(r"[0-9]+", piece) else None)
+            re.match(r"[0-9]+", piece).group() if piece[:1].isdigit() and re.match(r"[0-9]+", piece) else None,
+            piece.strip()[:1])  # how it begins, stripped: a field's value slot keeps " $" and not " ($"
 
 
 def _variants(value: str) -> set[str]:
