@@ -4,7 +4,7 @@ llama.cpp's server (`grammar`, GBNF) and vLLM's structured outputs (xgrammar rea
 `Rules` (grounding.rules) holds a partial answer to the rows it cites one token at a time; a grammar can't read an
 answer back, so it holds the same claims by where they may be written (`claims.check` is what the grammar answers):
 
-    root   ::= fixed | answer                  (answer alone where `expected` names rows: they must be cited)
+    root   ::= fixed | answer | fixed block+   (answer alone where `expected` names rows: they must be cited)
     answer ::= first block* | a comparison: each of two or three rows with earnings cited once, then its winner
     first  ::= "[i] " verdict? name body        (i: a row asked about, `expected`, or any citable passage)
     block  ::= "[j] " name body                  (j: a citable passage)
@@ -240,7 +240,9 @@ def gbnf(passages: Sequence[str], expected: Collection[int] | None = None) -> st
     citable = [n for n in range(1, len(ctx.passages) + 1) if wanted is None or n in wanted or ctx.row(n) is None]
     first = [n for n in citable if not wanted or n in wanted]  # the answer opens with a row asked about
     # a question resolved to rows (`expected`) is answered about them: no answer that cites nothing
-    rules = ["root ::= " + ("an" if first and wanted else "fx | an" if first else "fx")]
+    # without `expected`, also a fixed sentence then rows named as what they are ("The College Scorecard has no ...
+    # What it lists there instead: [1] <name>."): the reply for a row a school lacks, as the dataset teaches it
+    rules = ["root ::= " + ("an" if first and wanted else "fx | an | fx b+" if first else "fx")]
     # fixed: no citation, no figure, no verdict, no winner
     rules += ['fx ::= fv fx-x | fx-s fx-a', 'fx-s ::= ws | ps | pm | "("', 'fx-a ::= "" | fx-s fx-a | fv fx-x',
               'fx-x ::= "" | fx-s fx-a', f"ws ::= {_WS}", f"ps ::= {_STOP}", f"pm ::= {_OTHER}"]
