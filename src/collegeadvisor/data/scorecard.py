@@ -189,3 +189,9 @@ def nearest_rows(rows: list[dict], programs, levels, families: set[str], n: int 
     scored = [((str(r["cip_code"])[:2] in families) * 2 + bool(words & set(program_name(r).lower().split())) * 1.5
                + (str(r["credential_level"]) in set(levels)) * 0.5, i) for i, r in enumerate(rows)]
     return [rows[i] for s, i in sorted(scored, key=lambda x: -x[0]) if s >= 2][:n]
+
+
+def row_records(df, rows) -> dict[int, dict]:
+    """The table's rows at these positions, as records by position (each once)."""
+    rows = sorted({int(r) for r in rows})
+    return dict(zip(rows, df.iloc[rows].to_dict("records")))

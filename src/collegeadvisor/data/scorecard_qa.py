@@ -32,6 +32,7 @@ from collegeadvisor.data.scorecard import (
     load_table,
     row_document,
     row_format_id,
+    row_records,
 )
 from collegeadvisor.data.scorecard_answers import (
     answer_text,
@@ -253,11 +254,6 @@ def _open_rows(keys, pool: np.ndarray, allowed: np.ndarray) -> dict[int, tuple[i
     return {int(a): tuple(int(r) for r in _members(group, keys["open_name"][a])) for a in pool}
 
 
-def _row_records(df, rows) -> dict[int, dict]:
-    rows = sorted(set(rows))
-    return dict(zip(rows, df.iloc[rows].to_dict("records")))
-
-
 # ------------------------------------------------------------------------------------------ examples
 def _examples(df, keys, pools, part: np.ndarray, n: int, rng, label: str) -> list[dict[str, Any]]:
     """n questions about rows in `part`, in the KIND_MIX, no question twice: {kind, sub, rows, question}."""
@@ -274,7 +270,7 @@ def _examples(df, keys, pools, part: np.ndarray, n: int, rng, label: str) -> lis
             plans[(kind, sub)] = (need, [(rows_of[rows[0]], t) for rows, t in picks])
         else:
             plans[(kind, sub)] = (need, _draw(rng, pool, want, len(templates(kind, sub))))
-    recs = _row_records(df, [r for _, cands in plans.values() for rows, _ in cands for r in rows])
+    recs = row_records(df, [r for _, cands in plans.values() for rows, _ in cands for r in rows])
     out, seen = [], set()
     for (kind, sub), (need, cands) in plans.items():
         got = 0
@@ -361,7 +357,7 @@ def _ground(df, examples, keys, allowed: np.ndarray, rng, no_context: set[int], 
     has_data = df["earnings"].notna().to_numpy()
     ctx = {i: None if i in no_context else _context(rng, ex, i not in not_covered, keys, groups, allowed, has_data)
            for i, ex in enumerate(examples)}
-    recs = _row_records(df, [r for i, ex in enumerate(examples) for r in (*ex["rows"], *(ctx[i] or []))])
+    recs = row_records(df, [r for i, ex in enumerate(examples) for r in (*ex["rows"], *(ctx[i] or []))])
     return [_finish(df, ex, ctx[i], recs, i not in not_covered) for i, ex in enumerate(examples)]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from collegeadvisor.data.fields import KIND, KINDS, UNCOVERED, suppressed_field
-from collegeadvisor.data.scorecard import nearest_rows, program_name, row_document, row_values
+from collegeadvisor.data.scorecard import nearest_rows, program_name, row_document, row_records, row_values
 from collegeadvisor.data.scorecard_answers import (
     ambiguous_reply,
     answer_text,
@@ -260,16 +260,11 @@ def _shared(df, allowed: np.ndarray, rng):
             yield str(name), list(shared[int(rng.integers(len(shared)))].values())
 
 
-def _records(df, rows) -> dict[int, dict]:
-    rows = sorted(set(int(r) for r in rows))
-    return dict(zip(rows, df.iloc[rows].to_dict("records")))
-
-
 def converse(df, examples: list[dict], allowed: np.ndarray, rng) -> list[dict]:
     """The examples with a share reworded loosely, a share made follow-ups, and a share replaced by fixed-reply
     turns (`FIXED_MIX`), the count unchanged. Rows come from `allowed` (the training rows) only."""
     grounded = [i for i, ex in enumerate(examples) if ex.get("ctx_rows") and ex["kind"] != "not_in_context"]
-    recs = _records(df, [r for i in grounded for r in (*examples[i]["rows"], *examples[i]["ctx_rows"])])
+    recs = row_records(df, [r for i in grounded for r in (*examples[i]["rows"], *examples[i]["ctx_rows"])])
     single = [i for i in grounded if examples[i]["kind"] in SINGLE]
     order = [int(i) for i in rng.permutation(single)]
     counts = {k: round(share * len(examples)) for k, share in FIXED_MIX.items()}
@@ -292,7 +287,7 @@ def converse(df, examples: list[dict], allowed: np.ndarray, rng) -> list[dict]:
             new = _unknown(ex, recs, taken, rng)
         elif kind == "ambiguous":
             name, rows = next(shared, (None, []))
-            new = _ambiguous(list(_records(df, rows).values()), name, rng) if name else None
+            new = _ambiguous(list(row_records(df, rows).values()), name, rng) if name else None
         else:
             new = _off_topic(ex, recs, rng)
         out[i] = new or ex
