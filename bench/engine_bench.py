@@ -2,7 +2,9 @@
 (`advise`), answered by
 - `bare`: llama.cpp on the run's GGUF with the same prompt ids and token budget, nothing of ours in the way
   (llama-cpp-python's own `generate`, no constraint, no check);
-- `llamacpp`: `--engine llamacpp` (the grounding constraint inside llama.cpp's sampling, the check, retries);
+- `llamacpp`: `--engine llamacpp` (the grounding constraint inside llama.cpp's sampling, the check, retries), which
+  decodes greedy replies with prompt lookup;
+- `llamacpp-token`: the same, token by token (`LlamaCpp.draft = 0`): the prompt-lookup lever on its own;
 - `torch`: `--engine torch` (base + merged adapter, fp32), one question at a time as a single client sends them.
 
 Each engine runs in its own process, one after another (peak RSS is the process's). Reports whole-answer latency
@@ -26,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name, write_section  # noqa: E402
 
-ENGINES = ("bare", "llamacpp", "torch")
+ENGINES = ("bare", "llamacpp", "llamacpp-token", "torch")
 KINDS = ("numeric_correct", "yes_no_correct", "no_data_correct")
 
 
@@ -48,12 +50,14 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
     questions = load_questions(default_questions(manifest), n)
     retrieve = run_retriever(run)
     model, tok, _ = load_engine(run, "torch" if engine == "torch" else "llamacpp", "cpu", threads=threads)
+    if engine == "llamacpp-token":
+        model.draft = 0
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
     plans = [advise.plan(c, retrieve) for c in convs]
     rows = []
     for q, c, p in zip(questions, convs, plans):
         if p.reply is not None:  # a fixed reply: no generation in any engine
-            rows.append({"fixed": True, "score": score_reply(q, p.reply, True, 0)})
+            rows.append({"fixed": True, "score": score_reply(q, p.reply, True, 0), "text": p.reply})
             continue
         messages, passages = advise.model_messages(p, c), p.passages
         ids = encode_prompt(tok, with_context(messages, passages))
@@ -68,16 +72,17 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
         else:
             r = advise.finish(p, answer(model, tok, [messages], [passages], max_new_tokens=max_new_tokens,
                                         batch_size=1, expected=[p.expected or None])[0])
-            text, n_tokens, attempts = r["text"], r["n_tokens"], r["grounding"].get("attempts", 1)
+            text, n_tokens, attempts = r["text"], r["n_tokens"], r["grounding"].get("attempts") or 1
         dt = time.perf_counter() - t0
         rows.append({"fixed": False, "latency": dt, "prompt_tokens": len(ids), "tokens": n_tokens,
-                     "attempts": attempts, "score": score_reply(q, text, True, n_tokens),
+                     "attempts": attempts, "score": score_reply(q, text, True, n_tokens), "text": text,
                      "status": None if engine == "bare" else r["grounding"]["status"]})
     out.write_text(json.dumps({"engine": engine, "rows": rows,
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def summary(res: dict) -> dict:
+def summary(res: dict, same_as: dict | None = None) -> dict:
+    """One engine's figures; `same_as`: another engine's results, whose texts this one's are compared with."""
     gen = [r for r in res["rows"] if not r["fixed"]]
     lat = [r["latency"] for r in gen]
     acc = {}
@@ -89,14 +94,17 @@ def summary(res: dict) -> dict:
             "mean_tokens": statistics.mean(r["tokens"] for r in gen),
             "mean_prompt": statistics.mean(r["prompt_tokens"] for r in gen),
             "retried": sum(r["attempts"] > 1 for r in gen), "rss": res["peak_rss_mb"], "acc": acc,
-            "unverified": sum(r.get("status") == "unverified" for r in gen)}
+            "unverified": sum(r.get("status") == "unverified" for r in gen),
+            "same": None if same_as is None else sum(a["text"] == b["text"] for a, b in zip(
+                res["rows"], same_as["rows"]) if not a["fixed"])}
 
 
 def table(sums: list[dict]) -> str:
     base = next((s for s in sums if s["engine"] == "bare"), None)
     lines = ["| engine | answers | p50 s | p95 s | total s | vs bare (p50 / p95 / total) | generated tok/s | mean "
-             "tokens | retried | peak RSS MB | figures | yes/no | no data | unverified |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "tokens | retried | peak RSS MB | figures | yes/no | no data | unverified | same text as "
+             "llamacpp-token |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sums:
         ratio = "-" if base is None or s is base else (
             f"{s['p50'] / base['p50']:.2f}x / {s['p95'] / base['p95']:.2f}x / {s['total'] / base['total']:.2f}x")
@@ -104,7 +112,8 @@ def table(sums: list[dict]) -> str:
                for k in KINDS]
         lines.append(f"| {s['engine']} | {s['answers']} | {s['p50']:.2f} | {s['p95']:.2f} | {s['total']:.1f} | {ratio} | "
                      f"{s['tok_s']:.1f} | {s['mean_tokens']:.0f} | {s['retried']} | {s['rss']:.0f} | "
-                     + " | ".join(acc) + f" | {'-' if s['engine'] == 'bare' else s['unverified']} |")
+                     + " | ".join(acc) + f" | {'-' if s['engine'] == 'bare' else s['unverified']} | "
+                     + ("-" if s["same"] is None else f"{s['same']} of {s['answers']}") + " |")
     return "\n".join(lines)
 
 
@@ -127,15 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker, run, args.n, args.max_new_tokens, args.threads, Path(args.worker_out))
         return 0
-    sums = []
+    sums, results = [], {}
+    engines = args.engines.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        for engine in args.engines.split(","):
+        for engine in sorted(engines, key=lambda e: e != "llamacpp-token"):  # the texts the others are compared with
             out = Path(tmp) / f"{engine}.json"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--run", str(run), "--n", str(args.n), "--max-new-tokens",
                             str(args.max_new_tokens), "--threads", str(args.threads), "--worker", engine,
                             "--worker-out", str(out)], check=True)
-            sums.append(summary(json.loads(out.read_text())))
+            results[engine] = json.loads(out.read_text())
+            sums.append(summary(results[engine], None if engine in ("bare", "llamacpp-token")
+                                else results.get("llamacpp-token")))
             print(f"{engine}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
             print(table(sums).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(sums))
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "one after another; fixed replies (no row, off topic, ...) generate nothing and are left out of the "
                 "timings but not of the accuracy. `bare`: llama-cpp-python's `generate` on the same GGUF (q8_0) and "
                 "prompt ids, nothing of ours; `llamacpp`: `--engine llamacpp`, grounded (constraint, check, "
-                "retries); `torch`: `--engine torch`, fp32, merged adapter.\n\n" + table(sums))
+                "retries), greedy replies decoded with prompt lookup; `llamacpp-token`: the same token by token; "
+                "`torch`: `--engine torch`, fp32, merged adapter.\n\n" + table(sums))
         write_section("Engines", body)
     return 0
 

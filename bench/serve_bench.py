@@ -21,8 +21,10 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -31,7 +33,7 @@ from collegeadvisor.fsutil import atomic_write_text
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name  # noqa: E402
 from collegeadvisor.data.heldout import default_questions, load_questions
-from collegeadvisor.runs import find_run, load_engine, load_run, run_retriever
+from collegeadvisor.runs import find_run, load_run, run_retriever, run_tokenizer
 from collegeadvisor.serve import serving
 from collegeadvisor.serve.app import create_app
 
@@ -56,7 +58,8 @@ def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool, promp
     t0 = time.perf_counter()
     if prompts is not None:  # bare llama.cpp: the rendered prompt, as our server would send its engine
         r = http.post("/v1/completions", json={"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                                               "temperature": 0.0, "stream": False})
+                                               "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                               "repeat_penalty": 1.0, "stream": False})
         r.raise_for_status()
         return {"latency": time.perf_counter() - t0, "tokens": r.json()["usage"]["completion_tokens"], "ttft": None}
     if not stream:
@@ -113,12 +116,37 @@ def level(url: str, clients: int, n_requests: int, max_tokens: int, stream: bool
             "ttft_p50_ms": 1000 * statistics.median(ttft) if ttft else None}
 
 
-def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
-    """The same questions' prompts (as `advise` renders them for the engine) sent to llama-cpp-python's own server
-    on the run's GGUF, at the same concurrency levels and token budget."""
+@contextmanager
+def server_process(argv: list[str], probe: str) -> Iterator[str]:
+    """A server started as its own process (as users start it) on a free loopback port: its URL until the block
+    ends. `argv` gets `--host 127.0.0.1 --port PORT`; `probe` is a path that answers 200 once it is ready."""
     import socket
     import subprocess
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(argv + ["--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(480):
+            if server.poll() is not None:
+                raise SystemExit(f"serve_bench: the server exited ({server.returncode}): {' '.join(argv)}")
+            try:
+                if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
+    """The same questions' prompts (as `advise` renders them for the engine) sent to llama-cpp-python's own server
+    on the run's GGUF, at the same concurrency levels and token budget."""
     from collegeadvisor import advise
     from collegeadvisor.chat_format import render_text, with_context
     from collegeadvisor.llamacpp import gguf_for_run
@@ -130,9 +158,6 @@ def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
         if plan.reply is None:
             prompts.append(render_text(tok, with_context(advise.model_messages(plan, conv), plan.passages),
                                        add_generation_prompt=True))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # llama.cpp's AMX matmul segfaults on the developers' Xeons: the server loads as our engine does there, without
     # extra buffer types (llamacpp.LlamaCpp); nothing else of ours runs in it
     launch = ("import sys, runpy, llama_cpp.llama_cpp as L\n"
@@ -141,26 +166,16 @@ def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
               "if _has_amx(): L.llama_model_default_params = lambda: _without_extra_bufts(d())\n"
               "sys.argv = ['llama_cpp.server'] + sys.argv[1:]\n"
               "runpy.run_module('llama_cpp.server', run_name='__main__')\n")
-    server = subprocess.Popen([sys.executable, "-c", launch, "--model", str(gguf_for_run(run, manifest)),
-                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads",
-                               str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url, rows = f"http://127.0.0.1:{port}", []
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    rows = []
+    with server_process([sys.executable, "-c", launch, "--model", str(gguf_for_run(run, manifest)), "--n_ctx", "4096",
+                         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)],
+                        "/v1/models") as url:
         with httpx.Client(base_url=url, timeout=600) as http:
             for i in range(WARMUP):
                 one_request(http, i, args.max_tokens, False, prompts)
         for clients in (int(c) for c in args.levels.split(",")):
             rows.append(level(url, clients, args.requests, args.max_tokens, False, prompts, "bare llama.cpp"))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return rows
 
 
@@ -204,17 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     run = find_run(args.run, args.output_dir)
-    if args.engine is None:
+    if args.engine is None:  # the torch model in this process, served by the app on a thread
         model, tok, manifest = load_run(run, device="cpu")
         retrieve = None
-    else:
-        model, tok, manifest = load_engine(run, args.engine, "cpu", threads=args.threads)
+        server = serving(create_app(model, tok, manifest, retriever=retrieve, batch_size=args.batch_size))
+    else:  # `collegeadvisor serve --engine ...` in its own process, as users start it (and as bare llama.cpp runs)
+        tok, manifest, _ = run_tokenizer(run)
         retrieve = run_retriever(run, rag=True) if args.rag else None
+        cli = Path(sys.executable).with_name("collegeadvisor")
+        server = server_process([str(cli), "serve", "--run", str(run), "--engine", args.engine, "--threads",
+                                 str(args.threads), "--batch-size", str(args.batch_size),
+                                 "--rag" if args.rag else "--no-rag"], "/health")
     if retrieve is not None:  # the held-out questions, as users ask them of the served run
         QUESTIONS[:] = [q["question"] for q in load_questions(default_questions(manifest), args.requests)]
-    app = create_app(model, tok, manifest, retriever=retrieve, batch_size=args.batch_size)
     rows = []
-    with serving(app) as url:
+    with server as url:
         with httpx.Client(base_url=url, timeout=600) as http:  # warm-up: the first generate calls run slow
             for i in range(WARMUP):
                 one_request(http, i, args.max_tokens, stream=i % 2 == 1)
@@ -224,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
                                   label=f"{args.engine or 'torch'} {'stream' if mode == 'stream' else 'batched'}"))
                 print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     if args.baseline:
-        del model
         rows += bare_llamacpp(run, manifest, tok, retrieve, args)
     print(table(rows))
     if args.out:
@@ -240,16 +258,18 @@ def main(argv: list[str] | None = None) -> int:
                "as served (resolution, retrieval k = 3, constraint, check). `bare llama.cpp`: llama-cpp-python's own "
                "server on the same GGUF, sent the same rendered prompts (non-streaming), nothing of ours. "
                if args.rag else "")
-            + f"Run `{run.name}` on base model "
-            f"`{manifest['base_model']['spec']}`, served by `collegeadvisor serve`'s app (uvicorn, loopback, CPU, "
-            f"fp32, greedy, batch size {args.batch_size}); {platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads. After {WARMUP} warm-up requests, "
+            + f"Run `{run.name}` on base model `{manifest['base_model']['spec']}`, "
+            + (f"served by `collegeadvisor serve --engine {args.engine} --threads {args.threads}` in its own process "
+               f"(uvicorn, loopback, greedy; the bench's clients in another process)" if args.engine else
+               f"served by `collegeadvisor serve`'s app (uvicorn, loopback, CPU, fp32, greedy, batch size "
+               f"{args.batch_size}; torch {torch.__version__} with {torch.get_num_threads()} threads)")
+            + f"; {platform.machine()}, {os.cpu_count()} cores. After {WARMUP} warm-up requests, "
             f"each level sends {args.requests} requests from the given number of concurrent clients, each client "
             "sending its next request when the last one returns. `batched`: non-streaming requests, grouped by "
-            "the server into one `generate` call; `stream`: server-sent events, likewise grouped into one batched `generate` call, each row's tokens sent to its own client as they come.\n\n"
+            "the server into one `generate` call (an engine of its own answers them one after another); `stream`: "
+            "server-sent events (a grounded answer is sent once it has passed its check).\n\n"
             f"{table(rows)}\n\n"
-            "The machine is shared with other developers' jobs, so the numbers are noisy; compare levels within "
-            "one run, not across runs."
+            "Compare levels and servers within one run, not across runs."
         )
         title = SECTION if args.engine is None else f"{SECTION}: grounded, by engine"
         write_section(Path(args.out), body, title)

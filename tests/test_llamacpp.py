@@ -15,6 +15,7 @@ pytest.importorskip("llama_cpp")
 from collegeadvisor.chat_format import encode_prompt, render_text, stop_token_ids, with_context  # noqa: E402
 from collegeadvisor.errors import AdvisorError, ManifestError  # noqa: E402
 from collegeadvisor.generate import _processors, answer, generate  # noqa: E402
+from collegeadvisor.llamacpp import LOOKUP_DRAFT  # noqa: E402
 from collegeadvisor.runs import load_engine  # noqa: E402
 
 DOC = ("Test University (OH, public): Bachelor's Degree in Nursing. Completers: 45. Median earnings four years after "
@@ -26,6 +27,17 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_restored():
+    """The engine puts torch on one thread for the whole process (beside llama.cpp's): the tests after these get
+    their threads back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def engine(gguf_run):
     run, gguf = gguf_run
@@ -33,7 +45,10 @@ def engine(gguf_run):
 
 
 def test_prompts_are_the_torch_engines_token_for_token(engine):
+    import torch
+
     llm, tok, _ = engine
+    assert torch.get_num_threads() == 1  # the constraint's torch work leaves the cores to llama.cpp's threads
     assert llm.n_vocab() == len(tok)
     for conv in QUESTIONS:
         messages = with_context(conv, [DOC])
@@ -52,6 +67,63 @@ def test_a_constraint_is_applied_inside_llamacpps_sampling(engine):
 
     out = llm.complete(encode_prompt(tok, QUESTIONS[0]), 6, constraint=only_sevens)
     assert out == [only] * 6
+
+
+def _forcing(target: list[int], prompt_len: int):
+    """A constraint that leaves only target[k] at the reply's k-th token."""
+    def force(input_ids, scores):
+        k = input_ids.shape[-1] - prompt_len
+        keep = scores[0, target[k]].clone()
+        scores[:] = float("-inf")
+        scores[0, target[k]] = keep
+        return scores
+    return force
+
+
+def test_prompt_lookup_checks_guesses_in_one_pass_and_keeps_only_the_right_ones(engine):
+    """Greedy replies decode with prompt lookup: a reply that copies a run of its prompt is checked a draft at a time
+    (fewer llama.cpp passes than tokens), each token is still chosen under the constraint given the tokens before
+    it, and after a wrong guess the cache holds the reply's own tokens, not the guesses."""
+    llm, tok, _ = engine
+    prompt = encode_prompt(tok, with_context(QUESTIONS[0], [DOC]))
+    copied = tok.encode(" Median earnings four years after completion: $54,321. High-school graduate earnings in OH",
+                        add_special_tokens=False)
+    target = copied[:9] + tok.encode(" Zebra", add_special_tokens=False) + copied[9:]  # a wrong guess midway
+    passes, decode = [], llm.llm._ctx.decode
+    llm.llm._ctx.decode = lambda batch: (passes.append(batch.n_tokens()), decode(batch))[1]
+    try:
+        out = llm.complete(prompt, len(target), constraint=_forcing(target, len(prompt)))
+    finally:
+        del llm.llm._ctx.decode
+    assert out == target
+    assert len(passes) < len(target) / 2 and max(passes[1:]) > 1
+    cached = list(llm.llm.input_ids[:llm.llm.n_tokens])
+    assert cached == (prompt + out)[:len(cached)] and len(cached) >= len(prompt) + len(out) - 1
+    llm.draft = 0
+    try:  # token by token (and sampled replies, through llama-cpp-python's generate): one pass a token
+        passes.clear()
+        llm.llm._ctx.decode = lambda batch: (passes.append(batch.n_tokens()), decode(batch))[1]
+        assert llm.complete(prompt, len(target), constraint=_forcing(target, len(prompt))) == target
+        assert max(passes[1:]) == 1
+    finally:
+        del llm.llm._ctx.decode
+        llm.draft = LOOKUP_DRAFT
+
+
+def test_a_reply_after_another_reuses_the_shared_start_and_answers_as_if_alone(engine):
+    llm, tok, _ = engine
+    first, second = (encode_prompt(tok, with_context(q, [DOC])) for q in QUESTIONS)
+    llm.llm.reset()
+    alone = llm.complete(second, 12)
+    llm.complete(first, 12)
+    passes, decode = [], llm.llm._ctx.decode
+    llm.llm._ctx.decode = lambda batch: (passes.append(batch.n_tokens()), decode(batch))[1]
+    try:
+        again = llm.complete(second, 12)
+    finally:
+        del llm.llm._ctx.decode
+    assert again == alone
+    assert passes[0] < len(second) - 20  # the template's head and the rows were not evaluated again
 
 
 def test_after_a_citation_the_engine_writes_only_the_cited_rows_name(engine):

@@ -26,6 +26,8 @@ from collegeadvisor.errors import AdvisorError, ManifestError, missing_dependenc
 PROVENANCE = "collegeadvisor-export.json"
 DEFAULT_GGUF = Path("export") / "gguf" / "model-q8_0.gguf"  # inside the run: what `export --to gguf` writes
 N_CTX = 4096  # a grounded prompt is ~420 tokens, answers a few hundred: room for a conversation too
+LOOKUP_DRAFT = 4  # prompt lookup: tokens guessed per pass (0: token by token)
+LOOKUP_NGRAM = 3  # the longest run of the reply's last tokens looked up in the prompt
 _LOAD = threading.Lock()
 
 
@@ -67,7 +69,7 @@ class LlamaCpp:
 
     engine = "llamacpp"
 
-    def __init__(self, gguf: str | Path, threads: int | None = None, n_ctx: int = N_CTX):
+    def __init__(self, gguf: str | Path, threads: int | None = None, n_ctx: int = N_CTX, draft: int = LOOKUP_DRAFT):
         try:  # llama-cpp-python: the optional extra, loaded with the engine
             import llama_cpp
         except ImportError as exc:
@@ -86,12 +88,17 @@ class LlamaCpp:
                 raise AdvisorError(f"{gguf}: llama.cpp could not load it ({exc})") from None
             finally:
                 llama_cpp.llama_cpp.llama_model_default_params = defaults
-        self.path, self.threads, self.n_ctx = Path(gguf), threads, n_ctx
+        self.path, self.threads, self.n_ctx, self.draft = Path(gguf), threads, n_ctx, draft
+        # llama.cpp's threads own the cores. What torch does in this process beside it (the constraint's masks at
+        # each token, the knowledge base's query embedding) is small, and on torch's own pool of threads it
+        # contended with llama.cpp's: served replies took 1.2-1.3 s instead of 0.93-0.97 (BENCHMARKS.md, Engines)
+        torch_threads(1)
         self.lock = threading.Lock()  # one context: one generation at a time
         self._processors = llama_cpp.LogitsProcessorList
 
     def describe(self) -> str:
-        return f"llamacpp ({self.path.name}, {self.threads} threads)"
+        lookup = f", prompt lookup {self.draft}" if self.draft else ""
+        return f"llamacpp ({self.path.name}, {self.threads} threads{lookup})"
 
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
@@ -105,7 +112,20 @@ class LlamaCpp:
                  on_token: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> list[int]:
         """The new token ids after `prompt`, up to and including the first stop id, at most max_new_tokens;
         `constraint(input_ids, scores)` (a transformers LogitsProcessor over one row) masks the scores of each step
-        before sampling; `on_token` gets each id as it comes; a set `cancel` ends the reply."""
+        before sampling; `on_token` gets each id as it comes; a set `cancel` ends the reply.
+
+        Greedy replies (temperature 0, what serve and eval use) decode with prompt lookup (`_greedy`); sampled ones
+        through llama-cpp-python's `generate`."""
+        with self.lock:
+            if not temperature and self.draft:
+                try:
+                    return self._greedy(list(prompt), max_new_tokens, constraint, set(stops), on_token, cancel)
+                finally:  # the logits left behind are not the cached tokens' last: a later `generate` must eval
+                    self.llm._requires_eval = True
+            return self._sampled(list(prompt), max_new_tokens, temperature, top_p, constraint, set(stops), on_token,
+                                 cancel)
+
+    def _sampled(self, prompt, max_new_tokens, temperature, top_p, constraint, stop_ids, on_token, cancel):
         import numpy as np  # with llama_cpp: only once the engine runs
         import torch
 
@@ -118,15 +138,82 @@ class LlamaCpp:
                         min_p=0.0, repeat_penalty=1.0)
         procs = self._processors([masked]) if constraint is not None else None
         out: list[int] = []
-        stop_ids = set(stops)
-        with self.lock:
-            for token in self.llm.generate(list(prompt), logits_processor=procs, **sampling):
-                out.append(int(token))
-                if on_token is not None:
-                    on_token(int(token))
-                if token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set()):
-                    break
+        for token in self.llm.generate(prompt, logits_processor=procs, **sampling):
+            out.append(int(token))
+            if on_token is not None:
+                on_token(int(token))
+            if token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set()):
+                break
         return out
+
+    def _greedy(self, prompt, max_new_tokens, constraint, stop_ids, on_token, cancel) -> list[int]:
+        """Greedy decoding with prompt lookup (speculative decoding whose drafts are the tokens that followed the
+        reply's last few tokens earlier in the prompt or reply: llama-cpp-python's `LlamaPromptLookupDecoding`).
+        Grounded answers copy names and figures from their rows, so most drafts are accepted, and one llama.cpp
+        pass checks a draft of `self.draft` tokens for about the cost of one token. Each token is still chosen
+        from its own logits under `constraint`, given exactly the tokens before it, so the reply is the one
+        token-by-token greedy decoding writes (up to the float rounding of a batched pass)."""
+        import numpy as np
+        import torch
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        llm, n_vocab = self.llm, self.llm.n_vocab()
+
+        def pick(row) -> int:
+            if constraint is None:
+                return int(np.argmax(row))
+            scores = torch.from_numpy(np.array(row, dtype=np.float32))[None]
+            constraint(torch.tensor(prompt + out)[None], scores)
+            return int(torch.argmax(scores))
+
+        def emit(token: int) -> bool:
+            """Add a chosen token to the reply; whether the reply ends with it."""
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            return token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set())
+
+        # the KV cache keeps the start this prompt shares with the last one (the template's head, the system prompt)
+        shared = 0
+        for a, b in zip(llm.input_ids[:llm.n_tokens], prompt[:-1]):
+            if a != b:
+                break
+            shared += 1
+        llm.n_tokens = shared
+        llm.eval(prompt[shared:])  # logits of the last prompt token only
+        row = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        out: list[int] = []
+        token = pick(row)
+        while not emit(token):
+            room = self.n_ctx - llm.n_tokens - 1
+            if room < 0:
+                break
+            seen = np.asarray(prompt + out, dtype=np.intc)
+            draft = [int(t) for t in LlamaPromptLookupDecoding.find_candidate_pred_tokens(
+                seen, LOOKUP_NGRAM, self.draft)[:min(room, max_new_tokens - len(out))]]
+            batch, past = [token] + draft, llm.n_tokens
+            llm._batch.set_batch(batch=batch, n_past=past, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[past:past + len(batch)] = batch
+            llm.n_tokens = past + len(batch)
+            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+            for j, guess in enumerate(draft):
+                token = pick(rows[j])
+                if token != guess:  # the cache keeps the tokens up to the first wrong guess
+                    llm.n_tokens = past + j + 1
+                    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+                    break
+                if emit(token):
+                    return out
+            else:
+                token = pick(rows[len(draft)])
+        return out
+
+
+def torch_threads(n: int) -> None:
+    import torch  # with the engine: torch is loaded by then (the tokenizer's run, the constraint)
+
+    torch.set_num_threads(n)
 
 
 def _without_extra_bufts(params):
