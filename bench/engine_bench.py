@@ -75,6 +75,8 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
             text, n_tokens, attempts = r["text"], r["n_tokens"], r["grounding"].get("attempts") or 1
         dt = time.perf_counter() - t0
         rows.append({"fixed": False, "latency": dt, "prompt_tokens": len(ids), "tokens": n_tokens,
+                     "question": q["question"], "first_check": None if engine == "bare" else r.get("raw_grounding"),
+                     "first_text": None if engine == "bare" else r.get("raw"),
                      "attempts": attempts, "score": score_reply(q, text, True, n_tokens), "text": text,
                      "status": None if engine == "bare" else r["grounding"]["status"]})
     out.write_text(json.dumps({"engine": engine, "rows": rows,
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--write", action="store_true", help="write the '## Engines' section of BENCHMARKS.md")
+    p.add_argument("--keep", help="a folder to keep each engine's answers in (ENGINE.json)")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                             str(args.max_new_tokens), "--threads", str(args.threads), "--worker", engine,
                             "--worker-out", str(out)], check=True)
             results[engine] = json.loads(out.read_text())
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep) / out.name).write_text(out.read_text())
             sums.append(summary(results[engine], None if engine in ("bare", "llamacpp-token")
                                 else results.get("llamacpp-token")))
             print(f"{engine}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)

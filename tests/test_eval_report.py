@@ -42,8 +42,8 @@ def _report(tmp_path, metrics_jsonl=None):
 
 def test_write_report_files_and_json(tmp_path):
     metrics = write_jsonl(tmp_path / "metrics.jsonl", [
-        {"step": 10, "loss": 2.3, "lr": 1e-4, "tokens_per_s": 900.0},
-        {"step": 20, "loss": 1.9, "lr": 1e-4, "tokens_per_s": 910.0},
+        {"step": 10, "loss": 2.3, "lr": 1e-4, "tokens_per_s": 900.0, "rss_mb": 2100.0},
+        {"step": 20, "loss": 1.9, "lr": 1e-4, "tokens_per_s": 910.0, "rss_mb": 2150.5},
         {"step": 20, "epoch": 1, "val_loss": 2.0},
     ])
     json_path, html_path = _report(tmp_path, metrics)
@@ -57,11 +57,14 @@ def test_write_report_files_and_json(tmp_path):
     assert data["results"]["tuned"]["latency_s_p50"] == 0.7
     assert data["training_curve"]["loss"] == [[10, 2.3], [20, 1.9]]
     assert data["training_curve"]["val_loss"] == [[20, 2.0]]
+    assert data["training_curve"]["tokens_per_s"] == [[10, 900.0], [20, 910.0]]
+    assert data["training_curve"]["rss_mb"] == [[10, 2100.0], [20, 2150.5]]
     assert data["samples"]["base"][0]["reply"].startswith("<script>")
     assert data["meta"]["base_model"] == "tiny <model>"
 
     page = html_path.read_text()
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 2  # loss + results
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 3  # loss, pace, results
+    assert 'alt="training tokens per second and resident memory over the steps"' in page
     assert "<script" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert "tiny &lt;model&gt;" in page

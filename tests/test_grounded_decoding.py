@@ -163,8 +163,17 @@ def test_a_comparisons_winner_can_only_be_the_row_that_earns_more(tokenizer):
            "after completion: $58,922."
     rules = Rules(DOCS)
     assert rules.name_slot(both + " Graduates of ") == ["University of Colorado Boulder earn more"]
-    assert rules.name_slot(both + " The") == [" Bachelor's Degree in Computer Science pays more"]
     assert rules.name_slot(both + " Graduates of University of Colorado Boulder earn more") is None
+    # both schools teach the program: "The Bachelor's Degree in Computer Science pays more" would name both rows,
+    # which the check refuses, so decoding refuses the opening "The" there and keeps "Graduates of"
+    assert rules.refused_openings(both) == ("The",)
+    assert rules.name_slot(both + " The") is None
+    kept = _kept(tokenizer, rules, both)
+    assert not _spelling(tokenizer, " The", unless=(" ",)) & kept and _spelling(tokenizer, " Graduates") & kept
+    assert grounding.check(both + " The Bachelor's Degree in Computer Science pays more.", DOCS)["status"] == \
+        "unverified"
+    assert grounding.check(both + " Graduates of University of Colorado Boulder earn more.", DOCS)["status"] == \
+        "verified"
     assert rules.name_slot("The retrieved rows") is None  # one cited row or none: no comparison
     assert _rivals_banned(tokenizer, rules, both + " Graduates of", ["Colorado State University-Fort Collins"])
     wrong = both + " Graduates of Colorado State University-Fort Collins earn more."

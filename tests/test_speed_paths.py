@@ -110,6 +110,7 @@ def test_packed_and_padded_passes_give_the_same_step_loss_and_gradient(tinyllama
     for name, passes in {
         "padded": forward_batches(rows, pad, max_tokens=10_000),
         "padded, small passes": forward_batches(rows, pad, max_tokens=64),
+        "padded to multiples of 64": forward_batches(rows, pad, max_tokens=512, multiple=64),
         "packed": forward_batches(rows, pad, max_tokens=10_000, packing=True, width=128),
         "packed, one row a pass": forward_batches(rows, pad, max_tokens=128, packing=True, width=128),
     }.items():
@@ -125,6 +126,8 @@ def test_packed_and_padded_passes_give_the_same_step_loss_and_gradient(tinyllama
     ref_loss, ref_count, ref_grad, _ = results["padded"]
     assert results["padded, small passes"][3] > 1 and results["packed, one row a pass"][3] > 1
     assert results["packed"][3] == 1
+    bucketed = forward_batches(rows, pad, max_tokens=512, multiple=64)
+    assert all(b["input_ids"].shape[1] % 64 == 0 and b["input_ids"].numel() <= 512 for b in bucketed)
     for name, (value, count, grad, _) in results.items():
         assert count == ref_count, name  # packing drops no label and adds none
         assert value == pytest.approx(ref_loss, rel=FP32_REL), name

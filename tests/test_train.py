@@ -35,7 +35,10 @@ def test_twenty_steps_lower_the_loss_and_write_adapter_and_manifest(tmp_path, ti
     assert m["data"]["train"]["kept"] + m["data"]["val"]["kept"] == 48
     samples = read_jsonl(run / "samples.jsonl")
     assert {s["step"] for s in samples} == {10, 20} and all("reply" in s for s in samples)
-    assert any("val_loss" in r for r in read_jsonl(run / "metrics.jsonl"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert any("val_loss" in r for r in rows)
+    logged = [r for r in rows if "loss" in r]  # speed and memory over time, beside the loss
+    assert all(r["tokens_per_s"] > 0 and r["rss_mb"] > 50 for r in logged)
 
 
 def test_resume_continues_at_the_same_step_with_the_same_loss(tmp_path, tinyllama_tiny_model):

@@ -80,6 +80,10 @@ class Config(BaseModel):
         False, description="lay examples end to end in rows of max_length (no attention across examples) instead of "
         "padding each pass"
     )
+    pad_to_multiple_of: Optional[int] = Field(
+        None, ge=1, description="pad each unpacked pass to a multiple of this many tokens (a few pass shapes instead "
+        "of one per length: fewer sizes for the allocator to keep; costs the padding's compute)"
+    )
     fused: bool = Field(
         True, description="fused LoRA and output-layer kernels: the same loss and gradients as peft's and "
         "transformers' own path, in less time and memory (off: their path)"

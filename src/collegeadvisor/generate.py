@@ -102,6 +102,9 @@ class GroundedDecoding(LogitsProcessor):
         self.longest = max(map(len, self.texts), default=0)
         self.stops = set(stop_token_ids(tokenizer))
         self.cache: dict = {}
+        # the tokens that begin each way a comparison's winner sentence opens ("The", "Graduates of"): " The", "T", ...
+        self.openers = {o: [i for text, ids in self.texts.items() if text.strip() and text == text.rstrip()
+                            and o.startswith(text.strip()) for i in ids] for o in grounding.WINNER_OPENING.values()}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, rules in enumerate(self.rules):
@@ -165,7 +168,8 @@ class GroundedDecoding(LogitsProcessor):
         if open_figure is not None and not rules.complete(open_figure.group(), text[:open_figure.start()]):
             keep = [i for sig, (ids, _) in groups if admitted[sig] for i in ids]
             return [], keep or [groups[0][1][0][0]]
-        return [i for sig, (ids, _) in groups if not admitted[sig] for i in ids], None
+        refused = [i for o in rules.refused_openings(text) for i in self.openers[o]]
+        return [i for sig, (ids, _) in groups if not admitted[sig] for i in ids] + refused, None
 
 
 def _processors(tokenizer, passages, width: int, forbid=None, expected=None) -> LogitsProcessorList:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -94,6 +95,9 @@ class LlamaCpp:
         # contended with llama.cpp's: served replies took 1.2-1.3 s instead of 0.93-0.97 (BENCHMARKS.md, Engines)
         torch_threads(1)
         self.lock = threading.Lock()  # one context: one generation at a time
+        # closed before the interpreter tears its modules down: llama-cpp-python's own __del__ at exit raised
+        # "'NoneType' object is not callable" into the user's terminal
+        weakref.finalize(self, self.llm.close)
         self._processors = llama_cpp.LogitsProcessorList
 
     def describe(self) -> str:

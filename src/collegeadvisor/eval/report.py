@@ -52,10 +52,14 @@ padding:0 .3rem;margin:0 .2rem .2rem 0;font-size:.75rem;white-space:nowrap}
 """
 
 
+CURVES = ("loss", "val_loss", "tokens_per_s", "rss_mb")  # what the report reads of a run's metrics.jsonl
+
+
 def read_training_curve(metrics_jsonl: Path | None) -> dict[str, Any]:
-    """Training loss and validation loss as [step, value] pairs from a training metrics JSONL, with a note
+    """Training loss, validation loss, tokens/s and resident memory as [step, value] pairs from a training metrics
+    JSONL, with a note
     saying why there is no curve (no file, unreadable, no loss) or how many lines were skipped."""
-    curve: dict[str, Any] = {"loss": [], "val_loss": [], "note": None}
+    curve: dict[str, Any] = {"loss": [], "val_loss": [], "tokens_per_s": [], "rss_mb": [], "note": None}
     if metrics_jsonl is None:
         curve["note"] = "no training metrics file was given"
         return curve
@@ -70,7 +74,7 @@ def read_training_curve(metrics_jsonl: Path | None) -> dict[str, Any]:
             skipped += 1
             continue
         step = rec.get("step", n - 1)
-        for key in ("loss", "val_loss"):
+        for key in CURVES:
             value = rec.get(key)
             if _finite(value) and _finite(step):
                 curve[key].append([step, float(value)])
@@ -151,6 +155,26 @@ def _loss_chart(curve: dict) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _png(fig)
+
+
+def _pace_chart(curve: dict) -> str | None:
+    """Tokens/s and resident memory over the run's steps, side by side: a run that slows or grows shows here."""
+    from matplotlib.figure import Figure
+
+    panels = [(key, label) for key, label in (("tokens_per_s", "tokens/s"), ("rss_mb", "resident memory (MiB)"))
+              if curve.get(key)]
+    if not panels:
+        return None
+    fig = Figure(figsize=(8, 3))
+    for ax, (key, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        steps, values = zip(*curve[key])
+        ax.plot(steps, values, lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -330,15 +354,16 @@ def _meta_table(meta: dict) -> str:
 
 def _html(data: dict) -> str:
     curve, results = data["training_curve"], data["results"]
-    loss_png = _loss_chart(curve)
+    loss_png, pace_png = _loss_chart(curve), _pace_chart(curve)
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<title>collegeadvisor evaluation</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>collegeadvisor evaluation report</h1>",
         _meta_table(data["meta"]),
-        "<h2>Training loss</h2>",
+        "<h2>Training</h2>",
         _img(loss_png, "training loss curve") if loss_png else "",
+        _img(pace_png, "training tokens per second and resident memory over the steps") if pace_png else "",
         f'<p class="note">{html.escape(curve["note"])}</p>' if curve["note"] else "",
         "<h2>Results</h2>",
     ]

@@ -15,6 +15,7 @@ from collegeadvisor.grounding.claims import (  # noqa: F401 (the package's names
     TEST_WORDS,
     WINNER,
     WINNER_OPEN,
+    WINNER_OPENING,
     YES_NO,
     check,
     cited_at,
@@ -30,6 +31,7 @@ from collegeadvisor.grounding.claims import (  # noqa: F401 (the package's names
     same_value,
     says_no_data,
     value_of,
+    winner_sentences,
 )
 from collegeadvisor.grounding.rules import (  # noqa: F401
     NO_WORDS,

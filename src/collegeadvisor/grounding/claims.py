@@ -318,6 +318,19 @@ def _winner_problem(claim: dict, ctx: Context) -> str | None:
     return None
 
 
+def winner_sentences(rows: dict[int, dict]) -> list[str]:
+    """The winner sentences a comparison of `rows` (all with earnings) may say: each names a row with the top median
+    earnings, and no row below the top has the same sentence (what `_winner_problem` accepts). Two schools' same
+    program are named by school only; two programs at one school by credential and program only."""
+    earn = {n: value_of(r["values"]["earnings"]) for n, r in rows.items()}
+    top = max(earn.values())
+    named: dict[str, list[int]] = {}  # each sentence, and the rows it names
+    for by in WINNER_FORMS:
+        for n, r in rows.items():
+            named.setdefault(winner_sentence(by, r["credential"], r["program"], r["school"]), []).append(n)
+    return [s for s, ns in named.items() if all(earn[n] == top for n in ns)]
+
+
 def _problem(claim: dict, ctx: Context, expected: set[int] | None = None) -> str | None:
     """Why the context contradicts a claim, or None."""
     n, name = claim["row"], claim["field"]

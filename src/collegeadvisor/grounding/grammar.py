@@ -42,9 +42,9 @@ from itertools import combinations, permutations
 from typing import Collection, Sequence
 
 from collegeadvisor.data.fields import FIELD, FIELDS
-from collegeadvisor.data.scorecard import NO_DATA, WINNER_FORMS, cited_names, winner_sentence
+from collegeadvisor.data.scorecard import NO_DATA, cited_names
 from collegeadvisor.data.scorecard_text import SUPPRESSED
-from collegeadvisor.grounding.claims import Context, cue_field, figures, value_of
+from collegeadvisor.grounding.claims import Context, cue_field, figures, value_of, winner_sentences
 
 # Words free text may not hold. A "no data" phrase (claims.NO_DATA_PHRASE) ends in one of the first; the test's
 # verdict (claims.TEST_VERDICT) opens with one of the second; a comparison's winner (claims.WINNER, case-sensitive)
@@ -220,16 +220,8 @@ def _body(p: str, slots: str | None, verdict: str | None, figures_: str | None) 
 
 
 def _winners(rows: dict[int, dict], group: tuple[int, ...]) -> list[str]:
-    """The winner sentences a comparison of `group` may say: each names a row with the top median earnings, and no
-    row below the top has the same sentence (claims._winner_problem)."""
-    earn = {n: value_of(rows[n]["values"]["earnings"]) for n in group}
-    top = max(earn.values())
-    named: dict[str, list[int]] = {}  # each sentence, and the rows it names
-    for by in WINNER_FORMS:
-        for n in group:
-            sentence = winner_sentence(by, rows[n]["credential"], rows[n]["program"], rows[n]["school"])
-            named.setdefault(sentence, []).append(n)
-    return [s for s, ns in named.items() if all(earn[n] == top for n in ns)]
+    """The winner sentences a comparison of `group` may say (claims.winner_sentences)."""
+    return winner_sentences({n: rows[n] for n in group})
 
 
 def gbnf(passages: Sequence[str], expected: Collection[int] | None = None) -> str:

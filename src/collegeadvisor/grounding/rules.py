@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Collection, Sequence
 
-from collegeadvisor.data.scorecard import winner_sentence
 from collegeadvisor.grounding.claims import (
     CITATION,
     Context,
@@ -18,7 +17,7 @@ from collegeadvisor.grounding.claims import (
     digits,
     field_at,
     row_names,
-    value_of,
+    winner_sentences,
 )
 
 
@@ -136,20 +135,37 @@ class Rules:
             return None
         return self._name_texts(int(m.group(1)), not text[:at].strip()), text[m.end():]
 
+    def _compared(self, text: str) -> dict[int, dict] | None:
+        """The rows text cites, where they are two or more and all have earnings (a comparison); else None."""
+        cited = {int(c.group(1)) for c in CITATION.finditer(text)}
+        rows = {n: self.ctx.row(n) for n in sorted(cited) if self.ctx.row(n) is not None}
+        if len(rows) < 2 or any(r["values"].get("earnings") is None for r in rows.values()):
+            return None
+        return rows
+
     def _winner_texts(self, text: str) -> tuple[tuple[str, ...], str] | None:
-        """(the winner sentence's rest, what is written of it) where text ends inside one ("Graduates of ", "The ")
-        after two or more cited rows that all have earnings: the row that earns most, named as the dataset does."""
+        """(the winner sentences' rests, what is written of one) where text ends inside one ("Graduates of ", "The ")
+        after two or more cited rows that all have earnings: those that name a row that earns most, and no other
+        (claims.winner_sentences)."""
         m = WINNER_OPEN.search(text)
-        if m is None:
+        rows = self._compared(text[:m.start()]) if m is not None else None
+        if rows is None:
             return None
-        cited = {int(c.group(1)) for c in CITATION.finditer(text[:m.start()])}
-        rows = [r for r in (self.ctx.row(n) for n in sorted(cited)) if r is not None]
-        if len(rows) < 2 or any(r["values"].get("earnings") is None for r in rows):
-            return None
-        best = max(rows, key=lambda r: value_of(r["values"]["earnings"]))
-        by = next(by for by, opening in WINNER_OPENING.items() if opening == m.group("opening"))
-        sentence = winner_sentence(by, best["credential"], best["program"], best["school"])
-        return (sentence[len(m.group("opening")):],), m.group("rest")
+        opening = m.group("opening")
+        said = tuple(s[len(opening):] for s in winner_sentences(rows) if s.startswith(opening))
+        return (said, m.group("rest")) if said else None
+
+    def refused_openings(self, text: str) -> tuple[str, ...]:
+        """Where a comparison's winner sentence may open next (text ends a sentence, after two or more cited rows
+        with earnings): the openings that would name no winner alone ("The Bachelor's Degree in X pays more" when
+        both schools teach X), so decoding refuses them and the model opens with one that does."""
+        if not text.rstrip().endswith((".", "!", "?")):
+            return ()
+        rows = self._compared(text)
+        if rows is None:
+            return ()
+        said = winner_sentences(rows)
+        return tuple(o for o in WINNER_OPENING.values() if not any(s.startswith(o + " ") for s in said))
 
     @staticmethod
     def _rests(found: tuple[tuple[str, ...], str] | None) -> list[str] | None:
@@ -247,7 +263,7 @@ class Rules:
         if open_ is not None:
             return ("open", open_.group(), frozenset(self.allowed(text[:open_.start()])), verdict, self._key)
         wordy = bool(text[-1:]) and (text[-1].isalnum() or text[-1] in "_.,$")
-        return ("free", wordy, frozenset(self.allowed(text)), verdict, self._key)
+        return ("free", wordy, frozenset(self.allowed(text)), verdict, self.refused_openings(text), self._key)
 
     def admits(self, text: str, piece: str) -> bool:
         """Whether `piece` may follow `text` (see the class)."""

@@ -35,10 +35,15 @@ def blank(n: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
             torch.zeros(shape, dtype=torch.long))
 
 
-def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padded positions are masked by attention and labelled -100, so a pad id equal
-    to EOS never removes EOS from the loss."""
-    ids, labels, mask = blank(len(rows), max(len(r["input_ids"]) for r in rows), pad_id)
+def padded(length: int, multiple: int | None) -> int:
+    """A pass's width for its longest row: that length, rounded up to a multiple of `multiple` when one is set."""
+    return -(-length // multiple) * multiple if multiple else length
+
+
+def collate(rows: Sequence[dict], pad_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (rounded up to a multiple of `multiple`); padded positions are masked by
+    attention and labelled -100, so a pad id equal to EOS never removes EOS from the loss."""
+    ids, labels, mask = blank(len(rows), padded(max(len(r["input_ids"]) for r in rows), multiple), pad_id)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
@@ -84,21 +89,21 @@ def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict[str, tor
 
 
 def forward_batches(rows: Sequence[dict], pad_id: int, max_tokens: int, packing: bool = False,
-                    width: int = 512) -> list[dict[str, torch.Tensor]]:
+                    width: int = 512, multiple: int | None = None) -> list[dict[str, torch.Tensor]]:
     """One optimizer step's examples as forward passes of at most `max_tokens` tokens each, padding included (a
     longer single example gets a pass of its own). The loss is a sum over labelled tokens divided by the step's
     label count, so the split changes the gradient only by rounding; it trades memory for fewer, larger matmuls.
 
-    Unpacked: longest first, each pass right-padded to its longest example. Packed: rows of at most `width`
-    tokens (pack_rows), max_tokens // width rows per pass."""
+    Unpacked: longest first, each pass right-padded to its longest example (rounded up to a multiple of
+    `multiple`). Packed: rows of at most `width` tokens (pack_rows), max_tokens // width rows per pass."""
     if packing:
         bins = pack_rows(rows, width)
         per_pass = max(1, max_tokens // width)
         return [collate_packed(bins[i : i + per_pass], pad_id) for i in range(0, len(bins), per_pass)]
     passes: list[list[dict]] = []
     for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
-        if passes and (len(passes[-1]) + 1) * len(passes[-1][0]["input_ids"]) <= max_tokens:
+        if passes and (len(passes[-1]) + 1) * padded(len(passes[-1][0]["input_ids"]), multiple) <= max_tokens:
             passes[-1].append(r)
         else:
             passes.append([r])
-    return [collate(p, pad_id) for p in passes]
+    return [collate(p, pad_id, multiple) for p in passes]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -74,6 +75,11 @@ def fit(run: "Training") -> Path:
         run.finish()
     return run.run_dir
 
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (logged with each metrics row: a run's memory over time)."""
+    return psutil.Process().memory_info().rss / 2**20
 
 class Training:
     """The state of one invocation of train() (what `setup` builds and `fit` runs), in the recipe's order: run directory and seeds, data, plan, model, optimizer,
@@ -378,7 +384,8 @@ class Training:
             tps = self.window_tokens * self.world / max(elapsed, 1e-9)
             self.metrics.log({"step": step, "epoch": round(step * cfg.grad_accum / micro, 3), "loss": loss,
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
-                              "tokens_seen": self.tokens_seen * self.world, "elapsed_s": time.time() - self.start_time})
+                              "tokens_seen": self.tokens_seen * self.world, "elapsed_s": time.time() - self.start_time,
+                              "rss_mb": rss_mb()})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
             self.window_tokens, self.window_start = 0, time.time()
         if epoch_now != self.epoch or last:

@@ -30,7 +30,7 @@ def build_model(cfg: Config, resolved: str, p: Plan, device: str) -> tuple:
 
 def passes_for(rows: list[dict], pad_id: int, cfg: Config) -> list[dict]:
     """A step's examples as forward passes (batching.forward_batches) of the plan's size, padded or packed."""
-    return forward_batches(rows, pad_id, pass_tokens(cfg), cfg.packing, cfg.max_length)
+    return forward_batches(rows, pad_id, pass_tokens(cfg), cfg.packing, cfg.max_length, cfg.pad_to_multiple_of)
 
 
 # ----------------------------------------------------------------------------------------------- guards
