@@ -2,7 +2,8 @@
 one after another, read back from the run's metrics.jsonl (rss_mb and tokens_per_s at every log_every steps).
 
 Variants, each a lever on its own:
-  default     what runs today (glibc's malloc, passes padded to their longest example);
+  default     glibc's malloc, passes padded to their longest example (COLLEGEADVISOR_JEMALLOC=0: the CLI now preloads
+              jemalloc itself where it is installed);
   jemalloc    the same with Debian's libjemalloc2 through LD_PRELOAD (apt install libjemalloc2);
   tcmalloc    the same with Debian's libtcmalloc-minimal4 through LD_PRELOAD (apt install libtcmalloc-minimal4);
   buckets     passes padded to a multiple of 64 tokens (pad_to_multiple_of: 64): a few pass shapes, not one per length.
@@ -38,7 +39,8 @@ def allocator(name: str) -> str | None:
 
 
 def run_variant(variant: str, args, out: Path) -> dict | None:
-    env = dict(os.environ)
+    env = dict(os.environ, COLLEGEADVISOR_JEMALLOC="0")  # the CLI would preload jemalloc itself where installed
+    env.pop("LD_PRELOAD", None)
     extra = []
     if variant in ALLOCATORS:
         lib = allocator(variant)

@@ -3,6 +3,7 @@
 
 import ast
 import argparse
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,30 @@ def test_kb_build_and_ingest_report_alike(tmp_path, capsys):
     assert _report(KbConfig(url="http://chroma:8000"), {"count": 3}) == 0
     captured = capsys.readouterr()
     assert captured.out == "count=3\n" and captured.err.startswith("settings: {kb: {path: null, url: 'http://chroma:8000'")
+
+
+def test_training_commands_run_again_under_jemalloc_where_it_is_installed(tmp_path, monkeypatch):
+    """`train` and `quickstart` re-run themselves with jemalloc preloaded (flat memory over a long run), unless it is
+    already preloaded, turned off, not installed, or the command is another one."""
+    from collegeadvisor import cli
+
+    lib = tmp_path / cli.JEMALLOC
+    lib.write_bytes(b"")
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((argv, env["LD_PRELOAD"]))
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(cli.JEMALLOC_OFF, raising=False)
+    argv = ["train", "--config", "configs/quickstart.yaml"]
+    assert cli.under_jemalloc("train", argv, dirs=(str(tmp_path),), execve=execve) == str(lib)
+    assert calls == [([sys.executable, "-m", "collegeadvisor.cli", *argv], str(lib))]
+    assert cli.under_jemalloc("serve", argv, dirs=(str(tmp_path),), execve=execve) is None
+    assert cli.under_jemalloc("train", argv, dirs=(str(tmp_path / "none"),), execve=execve) is None
+    monkeypatch.setenv(cli.JEMALLOC_OFF, "0")
+    assert cli.under_jemalloc("quickstart", argv, dirs=(str(tmp_path),), execve=execve) is None
+    monkeypatch.delenv(cli.JEMALLOC_OFF)
+    monkeypatch.setenv("LD_PRELOAD", str(lib))  # the run again: it says what it runs under, and runs no third time
+    assert cli.under_jemalloc("train", argv, dirs=(str(tmp_path),), execve=execve) == str(lib)
+    assert len(calls) == 1
