@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself (not a call from Python): training runs under jemalloc if it can
         lib = under_jemalloc(getattr(args, "command", None), sys.argv[1:])
         if lib and getattr(args, "command", None) in UNDER_JEMALLOC:
-            print(f"allocator: jemalloc ({lib}; {JEMALLOC_OFF}=0 keeps glibc's)", file=sys.stderr)
+            print(f"allocator: jemalloc ({lib}; {JEMALLOC_OFF}=0 keeps glibc's)", flush=True)  # the log, not an error
     try:
         return int(args.func(args) or 0)
     except AdvisorError as exc:
