@@ -174,9 +174,10 @@ def under_jemalloc(command: str | None, argv: list[str], dirs=LIB_DIRS, execve=o
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = getattr(args, "command", None)
     if argv is None:  # the command line itself (not a call from Python): training runs under jemalloc if it can
-        lib = under_jemalloc(getattr(args, "command", None), sys.argv[1:])
-        if lib and getattr(args, "command", None) in UNDER_JEMALLOC:
+        lib = under_jemalloc(command, sys.argv[1:])
+        if lib and command in UNDER_JEMALLOC:
             print(f"allocator: jemalloc ({lib}; {JEMALLOC_OFF}=0 keeps glibc's)", flush=True)  # the log, not an error
     try:
         return int(args.func(args) or 0)

@@ -130,23 +130,14 @@ class LlamaCpp:
                                  cancel)
 
     def _sampled(self, prompt, max_new_tokens, temperature, top_p, constraint, stop_ids, on_token, cancel):
-        import numpy as np  # with llama_cpp: only once the engine runs
-        import torch
-
-        def masked(input_ids, scores):
-            row = torch.from_numpy(np.array(scores, dtype=np.float32))
-            constraint(torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None], row[None])
-            return row.numpy()
-
         sampling = dict(temp=float(temperature or 0.0), top_p=float(top_p) if temperature else 1.0, top_k=0,
                         min_p=0.0, repeat_penalty=1.0)
+        masked = (lambda input_ids, scores: _masked(constraint, input_ids, scores).numpy())
         procs = self._processors([masked]) if constraint is not None else None
         out: list[int] = []
+        emit = _emitter(out, max_new_tokens, stop_ids, on_token, cancel)
         for token in self.llm.generate(prompt, logits_processor=procs, **sampling):
-            out.append(int(token))
-            if on_token is not None:
-                on_token(int(token))
-            if token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set()):
+            if emit(int(token)):
                 break
         return out
 
@@ -158,36 +149,19 @@ class LlamaCpp:
         from its own logits under `constraint`, given exactly the tokens before it, so the reply is the one
         token-by-token greedy decoding writes (up to the float rounding of a batched pass)."""
         import numpy as np
-        import torch
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         llm, n_vocab = self.llm, self.llm.n_vocab()
+        out: list[int] = []
+        emit = _emitter(out, max_new_tokens, stop_ids, on_token, cancel)
 
         def pick(row) -> int:
-            if constraint is None:
-                return int(np.argmax(row))
-            scores = torch.from_numpy(np.array(row, dtype=np.float32))[None]
-            constraint(torch.tensor(prompt + out)[None], scores)
-            return int(torch.argmax(scores))
-
-        def emit(token: int) -> bool:
-            """Add a chosen token to the reply; whether the reply ends with it."""
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            return token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set())
+            return int(np.argmax(row) if constraint is None else _masked(constraint, prompt + out, row).argmax())
 
         # the KV cache keeps the start this prompt shares with the last one (the template's head, the system prompt)
-        shared = 0
-        for a, b in zip(llm.input_ids[:llm.n_tokens], prompt[:-1]):
-            if a != b:
-                break
-            shared += 1
-        llm.n_tokens = shared
-        llm.eval(prompt[shared:])  # logits of the last prompt token only
-        row = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-        out: list[int] = []
-        token = pick(row)
+        llm.n_tokens = llm.longest_token_prefix(llm.input_ids[:llm.n_tokens], prompt[:-1])
+        llm.eval(prompt[llm.n_tokens:])  # logits of the last prompt token only
+        token = pick(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)))
         while not emit(token):
             room = self.n_ctx - llm.n_tokens - 1
             if room < 0:
@@ -212,6 +186,27 @@ class LlamaCpp:
             else:
                 token = pick(rows[len(draft)])
         return out
+
+
+def _masked(constraint: Callable, input_ids: Sequence[int], scores):
+    """One step's scores (a numpy row) as a torch row, masked by `constraint` given the tokens before it."""
+    import numpy as np
+    import torch
+
+    row = torch.from_numpy(np.array(scores, dtype=np.float32))
+    constraint(torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None], row[None])
+    return row
+
+
+def _emitter(out: list[int], max_new_tokens: int, stop_ids: set, on_token, cancel) -> Callable[[int], bool]:
+    """emit(token): adds a chosen token to the reply `out` (and hands it to on_token); whether the reply ends there
+    (a stop id, the budget spent, cancelled)."""
+    def emit(token: int) -> bool:
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        return token in stop_ids or len(out) >= max_new_tokens or (cancel is not None and cancel.is_set())
+    return emit
 
 
 def torch_threads(n: int) -> None:

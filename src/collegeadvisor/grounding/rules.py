@@ -138,7 +138,7 @@ class Rules:
     def _compared(self, text: str) -> dict[int, dict] | None:
         """The rows text cites, where they are two or more and all have earnings (a comparison); else None."""
         cited = {int(c.group(1)) for c in CITATION.finditer(text)}
-        rows = {n: self.ctx.row(n) for n in sorted(cited) if self.ctx.row(n) is not None}
+        rows = {n: r for n, r in ((n, self.ctx.row(n)) for n in sorted(cited)) if r is not None}
         if len(rows) < 2 or any(r["values"].get("earnings") is None for r in rows.values()):
             return None
         return rows
