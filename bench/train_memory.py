@@ -6,14 +6,17 @@ Variants, each a lever on its own:
               jemalloc itself where it is installed);
   jemalloc    the same with Debian's libjemalloc2 through LD_PRELOAD (apt install libjemalloc2);
   tcmalloc    the same with Debian's libtcmalloc-minimal4 through LD_PRELOAD (apt install libtcmalloc-minimal4);
-  buckets     passes padded to a multiple of 64 tokens (pad_to_multiple_of: 64): a few pass shapes, not one per length.
+  buckets     passes padded to a multiple of 64 tokens (pad_to_multiple_of: 64): a few pass shapes, not one per length;
+  jemalloc-decay1s  jemalloc returning freed pages to the OS after 1 s instead of its default 10 s
+              (MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0): less memory held between passes, more page faults.
 
     python bench/train_memory.py --data out/quickstart/data/scorecard.jsonl --steps 50     # ~5 minutes a variant
     python bench/train_memory.py ... --write      # writes the section of BENCHMARKS.md
 
 The config is configs/advisor.yaml (batch 4 x grad_accum 2, max_length 640) without samples or checkpoints.
-Reports RSS at 25/50/75/100% of the run, its peak, the ratio of the last RSS to the one at step 50 (or the first
-logged), and real tokens/s over the first and the last fifth of the logged steps.
+Reports RSS at 25/50/75/100% of the run (read between steps), the peak (the process's high-water mark, which also
+counts the peaks inside steps) at the end and its ratio to the peak at step 50 (or the first logged), and real
+tokens/s over the first and the last fifth of the logged steps.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name, write_section  # noqa: E402
 
 ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
-VARIANTS = ("default", "jemalloc", "tcmalloc", "buckets")
+# variant: (allocator preloaded, its settings, extra train arguments)
+VARIANTS = {"default": (None, None, []), "jemalloc": ("jemalloc", None, []), "tcmalloc": ("tcmalloc", None, []),
+            "buckets": (None, None, ["--pad-to-multiple-of", "64"]),
+            "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", [])}
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
 
 
@@ -41,15 +47,16 @@ def allocator(name: str) -> str | None:
 def run_variant(variant: str, args, out: Path) -> dict | None:
     env = dict(os.environ, COLLEGEADVISOR_JEMALLOC="0")  # the CLI would preload jemalloc itself where installed
     env.pop("LD_PRELOAD", None)
-    extra = []
-    if variant in ALLOCATORS:
-        lib = allocator(variant)
+    env.pop("MALLOC_CONF", None)
+    preload, conf, extra = VARIANTS[variant]
+    if preload:
+        lib = allocator(preload)
         if lib is None:
-            print(f"{variant}: {ALLOCATORS[variant]} is not installed; skipped", file=sys.stderr)
+            print(f"{variant}: {ALLOCATORS[preload]} is not installed; skipped", file=sys.stderr)
             return None
         env["LD_PRELOAD"] = lib
-    if variant == "buckets":
-        extra = ["--pad-to-multiple-of", "64"]
+    if conf:
+        env["MALLOC_CONF"] = conf
     cli = Path(sys.executable).with_name("collegeadvisor")
     cmd = [str(cli), "train", "--config", args.config, "--data", args.data, "--max-steps", str(args.steps),
            "--output-dir", str(out), "--run-name", variant, "--sample-every", "0", "--save-every", "100000",
@@ -60,16 +67,16 @@ def run_variant(variant: str, args, out: Path) -> dict | None:
     at = lambda q: logged[min(len(logged) - 1, max(0, round(q * len(logged)) - 1))]["rss_mb"]  # noqa: E731
     base = next((r for r in logged if r["step"] >= 50), logged[0])
     fifth = max(1, len(logged) // 5)
+    peak = lambda r: r.get("peak_rss_mb") or r["rss_mb"]  # noqa: E731  (runs logged before peaks were)
     return {"variant": variant, "steps": logged[-1]["step"], "rss": [at(q) for q in (0.25, 0.5, 0.75, 1.0)],
-            "peak": max(r["rss_mb"] for r in logged), "vs50": logged[-1]["rss_mb"] / base["rss_mb"],
-            "base_step": base["step"],
+            "peak": peak(logged[-1]), "vs50": peak(logged[-1]) / peak(base), "base_step": base["step"],
             "tps_first": sum(r["tokens_per_s"] for r in logged[:fifth]) / fifth,
             "tps_last": sum(r["tokens_per_s"] for r in logged[-fifth:]) / fifth}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | steps | RSS at 25 / 50 / 75 / 100% (GB) | peak GB | last / step-50 RSS | tokens/s first / last "
-             "fifth | last vs first |", "| --- | ---: | --- | ---: | ---: | --- | ---: |"]
+    lines = ["| variant | steps | RSS at 25 / 50 / 75 / 100% (GB) | peak GB | peak at end / at step 50 | tokens/s first "
+             "/ last fifth | last vs first |", "| --- | ---: | --- | ---: | ---: | --- | ---: |"]
     for r in results:
         lines.append(f"| {r['variant']} | {r['steps']} | {' / '.join(f'{v / 1024:.2f}' for v in r['rss'])} | "
                      f"{r['peak'] / 1024:.2f} | {r['vs50']:.2f} (step {r['base_step']}) | {r['tps_first']:.0f} / "
@@ -83,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="training data (the advisor dataset)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: no variant {', '.join(unknown)} (of {', '.join(VARIANTS)})")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):

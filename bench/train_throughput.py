@@ -35,6 +35,10 @@ Definitions:
                 and 987 on another of the same kind. SmolLM2-shaped rows divide by ours' median, the TinyLlama
                 row by ours-tinyllama's; a peak measured once up front, before the recipes, is kept for reference
                 (and is the fallback where a run has no probes).
+Allocator: ours runs under jemalloc where it is installed, as `collegeadvisor train` does (the lever "ours, glibc
+malloc" is ours without it); the seed and TRL under glibc's malloc, as their own scripts run.
+Without AMX on an AMX machine: `--max-isa AVX512_CORE_BF16` caps oneDNN (torch's CPU matmul and attention kernels)
+below AMX for the probes and every recipe (ONEDNN_MAX_CPU_ISA), which is how the no-AMX MFU goal is measured there.
 Also measured: ours at batch 4 x 512 (the longest examples, one pass a step), ours on a TinyLlama-1.1B-shaped model
 (random weights, config from ../shared/reference/; SmolLM2 token ids folded into its 32,000-token vocabulary), and
 a torch.profiler run of ours (operator self time: where the time goes).
@@ -77,7 +81,12 @@ GOALS = {"vs_seed": 10.0, "vs_trl": 8.0, "rss_gb": 2.0,
          # MFU against the bench's measured bf16 peak: (SmolLM2, TinyLlama shape), without and with AMX
          "mfu": {False: (0.50, 0.50), True: (0.20, 0.40)}}
 # Levers measured on their own: ours with one setting changed (same data, steps and seed as "ours").
-LEVERS = {"ours-unfused": {"fused": False}, "ours-dropout": {"lora_dropout": 0.05}, "ours-1024": {"batch_tokens": 1024}}
+LEVERS = {"ours-unfused": {"fused": False}, "ours-dropout": {"lora_dropout": 0.05}, "ours-1024": {"batch_tokens": 1024},
+          "ours-glibc": {}}
+# The allocator each recipe runs under, as its own command line would run it: `collegeadvisor train` runs itself under
+# jemalloc where it is installed (cli.under_jemalloc); the seed's and TRL's scripts get glibc's malloc. "ours-glibc"
+# is ours under glibc: the allocator as a lever of its own.
+GLIBC = ("seed", "trl", "ours-glibc")
 # Per mode: the subset every recipe draws from, and each recipe's optimizer steps (step 1 is warm-up; 0: one pass
 # over the subset). The seed's steps all cost the same (always 4 x 512), so a few suffice; TRL's are the slowest.
 MODES = {
@@ -527,15 +536,28 @@ def prepare_data(data_dir: Path, n_examples: int, long_examples: int) -> dict:
             "paths": {"subset": str(data_dir / "bench-subset.jsonl"), "long": str(data_dir / "bench-long.jsonl")}}
 
 
+def allocator_env(name: str) -> tuple[str, dict]:
+    """The allocator a recipe runs under (GLIBC) and the environment that gives it that one."""
+    from collegeadvisor.cli import JEMALLOC, jemalloc_library
+
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if JEMALLOC not in p)
+    lib = None if name.split("-")[0] in GLIBC or name in GLIBC else jemalloc_library()
+    if lib:
+        env["LD_PRELOAD"] = " ".join(filter(None, (lib, env["LD_PRELOAD"])))
+    return ("jemalloc" if lib else "glibc"), env
+
+
 def launch(name: str, extra: list[str], workdir: Path, timeout: int) -> dict:
     out, log = workdir / f"{name}.json", workdir / f"{name}.log"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--recipe", name, "--workdir", str(workdir),
            "--json", str(out), *extra]
+    allocator, env = allocator_env(name)
     start = time.time()
     with open(log, "w") as fh:
         try:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -544,7 +566,8 @@ def launch(name: str, extra: list[str], workdir: Path, timeout: int) -> dict:
         result = {"recipe": name, "error": f"exit {code}: {tail[0][:300]}", "wall_s": time.time() - start}
     else:
         result = json.loads(out.read_text())
-    print(f"  {name}: " + (f"{result['tokens_per_s']:.0f} real tokens/s, peak RSS {result['peak_rss_gb']:.2f} GB, "
+    result["allocator"] = allocator
+    print(f"  {name} ({allocator}): " + (f"{result['tokens_per_s']:.0f} real tokens/s, peak RSS {result['peak_rss_gb']:.2f} GB, "
                            f"{result['wall_s']:.0f} s" if "error" not in result else result["error"]), flush=True)
     return result
 
@@ -629,15 +652,16 @@ def parent(args) -> None:
     mfu_tl = tl["mfu_bf16"] if ok(tl) else None
     rss_all = [r["peak_rss_gb"] for r in (ours, long_r) if ok(r)]
     rss = max(rss_all) if rss_all else None
-    amx = "amx_bf16" in mach["flags"]
+    amx = "amx_bf16" in mach["flags"] and "AMX" in os.environ.get("ONEDNN_MAX_CPU_ISA", "AMX").upper()
 
     body = report(args, mach, vers, data, peaks, mfu_peaks, f_smol, f_tl, results, vs_seed, vs_trl,
                   (mfu, mfu_tl, amx), rss, time.time() - t0)
     print()
     print(body)
     if not args.no_write:
-        write_section("Training throughput", body)
-        print("\nwrote the 'Training throughput' section of BENCHMARKS.md")
+        title = "Training throughput" + (f", oneDNN capped at {args.max_isa}" if args.max_isa else "")
+        write_section(title, body)
+        print(f"\nwrote the '{title}' section of BENCHMARKS.md")
     mp = mfu_peaks["smol"]  # new fields go after the old ones: readers of the first five keep working
     print(f"ratio_vs_seed={fmt(vs_seed, '.2f')} ratio_vs_trl={fmt(vs_trl, '.2f')} mfu_bf16={fmt(mfu, '.3f')} "
           f"mfu_bf16_tinyllama={fmt(mfu_tl, '.3f')} peak_rss_gb={fmt(rss, '.2f')} "
@@ -682,13 +706,16 @@ def report(args, mach, vers, data, peaks, mfu_peaks, f_smol, f_tl, results, vs_s
     names = {"seed": "seed: HF Trainer, pad to 512, fp32", "trl": "TRL SFTTrainer defaults",
              "ours": "ours (defaults)", "ours-long": "ours, batch 4 x 512 (the longest examples)",
              "ours-tinyllama": "ours, TinyLlama-1.1B-shaped",
-             **{name: "ours, " + ", ".join(f"{k} {v}" for k, v in change.items()) for name, change in LEVERS.items()}}
+             **{name: "ours, " + ", ".join(f"{k} {v}" for k, v in change.items()) for name, change in LEVERS.items()},
+             "ours-glibc": "ours, glibc malloc"}
     lines = [
         f"`python bench/train_throughput.py{' --quick' if args.quick else ''}`"
         f"{' (--steps ' + str(args.steps) + ')' if args.steps else ''}"
         f"{', report rebuilt from saved results' if args.reuse_results else f', {wall / 60:.1f} min'}. "
         f"{mach['cpu']}, {mach['cores']} cores, {mach.get('memory_gb', 0):.0f} GB, CPU flags: "
-        f"{', '.join(mach['flags']) or 'no avx512/amx'}; " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
+        f"{', '.join(mach['flags']) or 'no avx512/amx'}"
+        + (f" (oneDNN capped at {args.max_isa}: ONEDNN_MAX_CPU_ISA, for the probes and every recipe)" if args.max_isa
+           else "") + "; " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
         "",
         f"Data: the Scorecard dataset as the quickstart builds it ({data['examples']:,} examples, each answered "
         f"from up to three retrieved rows); the {data['epoch']['n']:,} that fit {MAX_LENGTH} tokens are one epoch "
@@ -720,7 +747,8 @@ def report(args, mach, vers, data, peaks, mfu_peaks, f_smol, f_tl, results, vs_s
             + (f"; {r['probe_s_excluded']:.1f} s of probes left out" if r.get("probe_s_excluded") else "")
             + " |")
     lines += ["", "Settings as run:", ""]
-    lines += [f"- {names.get(n, n)}: {r['settings']}" for n, r in results.items() if ok(r) and n != "ours-profile"]
+    lines += [f"- {names.get(n, n)}: {r['settings']}, {r.get('allocator', 'glibc')} malloc" for n, r in results.items()
+              if ok(r) and n != "ours-profile"]
     lines += [
         "",
         f"MFU's peak (torch matmul at 2048x576 @ 576x1536, the run's {threads} threads, in the dtype it computes in): "
@@ -787,6 +815,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per recipe before it counts as failed")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled run of ours")
+    ap.add_argument("--max-isa", default=None, metavar="ISA",
+                    help="cap oneDNN's instruction set (ONEDNN_MAX_CPU_ISA), e.g. AVX512_CORE_BF16: the no-AMX MFU goal "
+                         "measured on an AMX machine")
     ap.add_argument("--reuse-results", action="store_true",
                     help="report from the recipes' results already in --workdir instead of running them again")
     # one recipe in this process (the parent runs these)
@@ -800,6 +831,8 @@ def main() -> None:
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe-shape", default=None, help=argparse.SUPPRESS)  # M,K,N: interleave matmul probes
     args = ap.parse_args()
+    if args.max_isa:  # before torch loads; the recipes inherit it
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.max_isa
     if args.recipe:
         args.workdir = Path(args.workdir)
         run_child(args)

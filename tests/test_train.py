@@ -39,6 +39,8 @@ def test_twenty_steps_lower_the_loss_and_write_adapter_and_manifest(tmp_path, ti
     assert any("val_loss" in r for r in rows)
     logged = [r for r in rows if "loss" in r]  # speed and memory over time, beside the loss
     assert all(r["tokens_per_s"] > 0 and r["rss_mb"] > 50 for r in logged)
+    peaks = [r["peak_rss_mb"] for r in logged]  # the high-water mark: never below what was held, never falling
+    assert all(p >= r["rss_mb"] * 0.99 for p, r in zip(peaks, logged)) and peaks == sorted(peaks)
 
 
 def test_resume_continues_at_the_same_step_with_the_same_loss(tmp_path, tinyllama_tiny_model):

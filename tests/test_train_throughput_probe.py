@@ -101,3 +101,20 @@ def test_a_probe_leaves_the_training_random_stream_alone():
     torch.manual_seed(0)
     assert tt.probe_peak(16, 16, 16, "float32", seconds=0.003) > 0
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_each_recipe_runs_under_the_allocator_its_own_command_line_uses(monkeypatch):
+    """ours runs under jemalloc where it is installed, as `collegeadvisor train` does; the seed, TRL and the
+    "ours-glibc" lever get glibc's malloc even where the bench itself was started under jemalloc."""
+    from collegeadvisor import cli
+
+    monkeypatch.setattr(cli, "jemalloc_library", lambda dirs=cli.LIB_DIRS: "/lib/x/libjemalloc.so.2")
+    monkeypatch.setenv("LD_PRELOAD", "/lib/x/libjemalloc.so.2 /lib/other.so")
+    for name in ("ours", "ours-long", "ours-tinyllama", "ours-unfused"):
+        allocator, env = tt.allocator_env(name)
+        assert allocator == "jemalloc" and env["LD_PRELOAD"] == "/lib/x/libjemalloc.so.2 /lib/other.so"
+    for name in ("seed", "trl", "ours-glibc"):
+        allocator, env = tt.allocator_env(name)
+        assert allocator == "glibc" and env["LD_PRELOAD"] == "/lib/other.so"
+    monkeypatch.setattr(cli, "jemalloc_library", lambda dirs=cli.LIB_DIRS: None)  # not installed: glibc for all
+    assert tt.allocator_env("ours")[0] == "glibc"

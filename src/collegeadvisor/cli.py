@@ -154,6 +154,13 @@ UNDER_JEMALLOC = ("train", "quickstart")
 JEMALLOC_OFF = "COLLEGEADVISOR_JEMALLOC"  # =0: keep glibc's malloc
 
 
+def jemalloc_library(dirs=LIB_DIRS) -> str | None:
+    """Where jemalloc is installed (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return next((str(Path(d) / JEMALLOC) for d in dirs if (Path(d) / JEMALLOC).is_file()), None)
+
+
 def under_jemalloc(command: str | None, argv: list[str], dirs=LIB_DIRS, execve=os.execve) -> str | None:
     """For a training command, run this process again with jemalloc preloaded (never returns then), unless it is
     already, it is turned off (COLLEGEADVISOR_JEMALLOC=0) or not installed. Returns the library it runs under, or
@@ -161,9 +168,9 @@ def under_jemalloc(command: str | None, argv: list[str], dirs=LIB_DIRS, execve=o
     preloaded = os.environ.get("LD_PRELOAD", "")
     if JEMALLOC in preloaded:
         return next(p for p in preloaded.replace(":", " ").split() if JEMALLOC in p)
-    if command not in UNDER_JEMALLOC or os.environ.get(JEMALLOC_OFF) == "0" or not sys.platform.startswith("linux"):
+    if command not in UNDER_JEMALLOC or os.environ.get(JEMALLOC_OFF) == "0":
         return None
-    lib = next((str(Path(d) / JEMALLOC) for d in dirs if (Path(d) / JEMALLOC).is_file()), None)
+    lib = jemalloc_library(dirs)
     if lib is None:
         return None
     env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, (lib, preloaded))))

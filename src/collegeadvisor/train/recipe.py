@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,11 @@ import numpy as np
 import psutil
 import torch
 from tqdm.auto import tqdm
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 from collegeadvisor import chat_format
 from collegeadvisor.chat_format import IGNORE_INDEX
@@ -80,6 +86,15 @@ def fit(run: "Training") -> Path:
 def rss_mb() -> float:
     """This process's resident memory now, in MiB (logged with each metrics row: a run's memory over time)."""
     return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float | None:
+    """The most this process has held so far, in MiB (ru_maxrss: the peaks inside steps, which rss_mb, read between
+    them, misses), or None where the OS doesn't keep it (Windows)."""
+    if resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 class Training:
     """The state of one invocation of train() (what `setup` builds and `fit` runs), in the recipe's order: run directory and seeds, data, plan, model, optimizer,
@@ -385,7 +400,7 @@ class Training:
             self.metrics.log({"step": step, "epoch": round(step * cfg.grad_accum / micro, 3), "loss": loss,
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
                               "tokens_seen": self.tokens_seen * self.world, "elapsed_s": time.time() - self.start_time,
-                              "rss_mb": rss_mb()})
+                              "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
             self.window_tokens, self.window_start = 0, time.time()
         if epoch_now != self.epoch or last:
