@@ -151,6 +151,15 @@ def test_no_data_for_a_field_the_row_has_is_rejected(examples):
     assert n_checked >= 20
 
 
+def test_another_reason_for_no_data_is_rejected(examples):
+    n_checked = 0
+    for ex in (e for e in examples if "no data (" in e["answer"]):
+        said = re.sub(r"no data \([^()]*\)", "no data (suppressed for privacy: no school is counted)", ex["answer"])
+        assert contradicted(ex, said), said
+        n_checked += 1
+    assert n_checked >= 5
+
+
 def test_another_rows_name_after_a_citation_is_rejected(examples):
     n_checked = 0
     for ex in (e for e in examples if e["kind"] in ("earnings", "debt", "premium")):

@@ -502,3 +502,29 @@ def test_the_in_a_school_name_is_no_comparison_winner():
               "more than a high-school diploma.")
     verdict = check(answer, [doc])
     assert verdict["status"] == "verified" and not any(c["type"] == "winner" for c in verdict["claims"])
+
+
+def test_the_reason_after_no_data_is_the_rows_own(rows):
+    """After a value slot's "no data (", decoding holds the reason to the row's (`no_data_note`), and the check
+    refuses another: "suppressed for privacy: no school is counted" is no reason this row gives."""
+    from collegeadvisor.data.scorecard_answers import no_data_note
+    from collegeadvisor.data.scorecard_text import SUPPRESSED
+
+    docs, values = rows
+    ctx = [docs[2], docs[0]]  # the suppressed row first, then one with every figure
+    name = read_row(docs[2])
+    head = f"[1] {name['credential']} in {name['program']} at {name['school']}."
+    rules = Rules(ctx)
+    at = head + " Median earnings: no data ("
+    assert rules.name_slot(at) == [SUPPRESSED + ")"] and rules.decision_key(at) is None
+    assert rules.admits(at, "supp") and not rules.admits(at, "no") and not rules.admits(at + "suppressed for privacy:", " no")
+    assert rules.name_slot(at + SUPPRESSED + ")") is None  # complete: free again
+    ratio = head + " Debt-to-earnings ratio: no data ("
+    assert rules.name_slot(ratio) == [no_data_note("ratio", values[2]) + ")"]
+    assert rules.name_slot(ratio).pop().startswith("its median earnings is suppressed")
+    assert Rules([docs[0]]).name_slot("[1] x. Median earnings: no data (") is None  # the row has earnings
+    good, bad = head + f" Median earnings: no data ({SUPPRESSED}).", head + " Median earnings: no data (not reported)."
+    assert check(good, ctx)["status"] == "verified"
+    assert check(head + " Median earnings: no data (suppressed).", ctx)["status"] == "verified"  # as documents say
+    verdict = check(bad, ctx)
+    assert verdict["status"] == "unverified" and "the row's reason is" in verdict["problems"][0]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
 
 from collegeadvisor.data.fields import FIELD, KIND
-from collegeadvisor.data.scorecard import load_table, row_document, row_values, row_title
+from collegeadvisor.data.scorecard import load_table, read_row, row_document, row_values, row_title
+from collegeadvisor.data.scorecard_answers import no_data_note
 from collegeadvisor.data.scorecard_qa import (
     FIRST_SHARE,
     KIND_MIX,
@@ -19,6 +21,7 @@ from collegeadvisor.data.scorecard_qa import (
 )
 from collegeadvisor.errors import AdvisorError, DataError
 from collegeadvisor.grounding import check
+from collegeadvisor.grounding.claims import cited_at, field_at
 
 N, HELD = 400, 60
 TALK = {"follow_up", "no_row", "unknown_school", "ambiguous", "off_topic"}
@@ -112,6 +115,21 @@ def test_training_examples_cite_their_rows(built, table):
     assert any("fails the test" in a for a in premium) and any("passes the test" in a for a in premium)
     assert len({ex["messages"][0]["content"] for ex in templated}) == len(templated)  # no question twice
     assert stats["retrieval"] == retrieval_spec()
+
+
+def test_every_no_data_reason_is_the_one_no_data_note_gives(built):
+    """The reason after "no data" in the dataset's answers is `no_data_note`'s for the slot's field and cited row:
+    the one definition that decoding writes and the check holds answers to."""
+    _, train, held = built
+    seen = set()
+    for ex in train + held:
+        answer = ex["messages"][-1]["content"] if "messages" in ex else ex["answer"]
+        for m in re.finditer(r"no data \(([^()]*)\)", answer):
+            name, n = field_at(answer, m.start()), cited_at(answer, m.start())
+            values = read_row(ex["context"][n - 1])["values"]
+            assert m.group(1) == no_data_note(name, values), (answer, name)
+            seen.add((name, m.group(1)[:3]))
+    assert {("earnings", "sup"), ("ratio", "its"), ("completers", "not")} <= seen  # each kind of reason is read
 
 
 def test_heldout_schema_and_disjoint_rows(built, table):

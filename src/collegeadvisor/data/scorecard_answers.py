@@ -77,6 +77,27 @@ def row_source(r, *extra: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ answers
+# Why a row has no value for a field, as an answer's "no data (...)" gives it: the privacy suppression, or, for a
+# field computed from others (the debt-to-earnings ratio), the suppressed field it needs. The dataset's answers say
+# exactly this (tests/test_scorecard.py reads every one back); decoding writes it and the check holds answers to it.
+NOT_REPORTED = "not reported for this row"
+NOTE_OF_KIND = {"completers": NOT_REPORTED}
+
+
+def no_data_note(name: str, values: dict) -> str | None:
+    """The reason an answer gives after "no data" for field `name` of a row with these values (`row_values`, or a
+    read-back row's), or None where the row's values don't give one (the field has a value, or it has no kind)."""
+    kind = KIND_OF_FIELD.get(name)
+    if kind is None or values.get(name) is not None:
+        return None
+    if kind.name in NOTE_OF_KIND:
+        return NOTE_OF_KIND[kind.name]
+    missing = suppressed_field(kind, values)
+    if missing == name:
+        return SUPPRESSED
+    return f"its {FIELD[missing].says} is {SUPPRESSED}" if values.get(missing) is None else None
+
+
 def _one_row(kind: str, sub: str, r, tag: str) -> str:
     """The answer about one row: its kind's answer, or, for "no data" (asked as `sub`), that kind's "no data"
     answer."""

@@ -7,7 +7,8 @@ field a figure belongs to ("Median debt: $23,456"). Three kinds of claim are rea
   in its clause (FIELD_CUES, most specific first), or the field of the figure before it;
 - a yes/no verdict right after the citation: whether graduates out-earn a typical high-school graduate, i.e. the
   sign of the row's earnings premium;
-- "no data" for a field: the row must have that field suppressed;
+- "no data" for a field: the row must have that field suppressed; the reason it gives in a value slot ("Median debt:
+  no data (...)") must be the row's (`no_data_note`);
 - the row's name right after the citation ("[2] Master's Degree in Social Work at ..."): it must be one of the
   cited row's own names (`row_names`); another retrieved row's name quotes one row under another's name;
 - a comparison's winner ("Graduates of X earn more", "The Bachelor's Degree in X pays more"): it must be the cited
@@ -29,6 +30,7 @@ from typing import Any, Collection, Sequence
 
 from collegeadvisor.data.fields import FIELDS, answer_cues
 from collegeadvisor.data.scorecard import WINNER_FORMS, cited_names, read_row, row_title, winner_sentence
+from collegeadvisor.data.scorecard_answers import no_data_note
 
 # Figures as metrics and the checker read them: $12,345 / 12345 / 12.3k / $1.2 million / 0.19 / -$3,000 / 41%.
 _SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "mil": 1e6, "mn": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
@@ -62,6 +64,7 @@ WINNER_OPEN = re.compile(r"(?:^|(?<=[.!?]\s))(?P<opening>" + "|".join(map(re.esc
 # field's value slot.
 _SLOT = re.compile(r"\b(?:" + "|".join(re.escape(f.bare_label) for f in FIELDS) + r")(?:[ \t][^:.;\n]{1,60})?:[ \t]*(?=\S)")
 _NAMED = re.compile(r"\[(\d{1,2})\]\s*(?:(?:yes|no|unknown)\.\s*)?", re.I)  # a citation, then the row's name
+_NOTE = re.compile(r"no data \(([^()\n]*)\)")
 NO_DATA_PHRASE = re.compile(
     r"\bno\s+(?:\w+\s+){0,2}(?:data|information|figures?|records?)\b"
     r"|\b(?:not|isn't|aren't|wasn't|weren't)\s+(?:\w+\s+)?(?:available|reported|published|disclosed)\b"
@@ -246,6 +249,11 @@ def claims(answer: str) -> list[dict[str, Any]]:
         if name is not None and n is not None:
             out.append({"type": "slot", "row": n, "field": name, "value": None, "text": re.split(r"[.;\n]", after)[0][:60],
                         "start": m.end()})
+    for m in _SLOT.finditer(answer):  # the reason a "no data" slot gives: "Median debt: no data (suppressed ...)"
+        note = _NOTE.match(answer, m.end())
+        if note is not None:
+            out.append({"type": "note", "row": cited_at(answer, m.end()), "field": field_at(answer, m.end()),
+                        "value": note.group(1), "text": note.group(1), "start": note.start(1)})
     for m in _NAMED.finditer(answer):
         named = answer[m.end():]
         out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": named,
@@ -341,6 +349,11 @@ def _problem(claim: dict, ctx: Context, expected: set[int] | None = None) -> str
         return _winner_problem(claim, ctx)
     if claim["type"] == "slot":
         return None if ctx.row(n) is None else f"writes '{claim['text']}' where row [{n}]'s {label} goes"
+    if claim["type"] == "note":  # a true short form: "suppressed", as the row documents write it
+        reason = no_data_note(name, ctx.row(n)["values"]) if ctx.row(n) is not None and name else None
+        if reason is None or claim["value"] == reason or (claim["value"] == "suppressed" and "suppressed" in reason):
+            return None
+        return f"gives '{claim['text']}' as why row [{n}] has no {label}; the row's reason is '{reason}'"
     if n is not None and not 1 <= n <= len(ctx.passages):
         return f"cites [{n}], but only {len(ctx.passages)} rows were retrieved"
     row = ctx.row(n)

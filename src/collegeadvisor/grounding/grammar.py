@@ -15,7 +15,7 @@ answer back, so it holds the same claims by where they may be written (`claims.c
   supports; the name after a citation is one of the row's own (`cited_names`).
 - A row's body is free text and slots. Free text has no digits, "$", "[", "]" or "(", so every figure is a slot's:
   a field's label at the start of a clause (after the name, or ". " / "; " / "! " / "? ") then ": " and the row's
-  value for that field as its document writes it, or "no data" (and its notes) where the row has no value. The check
+  value for that field as its document writes it, or "no data" (and the row's reason, `no_data_note`) where the row has no value. The check
   reads a figure's field from its clause, which holds nothing before the label. "passes the test" / "fails the test"
   is a slot too: only the one the row's premium supports.
 - Free text can't state a claim the check reads outside a slot: no word that ends a "no data" phrase ("data",
@@ -43,7 +43,7 @@ from typing import Collection, Sequence
 
 from collegeadvisor.data.fields import FIELD, FIELDS
 from collegeadvisor.data.scorecard import NO_DATA, cited_names
-from collegeadvisor.data.scorecard_text import SUPPRESSED
+from collegeadvisor.data.scorecard_answers import no_data_note
 from collegeadvisor.grounding.claims import Context, cue_field, figures, value_of, winner_sentences
 
 # Words free text may not hold. A "no data" phrase (claims.NO_DATA_PHRASE) ends in one of the first; the test's
@@ -61,7 +61,6 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _WS = r"[ \t\n]"
 _STOP = r"[.;!?]"
 _OTHER = r"[\"#%&'*+,\-/:<=>@\\^_`{|}~)\u00a0-\u012f\u0132-\u017e\u0180-\u024f\u2010-\u2027]"
-NOTES = (SUPPRESSED, "suppressed", "not reported for this row")
 CANT_TELL = ", so the Scorecard can't tell whether it pays more than a high-school diploma"
 VERDICT_TEXT = {True: "Yes", False: "No", None: "Unknown"}
 
@@ -181,12 +180,10 @@ def _value(name: str, row: dict, passage: str) -> str:
         said = f" (median debt {values['debt']} against median earnings {values['earnings']}"
         horizon = (_label(passage, "earnings") or "")[len(FIELD["earnings"].bare_label):]
         return f"{lit(v)} ({lit(said)} {lit(horizon)}? \")\")?" if horizon else f"{lit(v)} {lit(said + ')')}?"
-    notes = ["nd-note"]
-    if name == "ratio":  # "no data (its median debt is suppressed ...)"
-        missing = [FIELD[f].says for f in ("earnings", "debt", "ratio") if values.get(f) is None]
-        notes.append(f"\"its \" ({' | '.join(lit(m) for m in missing)}) \" is \" nd-sup")
+    note = no_data_note(name, values)  # the row's reason: "no data (its median debt is suppressed ...)"
+    said = f" (\" (\" {lit(note)} \")\")?" if note else ""
     tell = f" {lit(CANT_TELL)}?" if name in ("earnings", "premium") else ""
-    return f"{lit(NO_DATA)} (\" (\" ({' | '.join(notes)}) \")\")?{tell}"
+    return f"{lit(NO_DATA)}{said}{tell}"
 
 
 def _slots(row: dict, passage: str) -> dict[str, str]:
@@ -291,5 +288,4 @@ def gbnf(passages: Sequence[str], expected: Collection[int] | None = None) -> st
                         for head, *rest in orders]
     rules.insert(1, "an ::= " + " | ".join(f"({a})" for a in answers))
     rules += _word_rules("fw", NO_DATA_WORDS + CLAIM_WORDS, CASED_WORDS)
-    rules += [f"nd-note ::= {' | '.join(lit(n) for n in NOTES)}", f"nd-sup ::= {lit(SUPPRESSED)}"]
     return "\n".join(rules) + "\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Collection, Sequence
 
+from collegeadvisor.data.scorecard_answers import no_data_note
 from collegeadvisor.grounding.claims import (
     CITATION,
     Context,
@@ -22,6 +23,7 @@ from collegeadvisor.grounding.claims import (
 
 
 _OPEN = re.compile(r"(?<![\w.,$])(?:-?\$?-?\d[\d,]*(?:\.\d*)?|-?\$)$")
+_NOTE_OPEN = re.compile(r":[ \t]*no data \((?P<rest>[^()\n]*)$")  # inside the reason after a value slot's "no data"
 _AT_VERDICT = re.compile(r"\s*\[(\d{1,2})\]\s*")
 
 _FREE = re.compile(r"\d{1,2}")
@@ -155,6 +157,17 @@ class Rules:
         said = tuple(s[len(opening):] for s in winner_sentences(rows) if s.startswith(opening))
         return (said, m.group("rest")) if said else None
 
+    def _note_texts(self, text: str) -> tuple[tuple[str, ...], str] | None:
+        """(the reason that may follow "no data (" in a cited Scorecard row's value slot, closed: `no_data_note`; what
+        is written of it) where text ends inside one; else None."""
+        m = _NOTE_OPEN.search(text)
+        if m is None:
+            return None
+        before = text[:m.start() + 1]
+        name, row = field_at(before), self.ctx.row(cited_at(before, len(before)))
+        note = no_data_note(name, row["values"]) if name is not None and row is not None else None
+        return ((note + ")",), m.group("rest")) if note else None
+
     def refused_openings(self, text: str) -> tuple[str, ...]:
         """Where a comparison's winner sentence may open next (text ends a sentence, after two or more cited rows
         with earnings): the openings that would name no winner alone ("The Bachelor's Degree in X pays more" when
@@ -175,11 +188,13 @@ class Rules:
 
     def name_slot(self, text: str) -> list[str] | None:
         """Where text ends in the name after a citation of a Scorecard row (the citation, perhaps its opening verdict,
-        part of a name), or in a comparison's winner: the rests of the texts that may complete it; None elsewhere
-        and once it is complete."""
+        part of a name), in a comparison's winner, or in the reason after a value slot's "no data (": the rests of
+        the texts that may complete it; None elsewhere and once it is complete."""
         if self._slot[0] != text:
             rests = self._rests(self._after_citation(text))
-            self._slot = (text, rests if rests is not None else self._rests(self._winner_texts(text)))
+            if rests is None:
+                rests = self._rests(self._winner_texts(text))
+            self._slot = (text, rests if rests is not None else self._rests(self._note_texts(text)))
         return self._slot[1]
 
     def unfinished(self, text: str) -> int | None:
