@@ -37,7 +37,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, out: Path) -> None:
+def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, out: Path,
+           neighbours: bool = False) -> None:
     """One engine over the first n held-out questions; writes its timings and scores as JSON."""
     from collegeadvisor import advise
     from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
@@ -53,7 +54,7 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
     if engine == "llamacpp-token":
         model.draft = 0
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
-    plans = [advise.plan(c, retrieve) for c in convs]
+    plans = [advise.plan(c, retrieve, neighbours=neighbours) for c in convs]
     rows = []
     for q, c, p in zip(questions, convs, plans):
         if p.reply is not None:  # a fixed reply: no generation in any engine
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--write", action="store_true", help="write the '## Engines' section of BENCHMARKS.md")
     p.add_argument("--keep", help="a folder to keep each engine's answers in (ENGINE.json)")
+    p.add_argument("--neighbours", action="store_true",
+                   help="pad the rows asked about with retrieved ones up to k, as training contexts are (served "
+                        "prompts show only the rows asked about)")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = find_run(args.run, args.output_dir)
     if args.worker:
-        worker(args.worker, run, args.n, args.max_new_tokens, args.threads, Path(args.worker_out))
+        worker(args.worker, run, args.n, args.max_new_tokens, args.threads, Path(args.worker_out),
+               neighbours=args.neighbours)
         return 0
     sums, results = [], {}
     engines = args.engines.split(",")
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--run", str(run), "--n", str(args.n), "--max-new-tokens",
                             str(args.max_new_tokens), "--threads", str(args.threads), "--worker", engine,
-                            "--worker-out", str(out)], check=True)
+                            "--worker-out", str(out)] + ["--neighbours"] * args.neighbours, check=True)
             results[engine] = json.loads(out.read_text())
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
@@ -159,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(sums))
     if args.write:
         body = (f"`python bench/engine_bench.py --run {args.run} --n {args.n} --threads {args.threads}` on run "
-                f"`{run.name}`, {cpu_name()}, {args.threads} threads, with retrieval on the full knowledge base "
-                f"(k = 3, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
+                f"`{run.name}`, {cpu_name()}, {args.threads} threads, resolved as served against the full knowledge base "
+                f"({'the asked rows padded with retrieved neighbours to k = 3' if args.neighbours else 'the asked rows alone'}, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
                 f"budget of {args.max_new_tokens} new tokens. One question at a time, each engine in its own process, "
                 "one after another; fixed replies (no row, off topic, ...) generate nothing and are left out of the "
                 "timings but not of the accuracy. `bare`: llama-cpp-python's `generate` on the same GGUF (q8_0) and "

@@ -8,7 +8,9 @@ Variants, each a lever on its own:
   tcmalloc    the same with Debian's libtcmalloc-minimal4 through LD_PRELOAD (apt install libtcmalloc-minimal4);
   buckets     passes padded to a multiple of 64 tokens (pad_to_multiple_of: 64): a few pass shapes, not one per length;
   jemalloc-decay1s  jemalloc returning freed pages to the OS after 1 s instead of its default 10 s
-              (MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0): less memory held between passes, more page faults.
+              (MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0): less memory held between passes, more page faults;
+  jemalloc-1arena   jemalloc with one arena for all threads (MALLOC_CONF=narenas:1; its default is 4 per CPU): the
+              kernels' worker threads reuse the main thread's freed blocks.
 
     python bench/train_memory.py --data out/quickstart/data/scorecard.jsonl --steps 50     # ~5 minutes a variant
     python bench/train_memory.py ... --write      # writes the section of BENCHMARKS.md
@@ -36,7 +38,8 @@ ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.s
 # variant: (allocator preloaded, its settings, extra train arguments)
 VARIANTS = {"default": (None, None, []), "jemalloc": ("jemalloc", None, []), "tcmalloc": ("tcmalloc", None, []),
             "buckets": (None, None, ["--pad-to-multiple-of", "64"]),
-            "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", [])}
+            "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", []),
+            "jemalloc-1arena": ("jemalloc", "narenas:1", [])}
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
 
 

@@ -8,11 +8,11 @@ from collegeadvisor import advise, grounding
 from collegeadvisor.data.scorecard import load_table, program_name, read_row
 
 
-def _plan(*turns: str, retrieve=None) -> advise.Plan:
+def _plan(*turns: str, retrieve=None, **options) -> advise.Plan:
     messages = []
     for text in turns:
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "(an answer)"}]
-    return advise.plan(messages[:-1], retrieve)
+    return advise.plan(messages[:-1], retrieve, **options)
 
 
 def _row_ids(p: advise.Plan) -> list[str]:
@@ -30,7 +30,7 @@ def test_the_asked_row_comes_first_and_is_the_only_one_expected():
     assert "University of Minnesota-Twin Cities" in p.question and "umn" not in p.question
 
 
-def test_neighbours_come_after_the_asked_rows_and_never_repeat_them():
+def test_the_model_reads_the_asked_row_alone_and_neighbours_come_after_it_when_asked_for():
     seen = []
 
     def retrieve(question):
@@ -39,9 +39,11 @@ def test_neighbours_come_after_the_asked_rows_and_never_repeat_them():
         rows = table[table["inst_name"] == "University of Georgia"].head(4).to_dict("records")
         return [advise.hit_of(r) for r in rows]
 
-    p = _plan("uga marketing bs", retrieve=retrieve)
+    alone = _plan("uga marketing bs", retrieve=retrieve)
+    assert len(alone.hits) == 1 and alone.expected == [1] and seen == []  # a resolved row needs no retrieval
+    p = _plan("uga marketing bs", retrieve=retrieve, neighbours=True)  # the training contexts' shape
     assert len(p.hits) == 3 and p.expected == [1] and len(set(_row_ids(p))) == 3
-    assert seen == [p.question]  # retrieval reads the resolved question
+    assert _row_ids(p)[0] == _row_ids(alone)[0] and seen == [p.question]  # retrieval reads the resolved question
 
 
 def test_a_follow_up_is_answered_about_the_row_it_now_means():

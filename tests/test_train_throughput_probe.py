@@ -118,3 +118,12 @@ def test_each_recipe_runs_under_the_allocator_its_own_command_line_uses(monkeypa
         assert allocator == "glibc" and env["LD_PRELOAD"] == "/lib/other.so"
     monkeypatch.setattr(cli, "jemalloc_library", lambda dirs=cli.LIB_DIRS: None)  # not installed: glibc for all
     assert tt.allocator_env("ours")[0] == "glibc"
+
+
+def test_the_tinyllama_row_replaces_the_loader_the_recipe_calls():
+    """The bench swaps in a random TinyLlama-shaped model by patching train.step's `load_model`: the name
+    build_model reads when it runs (patching one nothing reads trained SmolLM2 under the TinyLlama row's name)."""
+    from collegeadvisor.train import step
+
+    assert "load_model" in step.build_model.__code__.co_names and callable(step.load_model)
+    assert "step.load_model = " in Path(tt.__file__).read_text()

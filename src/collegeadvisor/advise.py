@@ -4,8 +4,9 @@ The chain (docs/architecture.md), each step with one home:
 1. resolve (`kb.resolve.resolve_conversation`): school, program, credential, state and field, over the whole
    conversation, against the Scorecard's own names;
 2. find (`find`): the rows the resolution names (both sides of a comparison), from the table;
-3. decide (`plan`): the asked row exists -> the model answers it, from that row first and retrieval's hard
-   neighbours after; the school lacks that program or credential, or isn't in the data -> say so, naming what the
+3. decide (`plan`): the asked row exists -> the model answers it from that row alone (training contexts also held
+   retrieval's hard neighbours after it; left out at answer time, the prompt is ~200 tokens instead of ~360 and
+   llama.cpp answers 37% sooner at the same held-out accuracy: BENCHMARKS.md, "Engines"); the school lacks that program or credential, or isn't in the data -> say so, naming what the
    school does list; a name fits several schools -> ask which, with their states; a topic the data doesn't hold
    -> say what it covers;
 4. generate (`respond`, through `generate.answer`): under the constraint, from a standalone question in the
@@ -232,9 +233,12 @@ def _compare(res: Resolution, pairs: list[tuple[str, str, Sequence[str], tuple]]
     return _model_plan(res, "compare", ("compare", sub), rows, retrieve, k)
 
 
-def plan(messages: Sequence[dict], retrieve: Retriever | None = None, k: int = 3) -> Plan:
-    """What to answer the conversation's last user turn with (see the module)."""
+def plan(messages: Sequence[dict], retrieve: Retriever | None = None, k: int = 3, neighbours: bool = False) -> Plan:
+    """What to answer the conversation's last user turn with (see the module). The model reads only the rows asked
+    about; `neighbours` pads them with retrieved ones up to k, the shape of the training contexts (measured against
+    it in bench/engine_bench.py --neighbours). Retrieval itself answers what resolves to no row."""
     res = resolve_conversation(list(messages))
+    near = retrieve if neighbours else None
     last = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
     fixed = _fixed(res)
     if fixed is not None:
@@ -244,12 +248,12 @@ def plan(messages: Sequence[dict], retrieve: Retriever | None = None, k: int = 3
         return Plan("retrieval", res, hits=hits, why="no school or program resolved")
     units = [(s.units[0][0], s.units[0][1]) for s in res.schools]
     if len(units) >= 2:
-        return _compare(res, [(u, n, res.programs[0], res.levels) for u, n in units[:2]], "schools", retrieve, k)
+        return _compare(res, [(u, n, res.programs[0], res.levels) for u, n in units[:2]], "schools", near, k)
     if len(res.programs) >= 2 and compare_cue(last):
         levels = [lv or res.levels for lv in res.program_levels[:2]]
         return _compare(res, [(units[0][0], units[0][1], p, lv) for p, lv in zip(res.programs[:2], levels)],
-                        "programs", retrieve, k)
-    return _single(res, units[0][0], units[0][1], retrieve, k)
+                        "programs", near, k)
+    return _single(res, units[0][0], units[0][1], near, k)
 
 
 # ------------------------------------------------------------------------------------------ answering
