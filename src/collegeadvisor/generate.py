@@ -63,20 +63,6 @@ def _token_texts(tokenizer) -> dict[str, list[int]]:
     return out
 
 
-OVERSHOOT = 3  # a forced text's last characters this short may be written by a token that goes on past them
-
-
-@lru_cache(maxsize=8)
-def _token_heads(tokenizer) -> dict[str, list[tuple[str, list[int]]]]:
-    """Token texts longer than OVERSHOOT characters' prefixes, by each such prefix (1 to OVERSHOOT characters): the
-    tokens that spell all of a short rest and go on (")." after a reason's ")")."""
-    out: dict[str, list[tuple[str, list[int]]]] = {}
-    for text, ids in _token_texts(tokenizer).items():
-        for j in range(1, min(len(text) - 1, OVERSHOOT) + 1):
-            out.setdefault(text[:j], []).append((text, ids))
-    return out
-
-
 @lru_cache(maxsize=8)
 def _token_classes(tokenizer) -> dict[str, list[tuple[tuple, tuple[list[int], str]]]]:
     """The tokens the grounding rules can object to, grouped by what the rules see of them
@@ -113,7 +99,6 @@ class GroundedDecoding(LogitsProcessor):
         self.tokenizer, self.rules, self.width = tokenizer, list(rules), prompt_width
         self.classes = _token_classes(tokenizer)
         self.texts = _token_texts(tokenizer)
-        self.heads = _token_heads(tokenizer)
         self.longest = max(map(len, self.texts), default=0)
         self.stops = set(stop_token_ids(tokenizer))
         self.cache: dict = {}
@@ -148,24 +133,18 @@ class GroundedDecoding(LogitsProcessor):
         elif banned:
             row_scores[banned] = float("-inf")
 
-    def spelling(self, rests: Sequence[str], rules: grounding.Rules | None = None, text: str = "") -> list[int]:
+    def spelling(self, rests: Sequence[str]) -> list[int]:
         """The ids of tokens whose text begins one of `rests` (rests[:j] for some j >= 1): a lookup per prefix, no
-        scan of the vocabulary. With `rules`, where a rest is short, also those that write all of it and go on with
-        what the rules admit after it: the model's own ")." after a reason's ")", which the prefixes alone would
-        split into ")" and "." (off the way it was trained to write them)."""
-        ids = {i for rest in rests for j in range(1, min(len(rest), self.longest) + 1)
-               for i in self.texts.get(rest[:j], ())}
-        if rules is not None:
-            ids.update(i for rest in rests if len(rest) <= OVERSHOOT for piece, piece_ids in self.heads.get(rest, ())
-                       if rules.admits(text, piece) and rules.admits(text + rest, piece[len(rest):]) for i in piece_ids)
-        return sorted(ids)
+        scan of the vocabulary."""
+        return sorted({i for rest in rests for j in range(1, min(len(rest), self.longest) + 1)
+                       for i in self.texts.get(rest[:j], ())})
 
     def _decide(self, rules: grounding.Rules, text: str) -> tuple[list[int], list[int] | None]:
         """(banned ids, or the only ids kept: in a name after a citation, inside a "[", inside a figure that can't
         end yet). Tokens that the rules can't tell apart (same `grounding.signature`) are asked about once. Where no
         token spells the name on (a character no token has alone), the name does not constrain that step."""
         rests = rules.name_slot(text)
-        keep = self.spelling(rests, rules, text) if rests is not None else []
+        keep = self.spelling(rests) if rests is not None else []
         if keep:
             return [], keep
         if rules.open_citation(text) is not None:
