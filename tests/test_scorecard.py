@@ -13,6 +13,7 @@ from collegeadvisor.data.fields import FIELD, KIND
 from collegeadvisor.data.scorecard import load_table, read_row, row_document, row_values, row_title
 from collegeadvisor.data.scorecard_answers import no_data_note
 from collegeadvisor.data.scorecard_qa import (
+    ASKED_ONLY_SHARE,
     FIRST_SHARE,
     KIND_MIX,
     MAX_PASSAGES,
@@ -165,11 +166,12 @@ def test_heldout_schema_and_disjoint_rows(built, table):
 
 
 def test_contexts_are_built_as_raft_builds_them(built, table):
-    """The right row among hard distractors, mostly first; missing in some; none at all in a few."""
+    """The right row among hard distractors, mostly first; alone in some (as answers read it without neighbours);
+    missing in some; none at all in a few."""
     _, train, _ = built
     rows = by_id(table)
     docs = {r: row_document(rows[r]) for r in rows}
-    first = single = 0
+    first = single = alone = covered = 0
     hard = total = 0
     for ex in train:
         ctx = ex["context"]
@@ -184,6 +186,10 @@ def test_contexts_are_built_as_raft_builds_them(built, table):
             assert not set(truth) & set(ctx) and len(ctx) == MAX_PASSAGES
             continue
         assert set(truth) <= set(ctx)
+        covered += 1
+        if set(ctx) == set(truth):
+            alone += 1
+            continue
         if len(truth) == 1:
             single += 1
             first += ctx[0] == truth[0]
@@ -194,10 +200,12 @@ def test_contexts_are_built_as_raft_builds_them(built, table):
             if other is not None:
                 hard += other["unitid"] == asked["unitid"] or other["cip_code"] == asked["cip_code"]
     assert abs(first / single - FIRST_SHARE) < 0.1 and first < single
+    assert abs(alone / covered - ASKED_ONLY_SHARE) < 0.1
     assert hard >= 0.8 * min(total, 199)
     no_data = [ex for ex in train if ex["kind"] == "no_data"]
-    with_figures = sum(any("$" in d for d in ex["context"] if d not in [docs[ex["source"]["row_id"]]]) for ex in no_data)
-    assert with_figures >= 0.7 * len(no_data)  # suppressed right row, distractors that carry figures
+    padded = [ex for ex in no_data if len(ex["context"]) > 1]
+    with_figures = sum(any("$" in d for d in ex["context"] if d not in [docs[ex["source"]["row_id"]]]) for ex in padded)
+    assert with_figures >= 0.7 * len(padded)  # suppressed right row, distractors that carry figures
 
 
 def test_deterministic_for_a_seed(table, tmp_path):

@@ -77,6 +77,9 @@ FIRST_SHARE = 0.7  # the right row comes first in this share of contexts, second
 # questions. This share of contexts lists them first, as at inference; the rest mix the three kinds of neighbour.
 SAME_PROGRAM_FIRST = 0.6
 MAX_PASSAGES = 3  # rows in a context, as retrieval gives at inference (k): they fit max_length 512
+# Contexts of the asked rows alone, as answers read them where resolution found the rows and no neighbours are added
+# (advise.plan(neighbours=False): a prompt of ~205 tokens instead of ~363); the rest carry hard distractors.
+ASKED_ONLY_SHARE = 0.3
 NEEDED = [
     "unitid", "inst_name", "state", "control", "cip_code", "cip_desc", "credential_level", "credential_desc",
     "earnings_horizon", *(f.column for f in FIELDS),
@@ -87,7 +90,8 @@ def builder_id() -> str:
     """A fingerprint of what this builder writes for a seed (the kinds, their words and shares, the row format): a
     dataset built by another version is rebuilt rather than trained on (`dataset_is_current`)."""
     parts = (KINDS, STRUCTURAL_MIX, NO_DATA_MIX, COMPARE_MIX, TEMPLATES, NO_CONTEXT_ANSWER, NOT_COVERED,
-             NOT_COVERED_SHARE, NO_CONTEXT_SHARE, FIRST_SHARE, SAME_PROGRAM_FIRST, MAX_PASSAGES, row_format_id(),
+             NOT_COVERED_SHARE, NO_CONTEXT_SHARE, FIRST_SHARE, SAME_PROGRAM_FIRST, MAX_PASSAGES, ASKED_ONLY_SHARE,
+             row_format_id(),
              LOOSE_SHARE, FOLLOW_SHARE, FIXED_MIX, LOOSE_TEMPLATES, CREDENTIAL_SLANG, FOLLOW_UPS, UNCOVERED, NO_ROW,
              UNKNOWN_SCHOOL, AMBIGUOUS, OFF_TOPIC, sorted(alias_table()["schools"].items()),
              sorted(alias_table()["programs"].items()))
@@ -331,6 +335,8 @@ def _place(rng, truth: list[int], others: list[int]) -> list[int]:
 
 def _context(rng, ex: dict, covered: bool, keys, groups, allowed, has_data) -> list[int]:
     rows = list(ex["rows"])
+    if covered and rng.random() < ASKED_ONLY_SHARE:
+        return _place(rng, rows, [])
     n_other = max(0, MAX_PASSAGES - len(rows)) if covered else MAX_PASSAGES
     others = _distractors(rng, ex["rows"], n_other, keys, groups, allowed,
                           has_data if ex["kind"] == "no_data" else None)

@@ -291,12 +291,16 @@ def converse(df, examples: list[dict], allowed: np.ndarray, rng) -> list[dict]:
         else:
             new = _off_topic(ex, recs, rng)
         out[i] = new or ex
+    questions = {ex.get("question") for ex in examples}  # a follow-up's first turn is no other example's question
     for i in grounded:
         ex = out[i]
         if "messages" in ex:
             continue
         if i in follow:
-            out[i] = _follow_up(ex, recs, rng) or ex
+            new = _follow_up(ex, recs, rng)
+            if new is not None and new["messages"][0]["content"] not in questions:
+                questions.add(new["messages"][0]["content"])
+                out[i] = new
         elif rng.random() < LOOSE_SHARE and ex["kind"] in SINGLE | {"open", "compare"}:
             asked = [recs[r] for r in ex["rows"]]
             out[i] = ex | {"question": loose_question(ex["kind"], ex["sub"], asked, rng), "loose": True}
