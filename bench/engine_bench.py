@@ -38,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, out: Path,
-           neighbours: bool = True) -> None:
+           neighbours: bool = False) -> None:
     """One engine over the first n held-out questions; writes its timings and scores as JSON."""
     from collegeadvisor import advise
     from collegeadvisor.chat_format import encode_prompt, stop_token_ids, with_context
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--write", action="store_true", help="write the '## Engines' section of BENCHMARKS.md")
     p.add_argument("--keep", help="a folder to keep each engine's answers in (ENGINE.json)")
-    p.add_argument("--no-neighbours", action="store_true",
-                   help="prompts hold only the rows asked about, not padded with retrieved ones up to k (as served "
-                        "and trained)")
+    p.add_argument("--neighbours", action="store_true",
+                   help="pad the rows asked about with retrieved ones up to k (served prompts hold the asked rows "
+                        "alone)")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     run = find_run(args.run, args.output_dir)
     if args.worker:
         worker(args.worker, run, args.n, args.max_new_tokens, args.threads, Path(args.worker_out),
-               neighbours=not args.no_neighbours)
+               neighbours=args.neighbours)
         return 0
     sums, results = [], {}
     engines = args.engines.split(",")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--run", str(run), "--n", str(args.n), "--max-new-tokens",
                             str(args.max_new_tokens), "--threads", str(args.threads), "--worker", engine,
-                            "--worker-out", str(out)] + ["--no-neighbours"] * args.no_neighbours, check=True)
+                            "--worker-out", str(out)] + ["--neighbours"] * args.neighbours, check=True)
             results[engine] = json.loads(out.read_text())
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         body = (f"`python bench/engine_bench.py --run {args.run} --n {args.n} --threads {args.threads}` on run "
                 f"`{run.name}`, {cpu_name()}, {args.threads} threads, resolved as served against the full knowledge base "
-                f"({'the asked rows alone' if args.no_neighbours else 'the asked rows padded with retrieved neighbours to k = 3'}, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
+                f"({'the asked rows padded with retrieved neighbours to k = 3' if args.neighbours else 'the asked rows alone'}, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
                 f"budget of {args.max_new_tokens} new tokens. One question at a time, each engine in its own process, "
                 "one after another; fixed replies (no row, off topic, ...) generate nothing and are left out of the "
                 "timings but not of the accuracy. `bare`: llama-cpp-python's `generate` on the same GGUF (q8_0) and "

@@ -30,7 +30,7 @@ def test_the_asked_row_comes_first_and_is_the_only_one_expected():
     assert "University of Minnesota-Twin Cities" in p.question and "umn" not in p.question
 
 
-def test_neighbours_come_after_the_asked_rows_and_can_be_left_out():
+def test_the_model_reads_the_asked_row_alone_and_neighbours_come_after_it_when_asked_for():
     seen = []
 
     def retrieve(question):
@@ -39,9 +39,9 @@ def test_neighbours_come_after_the_asked_rows_and_can_be_left_out():
         rows = table[table["inst_name"] == "University of Georgia"].head(4).to_dict("records")
         return [advise.hit_of(r) for r in rows]
 
-    alone = _plan("uga marketing bs", retrieve=retrieve, neighbours=False)
+    alone = _plan("uga marketing bs", retrieve=retrieve)
     assert len(alone.hits) == 1 and alone.expected == [1] and seen == []  # a resolved row needs no retrieval
-    p = _plan("uga marketing bs", retrieve=retrieve)  # the training contexts' shape
+    p = _plan("uga marketing bs", retrieve=retrieve, neighbours=True)  # the padded training contexts' shape
     assert len(p.hits) == 3 and p.expected == [1] and len(set(_row_ids(p))) == 3
     assert _row_ids(p)[0] == _row_ids(alone)[0] and seen == [p.question]  # retrieval reads the resolved question
 

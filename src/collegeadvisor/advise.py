@@ -4,8 +4,8 @@ The chain (docs/architecture.md), each step with one home:
 1. resolve (`kb.resolve.resolve_conversation`): school, program, credential, state and field, over the whole
    conversation, against the Scorecard's own names;
 2. find (`find`): the rows the resolution names (both sides of a comparison), from the table;
-3. decide (`plan`): the asked row exists -> the model answers it, from that row first and retrieval's hard
-   neighbours after, as in training; the school lacks that program or credential, or isn't in the data -> say so, naming what the
+3. decide (`plan`): the asked row exists -> the model answers it from that row alone (prompts of ~205 tokens
+   instead of ~363 with retrieval's neighbours after it; BENCHMARKS.md, "Engines"); the school lacks that program or credential, or isn't in the data -> say so, naming what the
    school does list; a name fits several schools -> ask which, with their states; a topic the data doesn't hold
    -> say what it covers;
 4. generate (`respond`, through `generate.answer`): under the constraint, from a standalone question in the
@@ -232,11 +232,11 @@ def _compare(res: Resolution, pairs: list[tuple[str, str, Sequence[str], tuple]]
     return _model_plan(res, "compare", ("compare", sub), rows, retrieve, k)
 
 
-def plan(messages: Sequence[dict], retrieve: Retriever | None = None, k: int = 3, neighbours: bool = True) -> Plan:
-    """What to answer the conversation's last user turn with (see the module). `neighbours`: pad the asked rows with
-    retrieved ones up to k, the shape of the training contexts; off, the model reads only the rows asked about
-    (bench/engine_bench.py --no-neighbours: 37% faster on llama.cpp, but the quickstart's model, trained on padded
-    contexts only, then ends one "no data" answer in 41 off its trained form; BENCHMARKS.md, "Engines")."""
+def plan(messages: Sequence[dict], retrieve: Retriever | None = None, k: int = 3, neighbours: bool = False) -> Plan:
+    """What to answer the conversation's last user turn with (see the module). The model reads only the rows asked
+    about (a share of the training contexts has that shape: data.scorecard_qa.ASKED_ONLY_SHARE); `neighbours` pads
+    them with retrieved ones up to k, the shape of the rest (bench/engine_bench.py --neighbours measures it).
+    Retrieval itself answers what resolves to no row."""
     res = resolve_conversation(list(messages))
     near = retrieve if neighbours else None
     last = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
