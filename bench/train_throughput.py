@@ -38,7 +38,9 @@ Definitions:
 Allocator: ours runs under jemalloc where it is installed, as `collegeadvisor train` does (the lever "ours, glibc
 malloc" is ours without it); the seed and TRL under glibc's malloc, as their own scripts run.
 Without AMX on an AMX machine: `--max-isa AVX512_CORE_BF16` caps oneDNN (torch's CPU matmul and attention kernels)
-below AMX for the probes and every recipe (ONEDNN_MAX_CPU_ISA), which is how the no-AMX MFU goal is measured there.
+below AMX for the probes and every recipe (ONEDNN_MAX_CPU_ISA). Check its up-front peak before trusting it: on the
+developers' Xeon (2026-12-07) the capped bf16 peak read 229 GFLOP/s, under its fp32 peak (429) and a quarter of an
+AVX512-BF16 EPYC's (987), so that cap is no stand-in for a machine without AMX there.
 Also measured: ours at batch 4 x 512 (the longest examples, one pass a step), ours on a TinyLlama-1.1B-shaped model
 (random weights, config from ../shared/reference/; SmolLM2 token ids folded into its 32,000-token vocabulary), and
 a torch.profiler run of ours (operator self time: where the time goes).
