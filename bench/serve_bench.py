@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f" --engine {args.engine}" if args.engine else "") + (" --rag" if args.rag else "")
             + (" --baseline" if args.baseline else "") + f"` ({when}), on {cpu_name()}. "
             + (f"Engine `{args.engine}`; questions: the run's held-out ones, answered from the full knowledge base "
-               "as served (resolution, retrieval k = 3, constraint, check). `bare llama.cpp`: llama-cpp-python's own "
+               "as served (resolution, the asked rows, constraint, check). `bare llama.cpp`: llama-cpp-python's own "
                "server on the same GGUF, sent the same rendered prompts (non-streaming), nothing of ours. "
                if args.rag else "")
             + f"Run `{run.name}` on base model `{manifest['base_model']['spec']}`, "
