@@ -241,19 +241,16 @@ def claims(answer: str) -> list[dict[str, Any]]:
     for m in NO_DATA_PHRASE.finditer(plain(answer)):
         out.append({"type": "no_data", "row": cited_at(answer, m.start()), "field": field_at(answer, m.start()),
                     "value": None, "text": m.group(), "start": m.start()})
-    for m in _SLOT.finditer(answer):  # a field's label followed by neither a figure nor "no data" ("Completers: Seven")
-        after = answer[m.end():]
-        if NUMBER.match(after) or NO_DATA_PHRASE.match(plain(after)) or PSEUDO_CITATION.match(after):
-            continue
-        name, n = field_at(answer, m.end()), cited_at(answer, m.end())
-        if name is not None and n is not None:
+    for m in _SLOT.finditer(answer):  # what follows a field's label: a "no data"'s reason, or neither a figure nor
+        after, name, n = answer[m.end():], field_at(answer, m.end()), cited_at(answer, m.end())  # "no data"
+        note = _NOTE.match(answer, m.end())
+        if note is not None:  # "Median debt: no data (suppressed ...)"
+            out.append({"type": "note", "row": n, "field": name, "value": note.group(1), "text": note.group(1),
+                        "start": note.start(1)})
+        elif not (NUMBER.match(after) or NO_DATA_PHRASE.match(plain(after)) or PSEUDO_CITATION.match(after)) \
+                and name is not None and n is not None:  # "Completers: Seven"
             out.append({"type": "slot", "row": n, "field": name, "value": None, "text": re.split(r"[.;\n]", after)[0][:60],
                         "start": m.end()})
-    for m in _SLOT.finditer(answer):  # the reason a "no data" slot gives: "Median debt: no data (suppressed ...)"
-        note = _NOTE.match(answer, m.end())
-        if note is not None:
-            out.append({"type": "note", "row": cited_at(answer, m.end()), "field": field_at(answer, m.end()),
-                        "value": note.group(1), "text": note.group(1), "start": note.start(1)})
     for m in _NAMED.finditer(answer):
         named = answer[m.end():]
         out.append({"type": "name", "row": int(m.group(1)), "field": None, "value": named,
