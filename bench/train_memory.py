@@ -10,7 +10,9 @@ Variants, each a lever on its own:
   jemalloc-decay1s  jemalloc returning freed pages to the OS after 1 s instead of its default 10 s
               (MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0): less memory held between passes, more page faults;
   jemalloc-1arena   jemalloc with one arena for all threads (MALLOC_CONF=narenas:1; its default is 4 per CPU): the
-              kernels' worker threads reuse the main thread's freed blocks.
+              kernels' worker threads reuse the main thread's freed blocks;
+  jemalloc-keep-mlp  jemalloc with the MLP's gate and up kept for backward (recompute_mlp: false; the default
+              recomputes them).
 
     python bench/train_memory.py --data out/quickstart/data/scorecard.jsonl --steps 50     # ~5 minutes a variant
     python bench/train_memory.py ... --write      # writes the section of BENCHMARKS.md
@@ -39,7 +41,8 @@ ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.s
 VARIANTS = {"default": (None, None, []), "jemalloc": ("jemalloc", None, []), "tcmalloc": ("tcmalloc", None, []),
             "buckets": (None, None, ["--pad-to-multiple-of", "64"]),
             "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", []),
-            "jemalloc-1arena": ("jemalloc", "narenas:1", [])}
+            "jemalloc-1arena": ("jemalloc", "narenas:1", []),
+            "jemalloc-keep-mlp": ("jemalloc", None, ["--no-recompute-mlp"])}
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
 
 

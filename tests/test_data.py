@@ -1,5 +1,8 @@
 import json
 
+import numpy as np
+import torch
+
 import pytest
 
 from collegeadvisor.data.loaders import dedupe, load_examples, split
@@ -90,6 +93,26 @@ def test_long_answers_are_dropped_and_counted_never_silently_cut(tokenizer):
     rows, stats = encode_examples(tokenizer, ex, max_length=128, truncation="truncate")
     assert len(rows) == 2 and stats["truncated"] == 1 and len(rows[1]["input_ids"]) == 128
     assert stats["lengths"]["over_max_length"] == 1 and stats["lengths"]["max"] > 128
+
+
+def test_encoded_rows_hold_their_ids_as_int32_arrays_and_batch_as_lists_did(tokenizer):
+    """A run keeps every encoded row in memory for its whole length: int32 arrays, not lists of Python ints (20 KB a
+    row of ~400 tokens as a list, 3 KB as arrays). They batch to the same tensors, and the labelled count is the
+    stats' own."""
+    from collegeadvisor.data.prepare import labelled_count
+    from collegeadvisor.train.batching import collate, collate_packed
+
+    ex = [{"messages": [{"role": "user", "content": "q " * (i + 1)}, {"role": "assistant", "content": "a b c"}],
+           "line": i + 1} for i in range(3)]
+    rows, stats = encode_examples(tokenizer, ex, max_length=128)
+    assert all(r[k].dtype == np.int32 and r[k].ndim == 1 for r in rows for k in ("input_ids", "labels"))
+    as_lists = [{k: r[k].tolist() for k in ("input_ids", "labels")} for r in rows]
+    pad = tokenizer.pad_token_id
+    for a, b in ((collate(rows, pad), collate(as_lists, pad)),
+                 (collate_packed([rows], pad), collate_packed([as_lists], pad))):
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert sum(labelled_count(r) for r in rows) == stats["trained_tokens"] == sum(labelled_count(r) for r in as_lists)
+    assert stats["trained_tokens"] == sum(sum(1 for x in r["labels"] if x != -100) for r in as_lists) > 0
 
 
 def test_length_report_percentiles():

@@ -17,12 +17,13 @@ from test_speed_paths import encoded_rows, lora_grads
 FP32_REL = 1e-5
 
 
-def build(path, fused: bool, dropout: float, bf16: bool):
+def build(path, fused: bool, dropout: float, bf16: bool, recompute: bool = True):
     """The recipe's own model (lora_model, keep_base_in_bf16) with B set to small random values (peft starts B at
     zero, which leaves A without a gradient), seeded the same for both paths."""
     from collegeadvisor.models import load_model
 
-    cfg = load_config(None, {"lora_r": 8, "lora_alpha": 16, "lora_dropout": dropout, "fused": fused})
+    cfg = load_config(None, {"lora_r": 8, "lora_alpha": 16, "lora_dropout": dropout, "fused": fused,
+                             "recompute_mlp": recompute})
     torch.manual_seed(0)
     model = recipe.lora_model(load_model(str(path), dtype=torch.float32), cfg)
     with torch.no_grad():
@@ -35,8 +36,8 @@ def build(path, fused: bool, dropout: float, bf16: bool):
     return recipe.LabelLoss(model, fused=fused)
 
 
-def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = False):
-    loss_module = build(path, fused, dropout, bf16)
+def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = False, recompute: bool = True):
+    loss_module = build(path, fused, dropout, bf16, recompute)
     torch.manual_seed(123)  # the dropout masks: drawn in the same order on both paths
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = loss_module(**batch)
@@ -44,11 +45,12 @@ def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = 
     return float(loss), lora_grads(loss_module.model)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_path_matches_peft_in_fp32(tinyllama_tiny_model, tinyllama_tokenizer, dropout):
+def test_fused_path_matches_peft_in_fp32(tinyllama_tiny_model, tinyllama_tokenizer, dropout, recompute):
     batch = collate(encoded_rows(tinyllama_tokenizer, 4), tinyllama_tokenizer.pad_token_id)
     want_loss, want = loss_and_grads(tinyllama_tiny_model, batch, fused=False, dropout=dropout)
-    got_loss, got = loss_and_grads(tinyllama_tiny_model, batch, fused=True, dropout=dropout)
+    got_loss, got = loss_and_grads(tinyllama_tiny_model, batch, fused=True, dropout=dropout, recompute=recompute)
     assert got_loss == pytest.approx(want_loss, rel=FP32_REL)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
@@ -170,3 +172,35 @@ def test_lora_layers_reading_a_norm_save_none_of_its_output(tinyllama_tiny_model
         loss.backward()  # the recomputation runs, once per norm, and frees its copy after the last reader
         kept[recompute] = len({o.untyped_storage().data_ptr() for o in outputs} & saved)
     assert len(norms) >= 4 and kept == {True: 0, False: len(norms)}, kept
+
+
+def test_recompute_mlp_keeps_neither_gate_nor_up_and_gives_the_same_gradients(tinyllama_tiny_model,
+                                                                               tinyllama_tokenizer):
+    """recompute_mlp: backward recomputes the MLP's gate and up from its input, so no tensor of the MLP's width is
+    kept for backward (without it, gate and up: two a layer), and loss and gradients are the ones of the fused path
+    that keeps them, in the bf16 path with dropout (the same ops on the same values, the masks drawn in the same
+    order)."""
+    batch = collate(encoded_rows(tinyllama_tokenizer, 3), tinyllama_tokenizer.pad_token_id)
+    wide, results = {}, {}
+    for recompute in (True, False):
+        loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.1, bf16=True, recompute=recompute)
+        width = loss_module.model.get_base_model().config.intermediate_size
+        params = {p.untyped_storage().data_ptr() for p in loss_module.model.parameters()}
+        kept = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params and t.dim() == 3 and t.shape[-1] == width:
+                kept.append((t.dtype, tuple(t.shape)))
+            return t
+
+        torch.manual_seed(123)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_module(**batch)
+        loss.backward()
+        wide[recompute] = [k for k in kept if k[0] != torch.bool]  # not down's dropout mask (bool): both keep it
+        results[recompute] = (float(loss), lora_grads(loss_module.model))
+    layers = build(tinyllama_tiny_model, True, 0.0, False).model.get_base_model().config.num_hidden_layers
+    assert len(wide[True]) == 0 and len(wide[False]) == 2 * layers, wide
+    assert results[True][0] == results[False][0]
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)

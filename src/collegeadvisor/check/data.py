@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.check.findings import LISTED, Finding, finding, plural
 from collegeadvisor.data.loaders import load_examples, train_val, unique_examples
-from collegeadvisor.data.prepare import length_report
+from collegeadvisor.data.prepare import labelled_count, length_report
 from collegeadvisor.errors import DataError
 
 CUT_ERROR_SHARE = 0.01  # above this share of training examples with answers cut at max_length: an error
@@ -58,7 +57,7 @@ def select_examples(cfg) -> tuple[dict[str, tuple[str, list[dict]]], list[dict],
 
 
 def _cut(row: dict, max_length: int) -> bool:
-    return len(row["input_ids"]) > max_length and any(l != IGNORE_INDEX for l in row["labels"][max_length:])
+    return len(row["input_ids"]) > max_length and labelled_count({"labels": row["labels"][max_length:]}) > 0
 
 
 def histogram(lengths: Sequence[int], max_length: int, bins: int = 8) -> list[tuple[str, int]]:
@@ -133,7 +132,7 @@ def check_label_share(rows_by_split: dict[str, list[dict]]) -> list[Finding]:
         total = sum(len(r["input_ids"]) for r in rows)
         if not total:
             continue
-        labelled = sum(1 for r in rows for l in r["labels"] if l != IGNORE_INDEX)
+        labelled = sum(labelled_count(r) for r in rows)
         out.append(finding("info", "masking", name, f"{labelled / total:.1%} of {total} tokens carry labels "
                            "(assistant replies and their end-of-turn tokens)", code="label-share",
                            share=labelled / total))

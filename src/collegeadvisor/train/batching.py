@@ -46,8 +46,8 @@ def collate(rows: Sequence[dict], pad_id: int, multiple: int | None = None) -> d
     ids, labels, mask = blank(len(rows), padded(max(len(r["input_ids"]) for r in rows), multiple), pad_id)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        labels[i, :n] = torch.as_tensor(r["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -80,8 +80,8 @@ def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict[str, tor
         at = 0
         for r in b:
             n = len(r["input_ids"])
-            ids[i, at : at + n] = torch.tensor(r["input_ids"])
-            labels[i, at + 1 : at + n] = torch.tensor(r["labels"][1:])
+            ids[i, at : at + n] = torch.as_tensor(r["input_ids"])
+            labels[i, at + 1 : at + n] = torch.as_tensor(r["labels"][1:])
             positions[i, at : at + n] = torch.arange(n)
             at += n
         positions[i, at:] = torch.arange(longest - at)  # the padding tail is one more "example", never trained

@@ -7,6 +7,8 @@ base. Each computes the same loss and gradients as the plain path (tests/test_tr
   backward. The frozen W gets no gradient, so its product needs nothing saved but W itself.
 - `GatedDown`: a Llama-style MLP's down(silu(gate) * up) with the activation inside the down projection's node,
   which saves gate and up only and recomputes silu and the product in backward.
+- `_RecomputedMlpFn` (recompute_mlp, the default): the whole gated MLP in one node that keeps neither gate nor up
+  (half of what a step keeps for backward) and recomputes their frozen products in backward.
 - `RMSNorm`: Llama's RMSNorm over a frozen weight, saving its input in the stream's dtype, not an fp32 copy. The
   LoRA layers that read its output (q, k, v; gate, up) don't save that output: backward recomputes it once from
   what the norm saved (`_Normed`), one elementwise pass for 2.3 KB a token a norm.
@@ -42,27 +44,34 @@ def _masked(x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x2 if keep is None else x2 * keep.reshape(x2.shape).view(torch.uint8)
 
 
-def _lora_forward(ctx, x2, weight, bias, lora_a, lora_b, scale, keep, keep_scale, dt):
-    """y = x W^T + s (drop(x) A^T) B^T for 2-D x in dtype dt; keeps on ctx what backward needs besides x."""
+def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, keep, keep_scale, dt):
+    """y = x W^T + s (drop(x) A^T) B^T for 2-D x in dtype dt; returns y and what backward needs besides x: the
+    tensors (W, A, B, the r-wide product, the mask) and the layer's constants (_lora_backward's `meta`)."""
     w, a, b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
     h = _masked(x2, keep) @ a.t()  # dropout: 1/(1-p) goes on the r-wide product, not on the wide input
     if keep is not None:
         h.mul_(keep_scale)
     y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dt))
     y.addmm_(h, b.t(), alpha=scale)
-    ctx.scale, ctx.keep_scale = scale, keep_scale
-    ctx.dtypes = (lora_a.dtype, lora_b.dtype, bias is not None and bias.requires_grad)
-    return y, (w, a, b, h, keep)
+    meta = (scale, keep_scale, (lora_a.dtype, lora_b.dtype, bias is not None and bias.requires_grad))
+    return y, (w, a, b, h, keep), meta
 
 
-def _lora_backward(ctx, gy, x2, saved, need_x: bool):
+def _lora_again(x2, bias, saved, meta):
+    """_lora_forward's y once more from x and what it saved (the r-wide product included): the frozen product
+    only is recomputed."""
+    w, _, b, h, _ = saved
+    y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(w.dtype))
+    return y.addmm_(h, b.t(), alpha=meta[0])
+
+
+def _lora_backward(meta, gy, x2, saved, need_x: bool):
     """(grad x, grad bias, grad A, grad B) of _lora_forward, for 2-D x."""
     w, a, b, h, keep = saved
-    s = ctx.scale
-    a_dtype, b_dtype, bias_grad = ctx.dtypes
+    s, keep_scale, (a_dtype, b_dtype, bias_grad) = meta
     g = gy.reshape(-1, gy.shape[-1]).to(w.dtype)
     grad_b = (h.t() @ g).mul_(s).t()  # not g.t() @ h: a transposed wide operand is copied first
-    gh = (g @ b).mul_(s if keep is None else s * ctx.keep_scale)
+    gh = (g @ b).mul_(s if keep is None else s * keep_scale)
     grad_a = gh.t() @ _masked(x2, keep)
     grad_x = torch.addmm(_masked(gh @ a, keep), g, w) if need_x else None
     return grad_x, (g.sum(0) if bias_grad else None), grad_a.to(a_dtype), grad_b.to(b_dtype)
@@ -75,8 +84,8 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.normed = _Normed.of(x)  # an RMSNorm's output: recomputed in backward from what the norm saves
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dt)
-            y, saved = _lora_forward(ctx, x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
-                                     keep_scale, dt)
+            y, saved, ctx.meta = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
+                                               keep_scale, dt)
         ctx.save_for_backward(*([] if ctx.normed else [x]), *saved)
         ctx.dt = dt
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -86,7 +95,7 @@ class _LoraLinearFn(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         with torch.autocast(gy.device.type, enabled=False):
             x = ctx.normed.take().to(ctx.dt) if ctx.normed else saved.pop(0)
-            grad_x, grad_bias, grad_a, grad_b = _lora_backward(ctx, gy, x.reshape(-1, x.shape[-1]), saved,
+            grad_x, grad_bias, grad_a, grad_b = _lora_backward(ctx.meta, gy, x.reshape(-1, x.shape[-1]), saved,
                                                                ctx.needs_input_grad[0])
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
@@ -102,8 +111,8 @@ class _GatedDownFn(torch.autograd.Function):
         with torch.autocast(gate.device.type, enabled=False):
             gate, up = gate.to(dt), up.to(dt)
             act = torch.nn.functional.silu(gate).mul_(up)
-            y, saved = _lora_forward(ctx, act.reshape(-1, act.shape[-1]), weight, bias, lora_a, lora_b, scale, keep,
-                                     keep_scale, dt)
+            y, saved, ctx.meta = _lora_forward(act.reshape(-1, act.shape[-1]), weight, bias, lora_a, lora_b, scale,
+                                               keep, keep_scale, dt)
         ctx.save_for_backward(gate, up, *saved)
         return y.view(*gate.shape[:-1], y.shape[-1])
 
@@ -111,13 +120,68 @@ class _GatedDownFn(torch.autograd.Function):
     def backward(ctx, gy):
         gate, up, *saved = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
-            silu = torch.nn.functional.silu(gate)
-            act = (silu * up).reshape(-1, gate.shape[-1])
-            grad_act, grad_bias, grad_a, grad_b = _lora_backward(ctx, gy, act, saved, True)
-            grad_act = grad_act.view(gate.shape)
-            grad_up = grad_act * silu
-            grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)
-        return grad_gate, grad_up, None, grad_bias, grad_a, grad_b, None, None, None
+            grad_gate, grad_up, *grads = _gated_down_backward(ctx.meta, gy, gate, up, saved)
+        return grad_gate, grad_up, None, *grads, None, None, None
+
+
+def _gated_down_backward(meta, gy, gate, up, saved):
+    """(grad gate, grad up, grad bias, grad A, grad B) of down(silu(gate) * up), recomputing the activation."""
+    silu = torch.nn.functional.silu(gate)
+    act = (silu * up).reshape(-1, gate.shape[-1])
+    grad_act, grad_bias, grad_a, grad_b = _lora_backward(meta, gy, act, saved, True)
+    del act
+    grad_act = grad_act.view(gate.shape)
+    grad_up = grad_act * silu
+    grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)
+    return grad_gate, grad_up, grad_bias, grad_a, grad_b
+
+
+LORA_ARGS = 7  # weight, bias, A, B, scale, keep mask, 1/(1-p): what _lora_args gives for one layer
+
+
+class _RecomputedMlpFn(torch.autograd.Function):
+    """The whole gated MLP, down(silu(gate(x)) * up(x)) with LoRA on all three, saving neither gate nor up (6 KB a
+    token a layer for SmolLM2, half of what a step keeps for backward): backward recomputes both frozen products
+    from x (which an RMSNorm's tag gives back, see _Normed) and the saved r-wide LoRA products. The cost is the
+    two frozen matmuls once more (gradient checkpointing of the MLP's input projections, the rest unchanged)."""
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        gate_args, up_args, down_args = (args[i : i + LORA_ARGS] for i in range(0, 3 * LORA_ARGS, LORA_ARGS))
+        dt = _compute_dtype(x, gate_args[0])
+        ctx.normed = _Normed.of(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dt)
+            x2 = x.reshape(-1, x.shape[-1])
+            gate, saved_g, meta_g = _lora_forward(x2, *gate_args, dt)
+            up, saved_u, meta_u = _lora_forward(x2, *up_args, dt)
+            act = torch.nn.functional.silu(gate).mul_(up)
+            del gate, up
+            y, saved_d, meta_d = _lora_forward(act, *down_args, dt)
+        ctx.save_for_backward(*([] if ctx.normed else [x]), *saved_g, *saved_u, *saved_d)
+        ctx.meta, ctx.biases, ctx.dt, ctx.shape = (meta_g, meta_u, meta_d), (gate_args[1], up_args[1]), dt, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = list(ctx.saved_tensors)
+        meta_g, meta_u, meta_d = ctx.meta
+        with torch.autocast(gy.device.type, enabled=False):
+            x = ctx.normed.take().to(ctx.dt) if ctx.normed else saved.pop(0)
+            x2 = x.reshape(-1, x.shape[-1])
+            saved_g, saved_u, saved_d = saved[0:5], saved[5:10], saved[10:15]
+            gate = _lora_again(x2, ctx.biases[0], saved_g, meta_g)
+            up = _lora_again(x2, ctx.biases[1], saved_u, meta_u)
+            grad_gate, grad_up, *grads_d = _gated_down_backward(meta_d, gy, gate, up, saved_d)
+            del gate, up
+            need_x = ctx.needs_input_grad[0]
+            grad_x, *grads_g = _lora_backward(meta_g, grad_gate, x2, saved_g, need_x)
+            del grad_gate
+            grad_xu, *grads_u = _lora_backward(meta_u, grad_up, x2, saved_u, need_x)
+            if need_x:
+                grad_x = grad_x.add_(grad_xu).view(ctx.shape)
+        per_layer = lambda grads: (None, grads[0], grads[1], grads[2], None, None, None)  # noqa: E731
+        return (grad_x, *per_layer(grads_g), *per_layer(grads_u), *per_layer(grads_d))
 
 
 def _plain_adapter(layer, args=(), kwargs=None) -> str | None:
@@ -150,12 +214,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP, down(silu(gate(x)) * up(x)), with the activation inside the down projection's node."""
+    """A gated MLP, down(silu(gate(x)) * up(x)), with the activation inside the down projection's node; with
+    recompute_mlp set on the module (fuse_kernels), the whole MLP in one node that keeps neither gate nor up."""
+    names = [_plain_adapter(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+    if getattr(self, "recompute_mlp", False) and None not in names and torch.is_grad_enabled():
+        wide = x.new_empty(()).expand(*x.shape[:-1], self.down_proj.in_features)  # down's input, for its mask
+        args = [*_lora_args(self.gate_proj, names[0], x), *_lora_args(self.up_proj, names[1], x),
+                *_lora_args(self.down_proj, names[2], wide)]  # masks drawn in the unfused path's order
+        return _RecomputedMlpFn.apply(x, *args)
     gate, up = self.gate_proj(x), self.up_proj(x)
-    name = _plain_adapter(self.down_proj)
-    if name is None:
+    if names[2] is None:
         return self.down_proj(self.act_fn(gate) * up)
-    return _GatedDownFn.apply(gate, up, *_lora_args(self.down_proj, name, gate))
+    return _GatedDownFn.apply(gate, up, *_lora_args(self.down_proj, names[2], gate))
 
 
 GATED_MLP = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -258,10 +328,10 @@ def _route(module, forward) -> None:
         module.forward = types.MethodType(forward, module)
 
 
-def fuse_kernels(model) -> int:
-    """Route every peft LoRA Linear of model through the fused node, Llama-style MLPs through the gated one and
-    Llama-style RMSNorms through theirs (the modules, their weights and saving are unchanged); returns how many
-    LoRA layers now run fused."""
+def fuse_kernels(model, recompute_mlp: bool = False) -> int:
+    """Route every peft LoRA Linear of model through the fused node, Llama-style MLPs through the gated one (or,
+    with recompute_mlp, the one that recomputes gate and up in backward) and Llama-style RMSNorms through theirs
+    (the modules, their weights and saving are unchanged); returns how many LoRA layers now run fused."""
     count = 0
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and _source_has(type(m), RMS_NORM):
@@ -271,6 +341,7 @@ def fuse_kernels(model) -> int:
             count += 1
         elif _gated_silu_mlp(m):
             _route(m, _fused_mlp_forward)
+            m.recompute_mlp = recompute_mlp
     return count
 
 

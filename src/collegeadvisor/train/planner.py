@@ -21,7 +21,7 @@ import torch
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
-from collegeadvisor.data.prepare import encode_examples
+from collegeadvisor.data.prepare import encode_examples, labelled_count
 from collegeadvisor.models import pick_dtype
 from collegeadvisor.train.batching import epoch_batches
 from collegeadvisor.train.fused import CHUNK
@@ -30,6 +30,8 @@ from collegeadvisor.train.fused import CHUNK
 # bytes stored for backward per token, per layer, per unit of (hidden + intermediate) size.
 ACT_BYTES_BF16 = 22  # bf16 autocast over a bf16 base (measured 21.5)
 ACT_BYTES_BF16_FUSED = 18  # the same with train.fused's kernels (measured 18.2: 2.75 GB at 4 x 400, AMD EPYC)
+# ... and with recompute_mlp: gate and up not kept (saved for backward at 4 x 512: 341 MB against 701; 18 scaled)
+ACT_BYTES_BF16_RECOMPUTED = 9
 ACT_BYTES_FP32 = 60  # plain fp32 (measured 59)
 LOGIT_BYTES = 12  # per labelled position per vocabulary entry: logits, fp32 copy, softmax gradient
 # (with train.fused's kernels only one chunk of labelled positions at a time: train.fused.CHUNK)
@@ -68,7 +70,7 @@ def pass_tokens(cfg: Config) -> int:
 def label_share(rows: Sequence[dict]) -> float:
     """Share of tokens that carry a label (0.5 without rows)."""
     total = sum(len(r["input_ids"]) for r in rows)
-    return sum(1 for r in rows for lab in r["labels"] if lab != IGNORE_INDEX) / total if total else 0.5
+    return sum(labelled_count(r) for r in rows) / total if total else 0.5
 
 
 # ----------------------------------------------------------------------------------------------- precision
@@ -260,6 +262,13 @@ def model_shape(resolved: str, cfg: Config) -> dict[str, Any]:
     }
 
 
+def activation_bytes(cfg: Config) -> int:
+    """ACT_BYTES_* of a bf16 step with cfg's kernels (recompute_mlp applies with fused kernels only)."""
+    if not cfg.fused:
+        return ACT_BYTES_BF16
+    return ACT_BYTES_BF16_RECOMPUTED if cfg.recompute_mlp else ACT_BYTES_BF16_FUSED
+
+
 def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
     """Peak memory of a training step: weights, LoRA weights with gradient and Adam state, activations kept for
     backward over one forward pass (batch_tokens, or batch_size x max_length), and logits at labelled positions."""
@@ -270,7 +279,7 @@ def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
         "weights": max(loaded, shape["params"] * 2) if p.base_bf16 else loaded,
         "lora": shape["lora_params"] * 16,
         "activations": tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
-        * ((ACT_BYTES_BF16_FUSED if cfg.fused else ACT_BYTES_BF16) if bf16 else ACT_BYTES_FP32),
+        * (activation_bytes(cfg) if bf16 else ACT_BYTES_FP32),
         "logits": int(min(p.label_share * tokens, CHUNK if cfg.fused else tokens) * shape["vocab"] * LOGIT_BYTES),
         "runtime": RUNTIME_BYTES,
     }
