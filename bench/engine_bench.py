@@ -5,7 +5,11 @@
 - `llamacpp`: `--engine llamacpp` (the grounding constraint inside llama.cpp's sampling, the check, retries), which
   decodes greedy replies with prompt lookup;
 - `llamacpp-token`: the same, token by token (`LlamaCpp.draft = 0`): the prompt-lookup lever on its own;
-- `torch`: `--engine torch` (base + merged adapter, fp32), one question at a time as a single client sends them.
+- `torch`: `--engine torch` (base + merged adapter, fp32), one question at a time as a single client sends them;
+- `eval`: `--engine llamacpp` as `collegeadvisor eval` runs it (`eval.run.replies_for`: the questions handed to
+  `generate.answer` 16 at a time, whose greedy replies llama.cpp decodes side by side, `LlamaCpp.parallel` at once);
+  its latencies are its batches' wall times, so its figure is the total;
+- `eval-alone`: the same with one reply at a time (`parallel` 1): the side-by-side lever on its own.
 
 Each engine runs in its own process, one after another (peak RSS is the process's). Reports whole-answer latency
 p50/p95, generated and prompt tokens/s, peak RSS, and, for the two grounded engines, held-out accuracy as served.
@@ -28,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name, write_section  # noqa: E402
 
-ENGINES = ("bare", "llamacpp", "llamacpp-token", "torch")
+ENGINES = ("bare", "llamacpp", "llamacpp-token", "torch", "eval", "eval-alone")
+EVAL_BATCH = 16  # questions a batch in `collegeadvisor eval` (its --batch-size default)
 KINDS = ("numeric_correct", "yes_no_correct", "no_data_correct")
 
 
@@ -53,6 +58,21 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
     model, tok, _ = load_engine(run, "torch" if engine == "torch" else "llamacpp", "cpu", threads=threads)
     if engine == "llamacpp-token":
         model.draft = 0
+    if engine in ("eval", "eval-alone"):
+        from collegeadvisor.eval.run import replies_for
+
+        model.parallel = model.parallel if engine == "eval" else 1
+        t0 = time.perf_counter()
+        replies, _, timing = replies_for(model, tok, questions, max_new_tokens, EVAL_BATCH, retrieve)
+        wall = time.perf_counter() - t0
+        rows = [{"fixed": r.get("grounding") is None, "latency": dt, "prompt_tokens": 0, "tokens": r["n_tokens"],
+                 "question": q["question"], "attempts": (r.get("grounding") or {}).get("attempts") or 1,
+                 "score": score_reply(q, r["text"], True, r["n_tokens"]), "text": r["text"],
+                 "status": (r.get("grounding") or {}).get("status")}
+                for q, r, dt in zip(questions, replies, timing["latency_s"])]
+        out.write_text(json.dumps({"engine": engine, "rows": rows, "wall_s": wall,
+                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
     plans = [advise.plan(c, retrieve, neighbours=neighbours) for c in convs]
     rows = []
@@ -92,10 +112,12 @@ def summary(res: dict, same_as: dict | None = None) -> dict:
     for key in KINDS:
         graded = [r["score"][key] for r in res["rows"] if r["score"].get(key) is not None]
         acc[key] = (100 * sum(graded) / len(graded), len(graded)) if graded else None
+    total = res.get("wall_s") or sum(lat)  # eval's latencies are its batches' wall times: its total is its wall time
     return {"engine": res["engine"], "answers": len(gen), "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
-            "total": sum(lat), "tok_s": sum(r["tokens"] for r in gen) / sum(lat),
+            "total": total, "tok_s": sum(r["tokens"] for r in gen) / total, "batched": "wall_s" in res,
             "mean_tokens": statistics.mean(r["tokens"] for r in gen),
-            "mean_prompt": statistics.mean(r["prompt_tokens"] for r in gen),
+            "mean_prompt": statistics.mean(r["prompt_tokens"] for r in gen if r["prompt_tokens"]) if any(
+                r["prompt_tokens"] for r in gen) else 0,
             "retried": sum(r["attempts"] > 1 for r in gen), "rss": res["peak_rss_mb"], "acc": acc,
             "unverified": sum(r.get("status") == "unverified" for r in gen),
             "same": None if same_as is None else sum(a["text"] == b["text"] for a, b in zip(
@@ -110,10 +132,12 @@ def table(sums: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sums:
         ratio = "-" if base is None or s is base else (
+            f"- / - / {s['total'] / base['total']:.2f}x" if s["batched"] else
             f"{s['p50'] / base['p50']:.2f}x / {s['p95'] / base['p95']:.2f}x / {s['total'] / base['total']:.2f}x")
+        p50, p95 = ("-", "-") if s["batched"] else (f"{s['p50']:.2f}", f"{s['p95']:.2f}")
         acc = [("-" if s["engine"] == "bare" or s["acc"][k] is None else f"{s['acc'][k][0]:.1f}% of {s['acc'][k][1]}")
                for k in KINDS]
-        lines.append(f"| {s['engine']} | {s['answers']} | {s['p50']:.2f} | {s['p95']:.2f} | {s['total']:.1f} | {ratio} | "
+        lines.append(f"| {s['engine']} | {s['answers']} | {p50} | {p95} | {s['total']:.1f} | {ratio} | "
                      f"{s['tok_s']:.1f} | {s['mean_tokens']:.0f} | {s['retried']} | {s['rss']:.0f} | "
                      + " | ".join(acc) + f" | {'-' if s['engine'] == 'bare' else s['unverified']} | "
                      + ("-" if s["same"] is None else f"{s['same']} of {s['answers']}") + " |")
@@ -158,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 (Path(args.keep) / out.name).write_text(out.read_text())
             sums.append(summary(results[engine], None if engine in ("bare", "llamacpp-token")
-                                else results.get("llamacpp-token")))
+                                or engine.startswith("eval") else results.get("llamacpp-token")))
             print(f"{engine}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
             print(table(sums).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(sums))
     if args.write:
         body = (f"`python bench/engine_bench.py --run {args.run} --n {args.n} --threads {args.threads}` on run "
                 f"`{run.name}`, {cpu_name()}, {args.threads} threads, resolved as served against the full knowledge base "
-                f"({'the asked rows padded with retrieved neighbours to k = 3' if args.neighbours else 'the asked rows alone'}, prompts of {statistics.mean(s['mean_prompt'] for s in sums):.0f} tokens on average) and a "
+                f"({'the asked rows padded with retrieved neighbours to k = 3' if args.neighbours else 'the asked rows alone'}, prompts of {statistics.mean(s['mean_prompt'] for s in sums if s['mean_prompt']):.0f} tokens on average) and a "
                 f"budget of {args.max_new_tokens} new tokens. One question at a time, each engine in its own process, "
                 "one after another; fixed replies (no row, off topic, ...) generate nothing and are left out of the "
                 "timings but not of the accuracy. `bare`: llama-cpp-python's `generate` on the same GGUF (q8_0) and "

@@ -198,3 +198,46 @@ def test_eval_records_the_engine(gguf_run, tmp_path):
     assert report["meta"]["engine"].startswith("llamacpp (model-f32.gguf")
     with pytest.raises(AdvisorError, match="needs --engine torch"):
         evaluate(run, heldout, tmp_path / "eval2", compare=True, engine="llamacpp", gguf=str(gguf))
+
+
+def test_replies_side_by_side_are_the_ones_written_alone(engine):
+    """complete_many decodes greedy replies as sequences of one context, up to `parallel` in a pass, a finished
+    reply's sequence taking the next prompt: each reply is the one written alone, under its own constraint, callback
+    and cancel event, in fewer passes than one reply after another."""
+    import threading
+
+    llm, tok, _ = engine
+    prompts = [encode_prompt(tok, with_context(QUESTIONS[i % 2], [DOC] * (1 + i % 3)))
+               for i in range(llm.parallel + 2)]
+    target = tok.encode(" Median debt: $23,456. Payback: 4.5 years.", add_special_tokens=False)
+    constraints = [_forcing(target, len(p)) if i == 1 else None for i, p in enumerate(prompts)]
+    sizes = [12 if i != 1 else len(target) for i in range(len(prompts))]
+    alone = [llm.complete(p, n, constraint=c) for p, n, c in zip(prompts, sizes, constraints)]
+    assert alone[1] == target
+    seen, cancel = [[] for _ in prompts], [threading.Event() for _ in prompts]
+
+    def heard(i):
+        def on_token(t):
+            seen[i].append(t)
+            if i == 3 and len(seen[i]) == 2:
+                cancel[i].set()
+        return on_token
+
+    passes, decode = [], llm.llm._ctx.decode
+    llm.llm._ctx.decode = lambda batch: (passes.append(batch.n_tokens()), decode(batch))[1]
+    try:
+        together = llm.complete_many(prompts, max(sizes), constraints, cancels=cancel,
+                                     on_tokens=[heard(i) for i in range(len(prompts))])
+    finally:
+        del llm.llm._ctx.decode
+    for i, (a, b) in enumerate(zip(alone, together)):
+        if i == 3:
+            assert b == a[:2]  # cancelled after its second token
+        elif i == 1:
+            assert b == target  # its own constraint, not another reply's
+        else:
+            assert b[:12] == a
+        assert seen[i] == b
+    assert len(passes) < sum(len(a) for a in alone) / 2
+    cached = llm.cached[0]
+    assert list(llm.llm.input_ids[:llm.llm.n_tokens]) == cached  # sequence 0's record for llama-cpp-python's generate

@@ -4,8 +4,10 @@ prompts, constraint and check.
 `generate.generate` and `generate.stream_batch` hand an engine each prompt's token ids (chat_format's rendering from
 the run's manifest, so they are the torch engine's tokens, token for token) and the grounding constraint
 (`generate.GroundedDecoding`, which llama-cpp-python applies per call as a logits processor); the check, its retries
-and the fallback stay in `generate.answer`. Prompts run one after another on one llama.cpp context, which keeps the
-KV cache of the longest start a prompt shares with the one before (the template's head, the system prompt).
+and the fallback stay in `generate.answer`. Greedy replies to several prompts (`complete_many`: eval, the server's
+grouped requests) are decoded side by side, up to `PARALLEL` of them, as sequences of one llama.cpp context that
+share each pass: one pass reads the weights once for all of them. Each sequence keeps the KV cache of the longest
+start its next prompt shares with its last one (the template's head, the system prompt).
 
 `gguf_for_run` finds the run's export and refuses one whose chat template or adapter differs from the run's: the
 export records both (`collegeadvisor-export.json` beside the file).
@@ -29,6 +31,8 @@ DEFAULT_GGUF = Path("export") / "gguf" / "model-q8_0.gguf"  # inside the run: wh
 N_CTX = 4096  # a grounded prompt is ~420 tokens, answers a few hundred: room for a conversation too
 LOOKUP_DRAFT = 4  # prompt lookup: tokens guessed per pass (0: token by token)
 LOOKUP_NGRAM = 3  # the longest run of the reply's last tokens looked up in the prompt
+PARALLEL = 4  # greedy replies decoded side by side (complete_many), each a sequence with its own N_CTX of cache
+N_BATCH = 2048  # most tokens one llama.cpp pass takes (the prompts of several replies at once)
 _LOAD = threading.Lock()
 
 
@@ -70,26 +74,32 @@ class LlamaCpp:
 
     engine = "llamacpp"
 
-    def __init__(self, gguf: str | Path, threads: int | None = None, n_ctx: int = N_CTX, draft: int = LOOKUP_DRAFT):
+    def __init__(self, gguf: str | Path, threads: int | None = None, n_ctx: int = N_CTX, draft: int = LOOKUP_DRAFT,
+                 parallel: int = PARALLEL):
         try:  # llama-cpp-python: the optional extra, loaded with the engine
             import llama_cpp
         except ImportError as exc:
             raise missing_dependency("llama-cpp-python", extra="llamacpp") from exc
         threads = threads or os.cpu_count() or 1
-        defaults = llama_cpp.llama_cpp.llama_model_default_params
+        api = llama_cpp.llama_cpp
+        model_defaults, context_defaults = api.llama_model_default_params, api.llama_context_default_params
         with _LOAD:
             # llama.cpp's AMX matmul (an "extra buffer type") crashes in ggml_backend_amx_mul_mat on these Xeons;
             # without extra buffer types the AVX-512 kernels run instead. Elsewhere the repacked kernels stay on.
             if _has_amx():
-                llama_cpp.llama_cpp.llama_model_default_params = lambda: _without_extra_bufts(defaults())
+                api.llama_model_default_params = lambda: _without_extra_bufts(model_defaults())
+            # `parallel` sequences, each with a cache of its own n_ctx (llama-cpp-python's Llama sets one sequence)
+            api.llama_context_default_params = lambda: _sequences(context_defaults(), parallel)
             try:
-                self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads,
-                                           n_threads_batch=threads, verbose=False)
+                self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx * parallel, n_batch=N_BATCH,
+                                           n_threads=threads, n_threads_batch=threads, verbose=False)
             except ValueError as exc:
                 raise AdvisorError(f"{gguf}: llama.cpp could not load it ({exc})") from None
             finally:
-                llama_cpp.llama_cpp.llama_model_default_params = defaults
+                api.llama_model_default_params, api.llama_context_default_params = model_defaults, context_defaults
         self.path, self.threads, self.n_ctx, self.draft = Path(gguf), threads, n_ctx, draft
+        self.parallel = parallel
+        self.cached: list[list[int]] = [[] for _ in range(parallel)]  # the tokens each sequence's cache holds
         # llama.cpp's threads own the cores. What torch does in this process beside it (the constraint's masks at
         # each token, the knowledge base's query embedding) is small, and on torch's own pool of threads it
         # contended with llama.cpp's: served replies took 1.2-1.3 s instead of 0.93-0.97 (BENCHMARKS.md, Engines)
@@ -102,7 +112,7 @@ class LlamaCpp:
 
     def describe(self) -> str:
         lookup = f", prompt lookup {self.draft}" if self.draft else ""
-        return f"llamacpp ({self.path.name}, {self.threads} threads{lookup})"
+        return f"llamacpp ({self.path.name}, {self.threads} threads{lookup}, {self.parallel} replies side by side)"
 
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
@@ -118,16 +128,38 @@ class LlamaCpp:
         `constraint(input_ids, scores)` (a transformers LogitsProcessor over one row) masks the scores of each step
         before sampling; `on_token` gets each id as it comes; a set `cancel` ends the reply.
 
-        Greedy replies (temperature 0, what serve and eval use) decode with prompt lookup (`_greedy`); sampled ones
-        through llama-cpp-python's `generate`."""
+        Greedy replies (temperature 0, what serve and eval use) are `complete_many`'s; sampled ones come from
+        llama-cpp-python's `generate`."""
+        if not temperature:
+            return self.complete_many([prompt], max_new_tokens, [constraint], stops, [on_token], [cancel])[0]
         with self.lock:
-            if not temperature and self.draft:
-                try:
-                    return self._greedy(list(prompt), max_new_tokens, constraint, set(stops), on_token, cancel)
-                finally:  # the logits left behind are not the cached tokens' last: a later `generate` must eval
-                    self.llm._requires_eval = True
-            return self._sampled(list(prompt), max_new_tokens, temperature, top_p, constraint, set(stops), on_token,
-                                 cancel)
+            try:
+                return self._sampled(list(prompt), max_new_tokens, temperature, top_p, constraint, set(stops),
+                                     on_token, cancel)
+            finally:  # generate() used sequence 0's cache: what it holds now is llama-cpp-python's record of it
+                self.cached[0] = self.llm.input_ids[:self.llm.n_tokens].tolist()
+
+    def complete_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      constraints: Sequence[Callable | None], stops: Sequence[int] = (),
+                      on_tokens: Sequence[Callable[[int], None] | None] | None = None,
+                      cancels: Sequence[threading.Event | None] | None = None) -> list[list[int]]:
+        """Greedy replies to `prompts` (as `complete`'s, one constraint, callback and cancel event each), decoded
+        side by side: up to `parallel` at once, each a sequence of the context, all in one llama.cpp pass a step;
+        a finished reply's sequence takes the next prompt."""
+        n = len(prompts)
+        on_tokens, cancels = list(on_tokens or [None] * n), list(cancels or [None] * n)
+        outs: list[list[int]] = [[] for _ in range(n)]
+        replies = [_Reply(list(p), c, outs[i], _emitter(outs[i], max_new_tokens, set(stops), on_tokens[i], cancels[i]),
+                          max_new_tokens) for i, (p, c) in enumerate(zip(prompts, constraints))]
+        with self.lock:
+            try:
+                self._decode_side_by_side(replies)
+            finally:  # sequence 0 is llama-cpp-python's own: its record of that cache, for a later `generate`
+                llm = self.llm
+                llm.input_ids[:len(self.cached[0])] = self.cached[0]
+                llm.n_tokens = len(self.cached[0])
+                llm._requires_eval = True  # the logits left behind are not sequence 0's last token's
+        return outs
 
     def _sampled(self, prompt, max_new_tokens, temperature, top_p, constraint, stop_ids, on_token, cancel):
         sampling = dict(temp=float(temperature or 0.0), top_p=float(top_p) if temperature else 1.0, top_k=0,
@@ -141,51 +173,111 @@ class LlamaCpp:
                 break
         return out
 
-    def _greedy(self, prompt, max_new_tokens, constraint, stop_ids, on_token, cancel) -> list[int]:
+    def _decode_side_by_side(self, replies: list["_Reply"]) -> None:
         """Greedy decoding with prompt lookup (speculative decoding whose drafts are the tokens that followed the
-        reply's last few tokens earlier in the prompt or reply: llama-cpp-python's `LlamaPromptLookupDecoding`).
-        Grounded answers copy names and figures from their rows, so most drafts are accepted, and one llama.cpp
-        pass checks a draft of `self.draft` tokens for about the cost of one token. Each token is still chosen
-        from its own logits under `constraint`, given exactly the tokens before it, so the reply is the one
-        token-by-token greedy decoding writes (up to the float rounding of a batched pass)."""
+        reply's last few tokens earlier in the prompt or reply: llama-cpp-python's `LlamaPromptLookupDecoding`),
+        for several replies at once. Grounded answers copy names and figures from their rows, so most drafts are
+        accepted, and one pass checks a draft of `self.draft` tokens for about the cost of one token. Each pass
+        holds, for every reply in a sequence, its last token and draft, or its prompt (the part its sequence's cache
+        lacks): the weights are read once for all of them. Each token is still chosen from its own logits under
+        its reply's constraint, given exactly the tokens before it, so each reply is the one token-by-token greedy
+        decoding writes (up to the float rounding of a batched pass)."""
         import numpy as np
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        llm, n_vocab = self.llm, self.llm.n_vocab()
-        out: list[int] = []
-        emit = _emitter(out, max_new_tokens, stop_ids, on_token, cancel)
+        def lookup(seen: list[int], most: int) -> list[int]:
+            if not self.draft or most <= 0:
+                return []
+            found = LlamaPromptLookupDecoding.find_candidate_pred_tokens(np.asarray(seen, dtype=np.intc),
+                                                                         LOOKUP_NGRAM, self.draft)
+            return [int(t) for t in found[:most]]
 
-        def pick(row) -> int:
-            return int(np.argmax(row) if constraint is None else _masked(constraint, prompt + out, row).argmax())
-
-        # the KV cache keeps the start this prompt shares with the last one (the template's head, the system prompt)
-        llm.n_tokens = llm.longest_token_prefix(llm.input_ids[:llm.n_tokens], prompt[:-1])
-        llm.eval(prompt[llm.n_tokens:])  # logits of the last prompt token only
-        token = pick(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)))
-        while not emit(token):
-            room = self.n_ctx - llm.n_tokens - 1
-            if room < 0:
-                break
-            seen = np.asarray(prompt + out, dtype=np.intc)
-            draft = [int(t) for t in LlamaPromptLookupDecoding.find_candidate_pred_tokens(
-                seen, LOOKUP_NGRAM, self.draft)[:min(room, max_new_tokens - len(out))]]
-            batch, past = [token] + draft, llm.n_tokens
-            llm._batch.set_batch(batch=batch, n_past=past, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            llm.input_ids[past:past + len(batch)] = batch
-            llm.n_tokens = past + len(batch)
-            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
-            for j, guess in enumerate(draft):
-                token = pick(rows[j])
-                if token != guess:  # the cache keeps the tokens up to the first wrong guess
-                    llm.n_tokens = past + j + 1
-                    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        llm, ctx, n_vocab = self.llm, self.llm._ctx, self.llm.n_vocab()
+        self.cached[0] = llm.input_ids[:llm.n_tokens].tolist()
+        waiting, active = list(reversed(replies)), {}
+        while waiting or active:
+            for seq in range(self.parallel):  # a free sequence takes the next prompt
+                if seq not in active and waiting:
+                    reply = active[seq] = waiting.pop()
+                    kept = _common_prefix(self.cached[seq], reply.prompt[:-1])
+                    ctx.kv_cache_seq_rm(seq, kept, -1)
+                    del self.cached[seq][kept:]
+                    reply.feed = reply.prompt[kept:]
+            batch, spans, at = llm._batch.batch, [], 0
+            for seq, reply in sorted(active.items(), key=lambda kv: kv[1].prefill):  # drafts first, then prompts
+                feed = reply.feed[:N_BATCH - at]
+                if not feed:
                     break
-                if emit(token):
-                    return out
-            else:
-                token = pick(rows[len(draft)])
-        return out
+                for j, token in enumerate(feed):
+                    batch.token[at + j], batch.pos[at + j] = token, len(self.cached[seq]) + j
+                    batch.seq_id[at + j][0], batch.n_seq_id[at + j] = seq, 1
+                    batch.logits[at + j] = not reply.prefill or len(feed) == len(reply.feed) and j == len(feed) - 1
+                spans.append((seq, at, len(feed)))
+                at += len(feed)
+            batch.n_tokens = at
+            ctx.decode(llm._batch)
+            for seq, at, n in spans:
+                reply = active[seq]
+                fed, reply.feed = reply.feed[:n], reply.feed[n:]
+                self.cached[seq] += fed
+                if reply.feed:
+                    continue  # the rest of the prompt in the next pass
+                rows = [np.ctypeslib.as_array(ctx.get_logits_ith(at + j), shape=(n_vocab,))
+                        for j in ([n - 1] if reply.prefill else range(n))]
+                token, keep = reply.chosen(rows, fed)
+                if token is None or reply.emit(token):
+                    del active[seq]
+                    continue
+                if keep < n:  # a wrong guess: the cache keeps the tokens before it
+                    del self.cached[seq][len(self.cached[seq]) - n + keep:]
+                    ctx.kv_cache_seq_rm(seq, len(self.cached[seq]), -1)
+                room = self.n_ctx - len(self.cached[seq]) - 1
+                if room < 0:
+                    del active[seq]
+                    continue
+                most = min(room, reply.max_new_tokens - len(reply.out))
+                reply.feed = [token] + lookup(reply.prompt + reply.out, most)
+
+
+class _Reply:
+    """One greedy reply being decoded in a sequence: its prompt, constraint, reply so far and emitter, and what the
+    next pass feeds its sequence (the prompt's uncached part first, then the last chosen token and its draft)."""
+
+    __slots__ = ("prompt", "constraint", "out", "emit", "max_new_tokens", "feed", "prefill")
+
+    def __init__(self, prompt: list[int], constraint, out: list[int], emit, max_new_tokens: int):
+        self.prompt, self.constraint, self.out, self.emit = prompt, constraint, out, emit
+        self.max_new_tokens, self.feed, self.prefill = max_new_tokens, [], True
+
+    def pick(self, row) -> int:
+        if self.constraint is None:
+            return int(row.argmax())
+        return int(_masked(self.constraint, self.prompt + self.out, row).argmax())
+
+    def chosen(self, rows, fed: list[int]) -> tuple[int | None, int]:
+        """(the next token, how many of the tokens `fed` stay in the cache) after a pass: `rows` are the logits of
+        the prompt's last token, or of the last chosen token and each guess of its draft. Guesses that greedy
+        decoding chooses too are emitted on the way, and stay; a wrong one and those after it go. None: the reply
+        ended among the guesses."""
+        if self.prefill:
+            self.prefill = False
+            return self.pick(rows[0]), len(fed)
+        for j, guess in enumerate(fed[1:]):
+            token = self.pick(rows[j])
+            if token != guess:
+                return token, j + 1
+            if self.emit(token):
+                return None, j + 2
+        return self.pick(rows[len(fed) - 1]), len(fed)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _masked(constraint: Callable, input_ids: Sequence[int], scores):
@@ -217,4 +309,10 @@ def torch_threads(n: int) -> None:
 
 def _without_extra_bufts(params):
     params.use_extra_bufts = False
+    return params
+
+
+def _sequences(params, n: int):
+    params.n_seq_max = n
+    params.kv_unified = False  # each sequence a cache of its own n_ctx / n_seq_max cells
     return params
