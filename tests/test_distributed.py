@@ -55,7 +55,7 @@ def wrap(owner, name, before):
 wrap(checkpoint, "save", lambda run_dir, step, *a, **k: note("checkpoint", step))
 wrap(recipe, "write_manifest", lambda run_dir, m: note("manifest", m["status"]))
 wrap(recipe, "passes_for", lambda rows, *a: note("rows", sorted(
-    hashlib.sha256(json.dumps(r["input_ids"]).encode()).hexdigest()[:12] for r in rows)))
+    hashlib.sha256(json.dumps([int(t) for t in r["input_ids"]]).encode()).hexdigest()[:12] for r in rows)))
 
 
 def final_weights(model):
