@@ -170,3 +170,24 @@ def test_setup_then_fit_is_train(tmp_path, tinyllama_tiny_model):
     assert state.step == 0 and state.plan.total_steps == 2  # set up, nothing run yet
     run_dir = fit(state)
     assert len(step_losses(run_dir)) == 2
+
+
+def test_the_batch_with_the_longest_example_leads_each_epoch_when_grouped_by_length():
+    """With group_by_length, batches are shuffled, but the one holding the longest example goes first (as
+    transformers' LengthGroupedSampler does): the run meets its largest pass, and its peak memory, at step 1. The
+    order is the seed's, the same on every call (resume, ranks), and each epoch's own."""
+    import random
+
+    from collegeadvisor.train.batching import epoch_batches
+
+    rng = random.Random(7)
+    lengths = [rng.randint(20, 600) for _ in range(203)]
+    for epoch in range(3):
+        batches = epoch_batches(lengths, 4, seed=11, epoch=epoch, group_by_length=True)
+        assert max(lengths[i] for i in batches[0]) == max(lengths)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert batches == epoch_batches(lengths, 4, seed=11, epoch=epoch, group_by_length=True)
+    firsts = [epoch_batches(lengths, 4, 11, e, True)[1] for e in range(3)]
+    assert firsts[0] != firsts[1] != firsts[2]  # the rest still shuffled per epoch
+    plain = epoch_batches(lengths, 4, seed=11, epoch=0, group_by_length=False)
+    assert sorted(i for b in plain for i in b) == list(range(len(lengths)))

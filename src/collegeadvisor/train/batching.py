@@ -13,7 +13,9 @@ from collegeadvisor.chat_format import IGNORE_INDEX
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
     """Index batches for one epoch. With grouping, examples of similar length share a batch (less padding);
-    batch order is still shuffled, so long and short batches interleave."""
+    batch order is still shuffled, so long and short batches interleave, except that the batch holding the longest
+    example goes first (as transformers' LengthGroupedSampler does): a run meets its largest pass, and the memory
+    that pass takes, at its first step rather than an hour in."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -24,6 +26,8 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length:
         rng.shuffle(batches)
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
     return batches
 
 

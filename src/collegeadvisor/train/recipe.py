@@ -189,23 +189,24 @@ class Training:
                                        num_training_steps=self.plan.total_steps)
 
     def plan_for_time(self) -> None:
-        """max_time: the steps that fit the budget at the speed of this run's first step, measured here (set-up, not
+        """max_time: the steps that fit the budget at the speed of one of this run's steps, measured here (set-up, not
         counted in the budget), and the schedule planned for them."""
         cap = self.plan
         self.plan = for_time(self.cfg, cap, self.measure_step())
         b = self.plan.budget
         line = f"max_time {duration_text(cap.max_time_s)} -> {self.plan.total_steps} steps planned at " \
-               f"{b['step_s']:.3g} s/step measured ({b['tokens_per_s']:.0f} tokens/s on the first step)"
+               f"{b['step_s']:.3g} s/step measured ({b['tokens_per_s']:.0f} tokens/s on a step of the run)"
         if self.plan.limit != "max_time":
             line += f"; {cap.limit} {cap.total_steps} ends the run first (the budget allows {b['allowed_steps']})"
         self.say(line)
 
     def measure_step(self) -> dict:
-        """Seconds and padded tokens of the first step's forward and backward passes on this run's model, after a
-        warm-up pass on a sliver (one-time set-up); gradients and RNG are left as they were, the weights untouched.
-        Every rank measures (DDP syncs the gradients); rank 0's figures count."""
+        """Seconds and padded tokens of the second step's forward and backward passes on this run's model (the
+        first holds the longest example: batching.epoch_batches), after a warm-up pass on a sliver (one-time
+        set-up); gradients and RNG are left as they were, the weights untouched. Every rank measures (DDP syncs the
+        gradients); rank 0's figures count."""
         cfg = self.cfg
-        stream = self.micro_stream(0)
+        stream = self.micro_stream(cfg.grad_accum if self.plan.total_steps > 1 else 0)
         micro = [next(stream)[1] for _ in range(cfg.grad_accum)]
         group = [self.train_rows[i] for b in micro for i in b]
         tokens = sum(len(b) * max(len(self.train_rows[i]["input_ids"]) for i in b) for b in micro)
