@@ -219,8 +219,8 @@ def _finish(tokenizer, new_ids: list[int], stops: list[int], stop_strings: Seque
 
 
 def is_engine(model) -> bool:
-    """Whether `model` is an engine of its own (llamacpp.LlamaCpp: `complete` one prompt at a time) rather than a
-    transformers model."""
+    """Whether `model` is an engine of its own (llamacpp.LlamaCpp, remote.RemoteEngine: `complete` for one prompt,
+    and `complete_many` where it decodes several greedy replies at once) rather than a transformers model."""
     return callable(getattr(model, "complete", None))
 
 
