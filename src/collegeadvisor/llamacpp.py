@@ -132,12 +132,9 @@ class LlamaCpp:
         llama-cpp-python's `generate`."""
         if not temperature:
             return self.complete_many([prompt], max_new_tokens, [constraint], stops, [on_token], [cancel])[0]
-        with self.lock:
-            try:
-                return self._sampled(list(prompt), max_new_tokens, temperature, top_p, constraint, set(stops),
-                                     on_token, cancel)
-            finally:  # generate() used sequence 0's cache: what it holds now is llama-cpp-python's record of it
-                self.cached[0] = self.llm.input_ids[:self.llm.n_tokens].tolist()
+        with self.lock:  # generate() uses sequence 0: complete_many reads llama-cpp-python's record of it back
+            return self._sampled(list(prompt), max_new_tokens, temperature, top_p, constraint, set(stops), on_token,
+                                 cancel)
 
     def complete_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       constraints: Sequence[Callable | None], stops: Sequence[int] = (),
@@ -199,7 +196,7 @@ class LlamaCpp:
             for seq in range(self.parallel):  # a free sequence takes the next prompt
                 if seq not in active and waiting:
                     reply = active[seq] = waiting.pop()
-                    kept = _common_prefix(self.cached[seq], reply.prompt[:-1])
+                    kept = llm.longest_token_prefix(self.cached[seq], reply.prompt[:-1])
                     ctx.kv_cache_seq_rm(seq, kept, -1)
                     del self.cached[seq][kept:]
                     reply.feed = reply.prompt[kept:]
@@ -269,15 +266,6 @@ class _Reply:
             if self.emit(token):
                 return None, j + 2
         return self.pick(rows[len(fed) - 1]), len(fed)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _masked(constraint: Callable, input_ids: Sequence[int], scores):
