@@ -158,16 +158,18 @@ def bare_llamacpp(run, manifest, tok, retrieve, args) -> list[dict]:
         if plan.reply is None:
             prompts.append(render_text(tok, with_context(advise.model_messages(plan, conv), plan.passages),
                                        add_generation_prompt=True))
-    # llama.cpp's AMX matmul segfaults on the developers' Xeons: the server loads as our engine does there, without
-    # extra buffer types (llamacpp.LlamaCpp); nothing else of ours runs in it
+    # where llama.cpp's AMX matmul would crash (a stock build on the developers' Xeons), the server loads as our
+    # engine does, without extra buffer types (llamacpp.amx_runs); nothing else of ours runs in it
+    gguf = gguf_for_run(run, manifest)
     launch = ("import sys, runpy, llama_cpp.llama_cpp as L\n"
-              "from collegeadvisor.llamacpp import _has_amx, _without_extra_bufts\n"
+              "from collegeadvisor.llamacpp import amx_runs, _without_extra_bufts\n"
               "d = L.llama_model_default_params\n"
-              "if _has_amx(): L.llama_model_default_params = lambda: _without_extra_bufts(d())\n"
+              f"if not amx_runs({str(gguf)!r}, {args.threads}): "
+              "L.llama_model_default_params = lambda: _without_extra_bufts(d())\n"
               "sys.argv = ['llama_cpp.server'] + sys.argv[1:]\n"
               "runpy.run_module('llama_cpp.server', run_name='__main__')\n")
     rows = []
-    with server_process([sys.executable, "-c", launch, "--model", str(gguf_for_run(run, manifest)), "--n_ctx", "4096",
+    with server_process([sys.executable, "-c", launch, "--model", str(gguf), "--n_ctx", "4096",
                          "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)],
                         "/v1/models") as url:
         with httpx.Client(base_url=url, timeout=600) as http:

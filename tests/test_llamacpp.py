@@ -241,3 +241,67 @@ def test_replies_side_by_side_are_the_ones_written_alone(engine):
     assert len(passes) < sum(len(a) for a in alone) / 2
     cached = llm.cached[0]
     assert list(llm.llm.input_ids[:llm.llm.n_tokens]) == cached  # sequence 0's record for llama-cpp-python's generate
+
+
+def _loads(monkeypatch) -> list[bool]:
+    """Records, for each llama.cpp model loaded from here on, whether its extra buffer types (AMX) were on."""
+    import llama_cpp
+
+    seen, init = [], llama_cpp.Llama.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(bool(llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts))
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("probe, runs", [("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", False),
+                                         ("import sys, llama_cpp; sys.exit(0)", True)])
+def test_the_amx_kernels_are_used_only_where_they_run(gguf_run, monkeypatch, probe, runs):
+    """Stock llama.cpp's AMX matmul crashes the process on the developers' Xeons: the engine asks the build in a
+    child process first, and loads without extra buffer types (AMX) where the child died."""
+    from collegeadvisor import llamacpp
+
+    _, gguf = gguf_run
+    monkeypatch.setattr(llamacpp, "_has_amx", lambda: True)
+    monkeypatch.setattr(llamacpp, "_PROBE", probe)
+    llamacpp.amx_runs.cache_clear()
+    loads = _loads(monkeypatch)
+    try:
+        engine = llamacpp.LlamaCpp(gguf, threads=2, parallel=1)
+    finally:
+        llamacpp.amx_runs.cache_clear()
+    assert engine.amx is runs and loads == [runs]
+    assert ("AMX" in engine.describe()) is runs
+
+
+def test_the_probe_asks_that_the_amx_kernels_agree_with_the_avx512_ones(gguf_run, monkeypatch):
+    """amx_runs' child: the logits of one prefill with extra buffer types (AMX) and without must be finite and close.
+    The real one on the f32 export (no AMX kernels for f32 weights: the same logits), then the rule itself."""
+    import llama_cpp
+    import numpy as np
+
+    from collegeadvisor import llamacpp
+
+    _, gguf = gguf_run
+    assert llamacpp._amx_agrees(str(gguf), 2)
+
+    class Fake:
+        def __init__(self, *args, **kwargs):
+            self.extra = bool(llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts)
+
+        def n_vocab(self):
+            return 1000
+
+        def eval(self, tokens):
+            avx = np.random.default_rng(0).normal(0, 4, (len(tokens), 50))
+            self.scores = (avx + amx_error) if self.extra else avx
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(llama_cpp, "Llama", Fake)
+    for amx_error, agrees in ((0.1, True), (1.0, False), (np.nan, False)):
+        assert llamacpp._amx_agrees(str(gguf), 2) is agrees
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # the defaults are left as they were

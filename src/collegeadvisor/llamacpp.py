@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import weakref
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -69,6 +72,53 @@ def _has_amx() -> bool:
         return False
 
 
+_PROBE = "import sys; from collegeadvisor.llamacpp import _amx_agrees; sys.exit(not _amx_agrees(sys.argv[1], int(sys.argv[2])))"
+AMX_TOLERANCE = 0.1  # mean |AMX - AVX-512| logit difference allowed, in standard deviations of the logits
+
+
+@lru_cache(maxsize=None)
+def amx_runs(gguf: str, threads: int) -> bool:
+    """Whether llama.cpp's AMX kernels run `gguf` here, and agree with its AVX-512 ones. Stock llama.cpp's AMX matmul
+    (an "extra buffer type" for quantized weights) crashes on these Xeons at its first tile instruction (llama.cpp
+    issue 20824: the tile configuration is loaded from the stack once per thread); the build of
+    third_party/llama-cpp-python carries the fix, and with it prefill and decode run about 2x faster (BENCHMARKS.md,
+    Engines). A crash takes the process, so the build is asked in a child process (`_amx_agrees`, ~1 s, once per
+    file and process). True where the CPU has no AMX: nothing to ask."""
+    if not _has_amx():
+        return True
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, gguf, str(threads)], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def _amx_agrees(gguf: str, threads: int) -> bool:
+    """The logits of a 64-token prefill of `gguf` with llama.cpp's extra buffer types (AMX where the CPU has it) and
+    without: finite, and within AMX_TOLERANCE of each other. They are not equal: the AMX kernels quantize the
+    activations their own way, and on SmolLM2's q8_0 export they are as close to the f32 export's logits as the
+    AVX-512 kernels are (mean |difference| 0.22 either way, 0.14 between them, logits' deviation 3.8). On a model as
+    narrow as 32 wide, the AMX kernels' logits were NaN."""
+    import llama_cpp
+    import numpy as np
+
+    api, scores = llama_cpp.llama_cpp, []
+    defaults = api.llama_model_default_params
+    try:
+        for extra in (False, True):
+            api.llama_model_default_params = defaults if extra else (lambda: _without_extra_bufts(defaults()))
+            llm = llama_cpp.Llama(model_path=gguf, n_ctx=256, n_batch=256, n_threads=threads,
+                                  n_threads_batch=threads, logits_all=True, verbose=False)
+            tokens = [t % llm.n_vocab() for t in range(64, 128)]
+            llm.eval(tokens)
+            scores.append(np.array(llm.scores[:len(tokens)], dtype=np.float64))
+            llm.close()
+    finally:
+        api.llama_model_default_params = defaults
+    avx, amx = scores
+    return bool(np.isfinite(amx).all() and np.abs(amx - avx).mean() <= AMX_TOLERANCE * avx.std())
+
+
 class LlamaCpp:
     """One llama.cpp context over a GGUF file. `complete` generates for one prompt of token ids."""
 
@@ -84,9 +134,10 @@ class LlamaCpp:
         api = llama_cpp.llama_cpp
         model_defaults, context_defaults = api.llama_model_default_params, api.llama_context_default_params
         with _LOAD:
-            # llama.cpp's AMX matmul (an "extra buffer type") crashes in ggml_backend_amx_mul_mat on these Xeons;
-            # without extra buffer types the AVX-512 kernels run instead. Elsewhere the repacked kernels stay on.
-            if _has_amx():
+            # where llama.cpp's AMX matmul would crash (amx_runs), no extra buffer types: the AVX-512 kernels run
+            # instead. Elsewhere the AMX or repacked kernels stay on.
+            self.amx = _has_amx() and amx_runs(str(gguf), threads)
+            if _has_amx() and not self.amx:
                 api.llama_model_default_params = lambda: _without_extra_bufts(model_defaults())
             # `parallel` sequences, each with a cache of its own n_ctx (llama-cpp-python's Llama sets one sequence)
             api.llama_context_default_params = lambda: _sequences(context_defaults(), parallel)
@@ -112,7 +163,9 @@ class LlamaCpp:
 
     def describe(self) -> str:
         lookup = f", prompt lookup {self.draft}" if self.draft else ""
-        return f"llamacpp ({self.path.name}, {self.threads} threads{lookup}, {self.parallel} replies side by side)"
+        amx = ", AMX kernels" if self.amx else ""
+        return (f"llamacpp ({self.path.name}, {self.threads} threads{amx}{lookup}, "
+                f"{self.parallel} replies side by side)")
 
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
