@@ -11,6 +11,9 @@
   its latencies are its batches' wall times, so its figure is the total;
 - `eval-alone`: the same with one reply at a time (`parallel` 1): the side-by-side lever on its own.
 
+Any llama.cpp engine with `-avx512` after its name (`bare-avx512`, `eval-avx512`) runs without llama.cpp's AMX kernels
+(`llamacpp.amx_runs` answered no), as a stock build runs on a Xeon with AMX: the AMX lever on its own.
+
 Each engine runs in its own process, one after another (peak RSS is the process's). Reports whole-answer latency
 p50/p95, generated and prompt tokens/s, peak RSS, and, for the two grounded engines, held-out accuracy as served.
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name, write_section  # noqa: E402
 
 ENGINES = ("bare", "llamacpp", "llamacpp-token", "torch", "eval", "eval-alone")
+AVX512 = "-avx512"  # an engine's name, then this: without llama.cpp's AMX kernels
 EVAL_BATCH = 16  # questions a batch in `collegeadvisor eval` (its --batch-size default)
 KINDS = ("numeric_correct", "yes_no_correct", "no_data_correct")
 
@@ -52,6 +56,12 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
     from collegeadvisor.generate import answer
     from collegeadvisor.runs import load_engine, read_manifest, run_retriever
 
+    name = engine
+    if engine.endswith(AVX512):
+        from collegeadvisor import llamacpp
+
+        engine = engine[:-len(AVX512)]
+        llamacpp.amx_runs = lambda *_: False
     manifest = read_manifest(run)
     questions = load_questions(default_questions(manifest), n)
     retrieve = run_retriever(run)
@@ -70,7 +80,7 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
                  "score": score_reply(q, r["text"], True, r["n_tokens"]), "text": r["text"],
                  "status": (r.get("grounding") or {}).get("status")}
                 for q, r, dt in zip(questions, replies, timing["latency_s"])]
-        out.write_text(json.dumps({"engine": engine, "rows": rows, "wall_s": wall,
+        out.write_text(json.dumps({"engine": name, "rows": rows, "wall_s": wall,
                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
     convs = [[{"role": "user", "content": q["question"]}] for q in questions]
@@ -100,7 +110,7 @@ def worker(engine: str, run: Path, n: int, max_new_tokens: int, threads: int, ou
                      "first_text": None if engine == "bare" else r.get("raw"),
                      "attempts": attempts, "score": score_reply(q, text, True, n_tokens), "text": text,
                      "status": None if engine == "bare" else r["grounding"]["status"]})
-    out.write_text(json.dumps({"engine": engine, "rows": rows,
+    out.write_text(json.dumps({"engine": name, "rows": rows,
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -135,11 +145,11 @@ def table(sums: list[dict]) -> str:
             f"- / - / {s['total'] / base['total']:.2f}x" if s["batched"] else
             f"{s['p50'] / base['p50']:.2f}x / {s['p95'] / base['p95']:.2f}x / {s['total'] / base['total']:.2f}x")
         p50, p95 = ("-", "-") if s["batched"] else (f"{s['p50']:.2f}", f"{s['p95']:.2f}")
-        acc = [("-" if s["engine"] == "bare" or s["acc"][k] is None else f"{s['acc'][k][0]:.1f}% of {s['acc'][k][1]}")
+        acc = [("-" if s["engine"].startswith("bare") or s["acc"][k] is None else f"{s['acc'][k][0]:.1f}% of {s['acc'][k][1]}")
                for k in KINDS]
         lines.append(f"| {s['engine']} | {s['answers']} | {p50} | {p95} | {s['total']:.1f} | {ratio} | "
                      f"{s['tok_s']:.1f} | {s['mean_tokens']:.0f} | {s['retried']} | {s['rss']:.0f} | "
-                     + " | ".join(acc) + f" | {'-' if s['engine'] == 'bare' else s['unverified']} | "
+                     + " | ".join(acc) + f" | {'-' if s['engine'].startswith('bare') else s['unverified']} | "
                      + ("-" if s["same"] is None else f"{s['same']} of {s['answers']}") + " |")
     return "\n".join(lines)
 
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--neighbours", action="store_true",
                    help="pad the rows asked about with retrieved ones up to k (served prompts hold the asked rows "
                         "alone)")
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -181,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 (Path(args.keep) / out.name).write_text(out.read_text())
-            sums.append(summary(results[engine], None if engine in ("bare", "llamacpp-token")
-                                or engine.startswith("eval") else results.get("llamacpp-token")))
+            sums.append(summary(results[engine], None if engine in ("llamacpp-token", "bare")
+                                or engine.startswith(("eval", "bare")) else results.get("llamacpp-token")))
             print(f"{engine}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
             print(table(sums).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(sums))

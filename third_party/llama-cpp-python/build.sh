@@ -17,7 +17,7 @@ trap 'rm -rf "$WORK"' EXIT
 "$PIP" download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK"
 tar -xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION"
-patch -s -p1 -d "$SRC" < "$HERE/amx-tile-config.patch"
+(cd "$SRC" && git apply -p1 "$HERE/amx-tile-config.patch")
 # the build uses every core it is given (about 5 minutes on 2)
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$PIP" install -q --force-reinstall --no-deps "$SRC"
 "$PIP" install -q "llama-cpp-python[server]==$VERSION"  # the server's dependencies; the build above stays
