@@ -12,7 +12,10 @@ Variants, each a lever on its own:
   jemalloc-1arena   jemalloc with one arena for all threads (MALLOC_CONF=narenas:1; its default is 4 per CPU): the
               kernels' worker threads reuse the main thread's freed blocks;
   jemalloc-keep-mlp  jemalloc with the MLP's gate and up kept for backward (recompute_mlp: false; the default
-              recomputes them).
+              recomputes them);
+  jemalloc-caches-1024  jemalloc with oneDNN's primitive cache and ideep's matmul cache at their defaults, 1,024
+              entries each (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY; the CLI now sets 128): each pass
+              length compiles ~55 matmul kernels, and both caches keep them.
 
     python bench/train_memory.py --data out/quickstart/data/scorecard.jsonl --steps 50     # ~5 minutes a variant
     python bench/train_memory.py ... --write      # writes the section of BENCHMARKS.md
@@ -37,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import cpu_name, write_section  # noqa: E402
 
 ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
-# variant: (allocator preloaded, its settings, extra train arguments)
+# variant: (allocator preloaded, its settings, extra train arguments[, environment])
 VARIANTS = {"default": (None, None, []), "jemalloc": ("jemalloc", None, []), "tcmalloc": ("tcmalloc", None, []),
             "buckets": (None, None, ["--pad-to-multiple-of", "64"]),
             "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", []),
             "jemalloc-1arena": ("jemalloc", "narenas:1", []),
-            "jemalloc-keep-mlp": ("jemalloc", None, ["--no-recompute-mlp"])}
+            "jemalloc-keep-mlp": ("jemalloc", None, ["--no-recompute-mlp"]),
+            "jemalloc-caches-1024": ("jemalloc", None, [], {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024",
+                                                             "LRU_CACHE_CAPACITY": "1024"})}
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
 
 
@@ -54,7 +59,8 @@ def run_variant(variant: str, args, out: Path) -> dict | None:
     env = dict(os.environ, COLLEGEADVISOR_JEMALLOC="0")  # the CLI would preload jemalloc itself where installed
     env.pop("LD_PRELOAD", None)
     env.pop("MALLOC_CONF", None)
-    preload, conf, extra = VARIANTS[variant]
+    preload, conf, extra, *environment = VARIANTS[variant]
+    env.update(*environment)
     if preload:
         lib = allocator(preload)
         if lib is None:

@@ -178,10 +178,24 @@ def under_jemalloc(command: str | None, argv: list[str], dirs=LIB_DIRS, execve=o
     return lib  # only where execve is not the real one (tests)
 
 
+# Training's matmul kernels, cached by shape: oneDNN compiles ~55 for each pass length (~2 ms each), and its primitive
+# cache and ideep's matmul cache keep 1,024 each by default, ~0.7 MB a kernel. Under passes of many lengths a training
+# process grew by hundreds of MB over its first few hundred steps (BENCHMARKS.md, "Training memory over a run"); 128
+# holds a pass's kernels. Read by oneDNN and ideep at their first matmul; a value already set is kept.
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+
+
+def bounded_kernel_caches(command: str | None) -> None:
+    if command in UNDER_JEMALLOC:
+        for name, value in KERNEL_CACHES.items():
+            os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = getattr(args, "command", None)
+    bounded_kernel_caches(command)
     if argv is None:  # the command line itself (not a call from Python): training runs under jemalloc if it can
         lib = under_jemalloc(command, sys.argv[1:])
         if lib and command in UNDER_JEMALLOC:
