@@ -3,6 +3,7 @@
 
 import ast
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -207,3 +208,25 @@ def test_training_commands_run_again_under_jemalloc_where_it_is_installed(tmp_pa
     monkeypatch.setenv("LD_PRELOAD", str(lib))  # the run again: it says what it runs under, and runs no third time
     assert cli.under_jemalloc("train", argv, dirs=(str(tmp_path),), execve=execve) == str(lib)
     assert len(calls) == 1
+
+
+def test_training_commands_bound_the_matmul_kernel_caches(tmp_path, monkeypatch, capsys):
+    """oneDNN's and ideep's kernel caches (1,024 kernels each by default, ~55 compiled per pass length) grew a
+    training process by hundreds of MB: `train` and `quickstart` set them to hold about a pass's worth before the
+    first matmul, and keep a value the user set. Other commands leave them alone."""
+    from collegeadvisor import cli
+
+    for name in cli.KERNEL_CACHES:  # absent, and as it was after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1  # a bad config still gets them
+    assert "missing.yaml" in capsys.readouterr().err
+    assert {name: os.environ[name] for name in cli.KERNEL_CACHES} == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128",
+                                                                      "LRU_CACHE_CAPACITY": "128"}
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    cli.bounded_kernel_caches("quickstart")
+    assert os.environ["LRU_CACHE_CAPACITY"] == "512"
+    for name in cli.KERNEL_CACHES:
+        monkeypatch.delenv(name)
+    cli.bounded_kernel_caches("serve")
+    assert not any(name in os.environ for name in cli.KERNEL_CACHES)
