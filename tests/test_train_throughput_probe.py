@@ -104,10 +104,14 @@ def test_a_probe_leaves_the_training_random_stream_alone():
 
 
 def test_each_recipe_runs_under_the_allocator_its_own_command_line_uses(monkeypatch):
-    """ours runs under jemalloc where it is installed, as `collegeadvisor train` does; the seed, TRL and the
-    "ours-glibc" lever get glibc's malloc even where the bench itself was started under jemalloc."""
+    """ours runs under jemalloc where it is installed, with the kernel caches bounded, as `collegeadvisor train`
+    does; the seed, TRL and the "ours-glibc" lever get glibc's malloc even where the bench itself was started under
+    jemalloc, and the seed and TRL the caches' defaults."""
     from collegeadvisor import cli
 
+    for key in cli.KERNEL_CACHES:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setattr(cli, "jemalloc_library", lambda dirs=cli.LIB_DIRS: "/lib/x/libjemalloc.so.2")
     monkeypatch.setenv("LD_PRELOAD", "/lib/x/libjemalloc.so.2 /lib/other.so")
     for name in ("ours", "ours-long", "ours-tinyllama", "ours-unfused"):
@@ -116,6 +120,9 @@ def test_each_recipe_runs_under_the_allocator_its_own_command_line_uses(monkeypa
     for name in ("seed", "trl", "ours-glibc"):
         allocator, env = tt.allocator_env(name)
         assert allocator == "glibc" and env["LD_PRELOAD"] == "/lib/other.so"
+    for name in ("ours", "ours-glibc", "seed", "trl"):
+        env = tt.allocator_env(name)[1]
+        assert all((env.get(key) == value) is name.startswith("ours") for key, value in cli.KERNEL_CACHES.items())
     monkeypatch.setattr(cli, "jemalloc_library", lambda dirs=cli.LIB_DIRS: None)  # not installed: glibc for all
     assert tt.allocator_env("ours")[0] == "glibc"
 
