@@ -111,7 +111,7 @@ def lora_model(model, cfg: Config):
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
                     drops[name] = LoraDropout(d.p)
     if cfg.fused:
-        fuse_kernels(model, cfg.recompute_mlp)
+        fuse_kernels(model, cfg.recompute_mlp, cfg.fused_attention)
     return model
 
 
