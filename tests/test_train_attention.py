@@ -74,6 +74,8 @@ def test_the_fast_path_is_only_for_plain_causal_bf16_training_passes():
     assert not takes_fast_path(q, k[:, :, :5], v[:, :, :5], None, 0.0, True, {})  # a cache's keys
     assert not takes_fast_path(*qkv(dtype=torch.float32), None, 0.0, True, {})
     assert not takes_fast_path(*qkv(requires_grad=False), None, 0.0, True, {})
+    frozen_q = qkv()[0].detach()
+    assert takes_fast_path(frozen_q, k, v, None, 0.0, True, {})  # LoRA on k and v only: still a training pass
     with torch.no_grad():
         assert not takes_fast_path(q, k, v, None, 0.0, True, {})
 

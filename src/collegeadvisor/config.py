@@ -95,7 +95,7 @@ class Config(BaseModel):
     )
     fused_attention: bool = Field(
         True, description="(with fused) causal attention's backward as a few large bf16 matmuls instead of the CPU "
-        "flash kernel's own: the same gradients to bf16 precision, 1.3-2.5x faster at 128-512 tokens; masked, "
+        "flash kernel's own: the same gradients to bf16 precision, a backward 1.2-2x faster at 200-512 tokens; masked, "
         "packed and GPU passes keep transformers' SDPA"
     )
     compile: bool = Field(False, description="torch.compile the model (pays on long GPU runs; slow to start on CPU)")

@@ -1,8 +1,9 @@
 """Causal attention for LoRA training on CPU: torch's flash kernel forward, and a backward built from a few large
 batched matmuls instead of the flash kernel's own.
 
-torch's CPU flash-attention backward runs many small bf16 matmuls per (example, head) and costs 5-7x its forward
-(SmolLM2, 4 x 512: 22 ms against 4 ms a layer; at 16 x 128 it is 28 ms against 3). This backward takes query
+torch's CPU flash-attention backward runs many small bf16 matmuls per (example, head) and costs 6-15x its forward
+(one SmolLM2 layer in transformers' layout, 2 threads, Intel Xeon with AMX: 26.5 / 31.8 / 27.9 ms at 10 x 200 /
+6 x 400 / 4 x 512 tokens, against 2-4 ms forward; this backward 13.4 / 24.0 / 23.1 ms). This backward takes query
 blocks of BLOCK rows and, for each, every key up to the block's end (the blocks above the diagonal are skipped),
 with all heads of a key/value group in one batched matmul (GQA without repeating keys). The softmax
 normalisation and the row term D = rowsum(dO * O) are folded into the matmuls as two extra columns, so the bf16
@@ -26,7 +27,7 @@ import math
 import torch
 
 ATTENTION = "collegeadvisor_sdpa"  # the name under transformers' AttentionInterface and AttentionMaskInterface
-BLOCK = 128  # query rows per block: 96-192 measured within noise of each other at 128-512 tokens (SmolLM2 shapes)
+BLOCK = 128  # queries per block: 96-128 measured fastest at 200-512 tokens (SmolLM2's shapes); 64 and 256 slower
 EXTRA = 2  # folded columns: a value in two bf16 parts
 # keyword arguments transformers may pass that change the computation; the fast path runs only when all are unset
 _CHANGES_ATTENTION = ("softcap", "sliding_window", "position_bias", "s_aux", "output_attentions")
@@ -38,47 +39,45 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
-def _folded(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    """x (..., D) with EXTRA columns appended: extra's two bf16 parts (extra: fp32, x's shape without D), or ones."""
-    out = x.new_empty(*x.shape[:-1], x.shape[-1] + EXTRA)
-    out[..., : x.shape[-1]] = x
-    if extra is None:
-        out[..., x.shape[-1]:] = 1
-    else:
-        out[..., -2], out[..., -1] = _split(extra)
-    return out
-
-
 def attention_backward(grad_out, q, k, v, out, lse, scale: float, block: int = BLOCK):
     """(grad q, grad k, grad v) of causal softmax(scale q k^T) v, from flash's output and logsumexp. q, grad_out:
-    (B, H, L, D); k, v: (B, Hk, L, D), H a multiple of Hk; all bf16; lse fp32 (B, H, L)."""
+    (B, H, L, D); k, v: (B, Hk, L, D), H a multiple of Hk; all bf16, any strides; lse fp32 (B, H, L)."""
     b, h, n, d = q.shape
     hk = k.shape[1]
-    g = h // hk
-    row = (grad_out.float() * out.float()).sum(-1)  # D = rowsum(dO * O)
-    qa = _folded(q, -lse / scale).view(b * hk, g, n, d + EXTRA)
-    ga = _folded(grad_out, -row).view(b * hk, g, n, d + EXTRA)
-    ka = _folded(k, None).view(b * hk, n, d + EXTRA)
-    va = _folded(v, None).view(b * hk, n, d + EXTRA)
-    kk = k.reshape(b * hk, n, d)
-    dq = q.new_empty(b * hk, g, n, d)
+    g, e = h // hk, d + EXTRA
+    row = (grad_out.float() * out.float()).sum(-1)  # D = rowsum(dO * O), in fp32 as flash computes it
+
+    def rows(x, extra):
+        """x (b, h, n, d) as (b*hk, n*g, e): each query's g heads of a key/value group side by side (so a block of
+        queries is a contiguous run of rows), extra's two bf16 parts appended."""
+        folded = x.new_empty(b, hk, n, g, e)
+        folded[..., :d] = x.view(b, hk, g, n, d).transpose(2, 3)
+        folded[..., d], folded[..., d + 1] = _split(extra.view(b, hk, g, n).transpose(2, 3))
+        return folded.view(b * hk, n * g, e)
+
+    def with_ones(x):
+        folded = x.new_empty(b, hk, n, e)
+        folded[..., :d], folded[..., d:] = x, 1
+        return folded.view(b * hk, n, e)
+
+    qa, ga, ka, va = rows(q, -lse / scale), rows(grad_out, -row), with_ones(k), with_ones(v)
+    qp, gp, kp = (x[..., :d].contiguous() for x in (qa, ga, ka))  # bmm copies a strided operand on every call
+    dq = q.new_empty(b * hk, n * g, d)
     dk = torch.zeros(b * hk, n, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)
+    above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)[:, None, :]
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        m = i1 - i0
-        qb = qa[:, :, i0:i1].reshape(b * hk, g * m, d + EXTRA)
-        p = torch.bmm(qb, ka[:, :i1].transpose(1, 2)).mul_(scale).exp_()  # P, (b*hk, g*m, i1)
-        p.view(b * hk, g, m, i1)[..., i0:i1].masked_fill_(above[:m, :m], 0)
-        gb = ga[:, :, i0:i1].reshape(b * hk, g * m, d + EXTRA)
-        dv[:, :i1] += torch.bmm(p.transpose(1, 2), gb[..., :d])
-        ds = torch.bmm(gb, va[:, :i1].transpose(1, 2)).mul_(p)  # (dP - D) * P
+        r0, r1 = i0 * g, i1 * g
+        p = torch.bmm(qa[:, r0:r1], ka[:, :i1].transpose(1, 2)).mul_(scale).exp_()  # P, (b*hk, rows, keys)
+        p.view(b * hk, i1 - i0, g, i1)[..., i0:i1].masked_fill_(above[: i1 - i0, :, : i1 - i0], 0)
+        dv[:, :i1] += torch.bmm(p.transpose(1, 2), gp[:, r0:r1])
+        ds = torch.bmm(ga[:, r0:r1], va[:, :i1].transpose(1, 2)).mul_(p)  # (dP - D) * P
         del p
-        dq[:, :, i0:i1] = torch.bmm(ds, kk[:, :i1]).view(b * hk, g, m, d)
-        dk[:, :i1] += torch.bmm(ds.transpose(1, 2), qb[..., :d])
-    return (dq.view(b, h, n, d).mul_(scale), dk.mul_(scale).to(k.dtype).view(b, hk, n, d),
-            dv.to(v.dtype).view(b, hk, n, d))
+        dq[:, r0:r1] = torch.bmm(ds, kp[:, :i1])
+        dk[:, :i1] += torch.bmm(ds.transpose(1, 2), qp[:, r0:r1])
+    dq = dq.view(b, hk, n, g, d).permute(0, 1, 3, 2, 4).reshape(b, h, n, d).mul_(scale)
+    return dq, dk.mul_(scale).to(k.dtype).view(b, hk, n, d), dv.to(v.dtype).view(b, hk, n, d)
 
 
 class _CausalAttentionFn(torch.autograd.Function):
@@ -96,8 +95,10 @@ class _CausalAttentionFn(torch.autograd.Function):
 
 
 def takes_fast_path(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """Whether this call is a plain causal training pass this backward computes exactly as SDPA's would."""
-    return (torch.is_grad_enabled() and query.requires_grad and query.device.type == "cpu"
+    """Whether this call is a plain causal training pass on CPU in bf16: the one this node computes (SDPA's own
+    output; its gradients to bf16 precision)."""
+    return (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.bfloat16 and attention_mask is None
             and not dropout and is_causal is not False and query.shape[2] == key.shape[2] > 1
             and query.shape[1] % key.shape[1] == 0 and key.shape[-1] == value.shape[-1]

@@ -17,7 +17,7 @@ base. Each computes the same loss and gradients as the plain path (tests/test_tr
   forward pass and the (tokens x vocabulary) logits are never kept: about 240 KB a token for SmolLM2's 49,152
   words, the largest single saved tensor of a step.
 - causal attention (`train.attention`, fused_attention): torch's CPU flash forward with a backward made of a few
-  large batched matmuls, 1.3-2.5x faster than the flash kernel's own backward at SmolLM2's shapes.
+  large batched matmuls, 1.2-2x faster than the flash kernel's own backward at SmolLM2's shapes.
 """
 
 from __future__ import annotations
