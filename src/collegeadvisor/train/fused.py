@@ -247,7 +247,14 @@ def _gated_silu_mlp(m) -> bool:
 
 
 def _rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    return weight * (x.float() * rstd).to(x.dtype)
+    """Llama's weight * (x.float() * rstd).to(x.dtype): x * rstd (fp32 rstd) computes in fp32 as x.float() * rstd
+    does, the same values without an fp32 copy of x."""
+    return weight * (x * rstd).to(x.dtype)
+
+
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """x.float().pow(2) with one fp32 tensor, not two (x itself is left alone when it is fp32)."""
+    return x.pow(2) if x.dtype == torch.float32 else x.float().pow_(2)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -257,7 +264,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, tag):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(_squares(x).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         tag.x, tag.weight, tag.rstd = x, weight, rstd
         return _rms_normed(x, weight, rstd)
@@ -266,8 +273,8 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, rstd = ctx.saved_tensors
         gn = (gy * weight).float()
-        n = x.float() * rstd
-        grad = (gn - n * (gn * n).mean(-1, keepdim=True)).mul_(rstd)
+        n = x * rstd  # fp32 (see _rms_normed)
+        grad = torch.addcmul(gn, n, (gn * n).mean(-1, keepdim=True), value=-1).mul_(rstd)  # gn - n * mean(gn n)
         return grad.to(x.dtype), None, None, None
 
 
@@ -362,11 +369,11 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grad = torch.empty_like(h)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, h.shape[0], chunk):
-                logits = (h[i : i + chunk] @ w.t()).float()
                 t = targets[i : i + chunk]
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                # one fused kernel (fp32 inside) for what logsumexp, a subtraction and a copy did: 14% of a chunk
+                logp = torch.log_softmax(h[i : i + chunk] @ w.t(), dim=-1, dtype=torch.float32)
+                total -= logp.gather(1, t[:, None]).sum()
+                probs = logp.exp_()  # softmax, in place of the log-probabilities
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[i : i + chunk] = probs.to(dt) @ w
         ctx.save_for_backward(grad)
