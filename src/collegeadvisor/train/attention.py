@@ -108,7 +108,7 @@ def takes_fast_path(query, key, value, attention_mask, dropout, is_causal, kwarg
 def causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
     """transformers' attention interface: (output (B, L, H, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # transformers (heavy): loaded
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # heavy: imported where it runs
 
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
