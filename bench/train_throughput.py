@@ -546,12 +546,11 @@ def prepare_data(data_dir: Path, n_examples: int, long_examples: int) -> dict:
 def allocator_env(name: str) -> tuple[str, dict]:
     """The allocator a recipe runs under (GLIBC) and the environment that gives it that one, with ours' kernel
     caches bounded as `collegeadvisor train` bounds them (cli.KERNEL_CACHES)."""
-    from collegeadvisor.cli import JEMALLOC, KERNEL_CACHES, jemalloc_library
+    from collegeadvisor.cli import JEMALLOC, bounded_kernel_caches, jemalloc_library
 
     env = dict(os.environ)
     if name.startswith("ours"):
-        for key, value in KERNEL_CACHES.items():
-            env.setdefault(key, value)
+        bounded_kernel_caches("train", env)
     env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if JEMALLOC not in p)
     lib = None if name.split("-")[0] in GLIBC or name in GLIBC else jemalloc_library()
     if lib:

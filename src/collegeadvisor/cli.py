@@ -185,10 +185,11 @@ def under_jemalloc(command: str | None, argv: list[str], dirs=LIB_DIRS, execve=o
 KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 
-def bounded_kernel_caches(command: str | None) -> None:
+def bounded_kernel_caches(command: str | None, env=os.environ) -> None:
+    """KERNEL_CACHES into env (this process's environment by default) for the training commands."""
     if command in UNDER_JEMALLOC:
         for name, value in KERNEL_CACHES.items():
-            os.environ.setdefault(name, value)
+            env.setdefault(name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,16 +120,13 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_causal_attention(model) -> bool:
-    """Route model's attention through causal_attention where it runs transformers' SDPA (the masks stay SDPA's);
-    returns whether it now does."""
-    from transformers import AttentionInterface  # transformers (heavy): loaded with the model, not with this module
+def use_causal_attention(model) -> None:
+    """Route model's attention through causal_attention where it runs transformers' SDPA (the masks stay SDPA's)."""
+    from transformers import AttentionInterface  # heavy: imported where it runs
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != "sdpa":
-        return False
-    AttentionInterface.register(ATTENTION, causal_attention)
-    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    base.set_attn_implementation(ATTENTION)
-    return base.config._attn_implementation == ATTENTION
+    if getattr(base.config, "_attn_implementation", None) == "sdpa":
+        AttentionInterface.register(ATTENTION, causal_attention)
+        AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        base.set_attn_implementation(ATTENTION)
