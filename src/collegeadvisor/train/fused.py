@@ -29,6 +29,7 @@ import types
 import torch
 
 from collegeadvisor.train.attention import use_causal_attention
+from collegeadvisor.train.elementwise import EAGER, kernels
 
 CHUNK = 256  # labelled positions per chunk of logits: 256 x 49,152 fp32 is 50 MB, freed chunk by chunk
 
@@ -110,34 +111,33 @@ class _GatedDownFn(torch.autograd.Function):
     (3 KB a token a layer each for SmolLM2), and recomputes the two elementwise ops in backward."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale, keep, keep_scale):
+    def forward(ctx, gate, up, ops, weight, bias, lora_a, lora_b, scale, keep, keep_scale):
         dt = _compute_dtype(gate, weight)
         with torch.autocast(gate.device.type, enabled=False):
             gate, up = gate.to(dt), up.to(dt)
-            act = torch.nn.functional.silu(gate).mul_(up)
-            y, saved, ctx.meta = _lora_forward(act.reshape(-1, act.shape[-1]), weight, bias, lora_a, lora_b, scale,
-                                               keep, keep_scale, dt)
+            act = ops.gated(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+            y, saved, ctx.meta = _lora_forward(act, weight, bias, lora_a, lora_b, scale, keep, keep_scale, dt)
         ctx.save_for_backward(gate, up, *saved)
+        ctx.ops = ops
         return y.view(*gate.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
         gate, up, *saved = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
-            grad_gate, grad_up, *grads = _gated_down_backward(ctx.meta, gy, gate, up, saved)
-        return grad_gate, grad_up, None, *grads, None, None, None
+            grad_gate, grad_up, *grads = _gated_down_backward(ctx.ops, ctx.meta, gy, gate, up, saved)
+        return grad_gate, grad_up, None, None, *grads, None, None, None
 
 
-def _gated_down_backward(meta, gy, gate, up, saved):
+def _gated_down_backward(ops, meta, gy, gate, up, saved):
     """(grad gate, grad up, grad bias, grad A, grad B) of down(silu(gate) * up), recomputing the activation."""
-    silu = torch.nn.functional.silu(gate)
-    act = (silu * up).reshape(-1, gate.shape[-1])
+    width = gate.shape[-1]
+    gate2, up2 = gate.reshape(-1, width), up.reshape(-1, width)  # 2-D: one kernel for any batch shape
+    act = ops.gated(gate2, up2)
     grad_act, grad_bias, grad_a, grad_b = _lora_backward(meta, gy, act, saved, True)
     del act
-    grad_act = grad_act.view(gate.shape)
-    grad_up = grad_act * silu
-    grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)
-    return grad_gate, grad_up, grad_bias, grad_a, grad_b
+    grad_gate, grad_up = ops.gated_backward(grad_act, gate2, up2)
+    return grad_gate.view(gate.shape), grad_up.view(up.shape), grad_bias, grad_a, grad_b
 
 
 LORA_ARGS = 7  # weight, bias, A, B, scale, keep mask, 1/(1-p): what _lora_args gives for one layer
@@ -150,7 +150,7 @@ class _RecomputedMlpFn(torch.autograd.Function):
     two frozen matmuls once more (gradient checkpointing of the MLP's input projections, the rest unchanged)."""
 
     @staticmethod
-    def forward(ctx, x, *args):
+    def forward(ctx, x, ops, *args):
         gate_args, up_args, down_args = (args[i : i + LORA_ARGS] for i in range(0, 3 * LORA_ARGS, LORA_ARGS))
         dt = _compute_dtype(x, gate_args[0])
         ctx.normed = _Normed.of(x)
@@ -159,11 +159,12 @@ class _RecomputedMlpFn(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             gate, saved_g, meta_g = _lora_forward(x2, *gate_args, dt)
             up, saved_u, meta_u = _lora_forward(x2, *up_args, dt)
-            act = torch.nn.functional.silu(gate).mul_(up)
+            act = ops.gated(gate, up)
             del gate, up
             y, saved_d, meta_d = _lora_forward(act, *down_args, dt)
         ctx.save_for_backward(*([] if ctx.normed else [x]), *saved_g, *saved_u, *saved_d)
         ctx.meta, ctx.biases, ctx.dt, ctx.shape = (meta_g, meta_u, meta_d), (gate_args[1], up_args[1]), dt, x.shape
+        ctx.ops = ops
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -176,7 +177,7 @@ class _RecomputedMlpFn(torch.autograd.Function):
             saved_g, saved_u, saved_d = saved[0:5], saved[5:10], saved[10:15]
             gate = _lora_again(x2, ctx.biases[0], saved_g, meta_g)
             up = _lora_again(x2, ctx.biases[1], saved_u, meta_u)
-            grad_gate, grad_up, *grads_d = _gated_down_backward(meta_d, gy, gate, up, saved_d)
+            grad_gate, grad_up, *grads_d = _gated_down_backward(ctx.ops, meta_d, gy, gate, up, saved_d)
             del gate, up
             need_x = ctx.needs_input_grad[0]
             grad_x, *grads_g = _lora_backward(meta_g, grad_gate, x2, saved_g, need_x)
@@ -185,7 +186,7 @@ class _RecomputedMlpFn(torch.autograd.Function):
             if need_x:
                 grad_x = grad_x.add_(grad_xu).view(ctx.shape)
         per_layer = lambda grads: (None, grads[0], grads[1], grads[2], None, None, None)  # noqa: E731
-        return (grad_x, *per_layer(grads_g), *per_layer(grads_u), *per_layer(grads_d))
+        return (grad_x, None, *per_layer(grads_g), *per_layer(grads_u), *per_layer(grads_d))
 
 
 def _plain_adapter(layer, args=(), kwargs=None) -> str | None:
@@ -221,15 +222,22 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """A gated MLP, down(silu(gate(x)) * up(x)), with the activation inside the down projection's node; with
     recompute_mlp set on the module (fuse_kernels), the whole MLP in one node that keeps neither gate nor up."""
     names = [_plain_adapter(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+    ops = _ops(self)
     if getattr(self, "recompute_mlp", False) and None not in names and torch.is_grad_enabled():
         wide = x.new_empty(()).expand(*x.shape[:-1], self.down_proj.in_features)  # down's input, for its mask
         args = [*_lora_args(self.gate_proj, names[0], x), *_lora_args(self.up_proj, names[1], x),
                 *_lora_args(self.down_proj, names[2], wide)]  # masks drawn in the unfused path's order
-        return _RecomputedMlpFn.apply(x, *args)
+        return _RecomputedMlpFn.apply(x, ops, *args)
     gate, up = self.gate_proj(x), self.up_proj(x)
     if names[2] is None:
         return self.down_proj(self.act_fn(gate) * up)
-    return _GatedDownFn.apply(gate, up, *_lora_args(self.down_proj, names[2], gate))
+    return _GatedDownFn.apply(gate, up, ops, *_lora_args(self.down_proj, names[2], gate))
+
+
+def _ops(module) -> types.SimpleNamespace:
+    """The elementwise kernels a fused module runs (fuse_kernels sets them): the compiled ones in training, the eager
+    ones under no_grad (generation and evaluation keep their values)."""
+    return getattr(module, "elementwise_kernels", EAGER) if torch.is_grad_enabled() else EAGER
 
 
 GATED_MLP = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -246,36 +254,26 @@ def _gated_silu_mlp(m) -> bool:
             and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") and _computes_gated_mlp(type(m)))
 
 
-def _rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Llama's weight * (x.float() * rstd).to(x.dtype): x * rstd (fp32 rstd) computes in fp32 as x.float() * rstd
-    does, the same values without an fp32 copy of x."""
-    return weight * (x * rstd).to(x.dtype)
-
-
-def _squares(x: torch.Tensor) -> torch.Tensor:
-    """x.float().pow(2) with one fp32 tensor, not two (x itself is left alone when it is fp32)."""
-    return x.pow(2) if x.dtype == torch.float32 else x.float().pow_(2)
-
-
 class _RMSNormFn(torch.autograd.Function):
     """Llama's RMSNorm with a frozen weight: saves its input in the stream's dtype and the r.m.s., not the fp32
     copy of the input (2.3 KB a token for SmolLM2, twice a layer). Its output is tagged (`_Normed`) so that the
     fused LoRA layers reading it recompute it in backward instead of saving it."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, tag):
-        rstd = torch.rsqrt(_squares(x).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x, weight, eps, tag, ops):
+        out, rstd = ops.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps)  # 2-D: one kernel for any batch shape
+        out, rstd = out.view(x.shape), rstd.view(*x.shape[:-1], 1)
         ctx.save_for_backward(x, weight, rstd)
-        tag.x, tag.weight, tag.rstd = x, weight, rstd
-        return _rms_normed(x, weight, rstd)
+        tag.x, tag.weight, tag.rstd, tag.ops = x, weight, rstd, ops
+        ctx.ops = ops
+        return out
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, rstd = ctx.saved_tensors
-        gn = (gy * weight).float()
-        n = x * rstd  # fp32 (see _rms_normed)
-        grad = torch.addcmul(gn, n, (gn * n).mean(-1, keepdim=True), value=-1).mul_(rstd)  # gn - n * mean(gn n)
-        return grad.to(x.dtype), None, None, None
+        width = x.shape[-1]
+        grad = ctx.ops.rms_norm_backward(gy.reshape(-1, width), x.reshape(-1, width), weight, rstd.reshape(-1, 1))
+        return grad.view(x.shape), None, None, None, None
 
 
 class _Normed:
@@ -284,10 +282,10 @@ class _Normed:
     the first of them to run backward recomputes the output once for all of them: the same ops, so the same
     values."""
 
-    __slots__ = ("x", "weight", "rstd", "readers", "value")
+    __slots__ = ("x", "weight", "rstd", "ops", "readers", "value")
 
     def __init__(self):
-        self.x = self.weight = self.rstd = self.value = None
+        self.x = self.weight = self.rstd = self.ops = self.value = None
         self.readers = 0
 
     @staticmethod
@@ -299,7 +297,9 @@ class _Normed:
 
     def take(self) -> torch.Tensor:
         if self.value is None:
-            self.value = _rms_normed(self.x, self.weight, self.rstd)
+            width = self.x.shape[-1]
+            normed = self.ops.rms_normed(self.x.reshape(-1, width), self.weight, self.rstd.reshape(-1, 1))
+            self.value = normed.view(self.x.shape)
         value, self.readers = self.value, self.readers - 1
         if self.readers <= 0:
             self.value = None  # the last reader: free it
@@ -313,7 +313,7 @@ def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if self.weight.requires_grad:
         return self._plain_forward(hidden_states)
     tag = _Normed()
-    out = _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, tag)
+    out = _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, tag, _ops(self))
     if torch.is_grad_enabled():
         out._normed = tag
     return out
@@ -339,43 +339,44 @@ def _route(module, forward) -> None:
         module.forward = types.MethodType(forward, module)
 
 
-def fuse_kernels(model, recompute_mlp: bool = False, attention: bool = False) -> int:
+def fuse_kernels(model, recompute_mlp: bool = False, attention: bool = False, elementwise: bool = False) -> int:
     """Route every peft LoRA Linear of model through the fused node, Llama-style MLPs through the gated one (or,
     with recompute_mlp, the one that recomputes gate and up in backward), Llama-style RMSNorms through theirs and,
     with attention, SDPA attention through train.attention's (the modules, their weights and saving are
-    unchanged); returns how many LoRA layers now run fused."""
+    unchanged). With elementwise, the norms', the MLPs' and the loss's elementwise work runs through
+    train.elementwise's generated kernels (kept on each module and on the model as `elementwise_kernels`).
+    Returns how many LoRA layers now run fused."""
     if attention:
         use_causal_attention(model)
+    ops = kernels(elementwise)
+    model.elementwise_kernels = ops  # LabelLoss's output layer reads it
     count = 0
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and _source_has(type(m), RMS_NORM):
             _route(m, _fused_norm_forward)
+            m.elementwise_kernels = ops
         if type(m).__name__ == "Linear" and hasattr(m, "lora_A") and hasattr(m, "base_layer"):
             _route(m, _fused_forward)
             count += 1
         elif _gated_silu_mlp(m):
             _route(m, _fused_mlp_forward)
-            m.recompute_mlp = recompute_mlp
+            m.recompute_mlp, m.elementwise_kernels = recompute_mlp, ops
     return count
 
 
 # ============================================================================================ output layer + loss
 class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, ops):
         dt = _compute_dtype(hidden, weight)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dt), weight.to(dt)
             grad = torch.empty_like(h)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, h.shape[0], chunk):
-                t = targets[i : i + chunk]
-                # one fused kernel (fp32 inside) for what logsumexp, a subtraction and a copy did: 14% of a chunk
-                logp = torch.log_softmax(h[i : i + chunk] @ w.t(), dim=-1, dtype=torch.float32)
-                total -= logp.gather(1, t[:, None]).sum()
-                probs = logp.exp_()  # softmax, in place of the log-probabilities
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[i : i + chunk] = probs.to(dt) @ w
+                loss, grad_logits = ops.softmax_cross_entropy(h[i : i + chunk] @ w.t(), targets[i : i + chunk])
+                total += loss
+                grad[i : i + chunk] = grad_logits @ w
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -383,13 +384,14 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
+        return (grad * g.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = CHUNK) -> torch.Tensor:
-    """Sum over rows of cross_entropy(hidden @ weight.T, targets), for a frozen weight (no gradient to it)."""
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
+                         ops=EAGER) -> torch.Tensor:
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), for a frozen weight (no gradient to it); ops: the
+    elementwise kernels of its softmax (train.elementwise), used where grad is enabled."""
     if weight.requires_grad:
         logits = torch.nn.functional.linear(hidden, weight).float()
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return _LinearCrossEntropyFn.apply(hidden, weight, targets, chunk)
+    return _LinearCrossEntropyFn.apply(hidden, weight, targets, chunk, ops if torch.is_grad_enabled() else EAGER)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
+from collegeadvisor.train.elementwise import EAGER
 from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy
 
 
@@ -42,7 +43,8 @@ class LabelLoss(torch.nn.Module):
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         hidden = self.decoder(**inputs).last_hidden_state[:, :-1][keep]
         if self.fused and self.head.bias is None:  # the logits are never kept (train.fused)
-            return linear_cross_entropy(hidden, self.head.weight, targets[keep])
+            ops = getattr(self.model, "elementwise_kernels", EAGER)  # fuse_kernels' choice
+            return linear_cross_entropy(hidden, self.head.weight, targets[keep], ops=ops)
         logits = self.head(hidden)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
@@ -111,7 +113,7 @@ def lora_model(model, cfg: Config):
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
                     drops[name] = LoraDropout(d.p)
     if cfg.fused:
-        fuse_kernels(model, cfg.recompute_mlp, cfg.fused_attention)
+        fuse_kernels(model, cfg.recompute_mlp, cfg.fused_attention, cfg.fused_elementwise)
     return model
 
 
