@@ -30,7 +30,8 @@ def calls(ops, a: dict) -> dict:
             "rms_norm_backward": ops.rms_norm_backward(a["gy"], a["x"], a["w"], rstd),
             "gated": ops.gated(a["gate"], a["up"]), **dict(zip(("grad_gate", "grad_up"),
                                                                ops.gated_backward(a["grad"], a["gate"], a["up"]))),
-            "loss": loss, "grad_logits": grad_logits}
+            "loss": loss, "grad_logits": grad_logits, "row_dot": ops.row_dot(a["gy"], a["x"]),
+            "scaled_exp": ops.scaled_exp(a["x"] - 4, 0.3)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

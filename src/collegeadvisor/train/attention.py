@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from collegeadvisor.train.elementwise import EAGER
+
 ATTENTION = "collegeadvisor_sdpa"  # the name under transformers' AttentionInterface and AttentionMaskInterface
 BLOCK = 128  # queries per block: 96-128 measured fastest at 200-512 tokens (SmolLM2's shapes); 64 and 256 slower
 EXTRA = 2  # folded columns: a value in two bf16 parts
@@ -39,13 +41,14 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, scale: float, block: int = BLOCK):
+def attention_backward(grad_out, q, k, v, out, lse, scale: float, block: int = BLOCK, ops=EAGER):
     """(grad q, grad k, grad v) of causal softmax(scale q k^T) v, from flash's output and logsumexp. q, grad_out:
-    (B, H, L, D); k, v: (B, Hk, L, D), H a multiple of Hk; all bf16, any strides; lse fp32 (B, H, L)."""
+    (B, H, L, D); k, v: (B, Hk, L, D), H a multiple of Hk; all bf16, any strides; lse fp32 (B, H, L). ops: the
+    elementwise kernels (train.elementwise) of its two elementwise steps."""
     b, h, n, d = q.shape
     hk = k.shape[1]
     g, e = h // hk, d + EXTRA
-    row = (grad_out.float() * out.float()).sum(-1)  # D = rowsum(dO * O), in fp32 as flash computes it
+    row = ops.row_dot(grad_out, out)  # D = rowsum(dO * O), in fp32 as flash computes it
 
     def rows(x, extra):
         """x (b, h, n, d) as (b*hk, n*g, e): each query's g heads of a key/value group side by side (so a block of
@@ -62,36 +65,37 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, block: int = B
 
     qa, ga, ka, va = rows(q, -lse / scale), rows(grad_out, -row), with_ones(k), with_ones(v)
     qp, gp, kp = (x[..., :d].contiguous() for x in (qa, ga, ka))  # bmm copies a strided operand on every call
-    dq = q.new_empty(b * hk, n * g, d)
+    dq = q.new_empty(b, hk, g, n, d)  # (b, h, n, d): head kvh * g + j is row j of group kvh
     dk = torch.zeros(b * hk, n, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)[:, None, :]
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         r0, r1 = i0 * g, i1 * g
-        p = torch.bmm(qa[:, r0:r1], ka[:, :i1].transpose(1, 2)).mul_(scale).exp_()  # P, (b*hk, rows, keys)
+        p = ops.scaled_exp(torch.bmm(qa[:, r0:r1], ka[:, :i1].transpose(1, 2)), scale)  # P, (b*hk, rows, keys)
         p.view(b * hk, i1 - i0, g, i1)[..., i0:i1].masked_fill_(above[: i1 - i0, :, : i1 - i0], 0)
-        dv[:, :i1] += torch.bmm(p.transpose(1, 2), gp[:, r0:r1])
+        dv[:, :i1].add_(torch.bmm(p.transpose(1, 2), gp[:, r0:r1]))  # add_, not +=: no copy back into the slice
         ds = torch.bmm(ga[:, r0:r1], va[:, :i1].transpose(1, 2)).mul_(p)  # (dP - D) * P
         del p
-        dq[:, r0:r1] = torch.bmm(ds, kp[:, :i1])
-        dk[:, :i1] += torch.bmm(ds.transpose(1, 2), qp[:, r0:r1])
-    dq = dq.view(b, hk, n, g, d).permute(0, 1, 3, 2, 4).reshape(b, h, n, d).mul_(scale)
-    return dq, dk.mul_(scale).to(k.dtype).view(b, hk, n, d), dv.to(v.dtype).view(b, hk, n, d)
+        # this block's rows of dq, scaled, straight into their heads' places (one pass, no copy of dq at the end)
+        block_dq = torch.bmm(ds, kp[:, :i1]).view(b, hk, i1 - i0, g, d).permute(0, 1, 3, 2, 4)
+        torch.mul(block_dq, scale, out=dq[:, :, :, i0:i1])
+        dk[:, :i1].add_(torch.bmm(ds.transpose(1, 2), qp[:, r0:r1]))
+    return dq.view(b, h, n, d), dk.mul_(scale).to(k.dtype).view(b, hk, n, d), dv.to(v.dtype).view(b, hk, n, d)
 
 
 class _CausalAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx, q, k, v, scale, ops):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.ops = scale, ops
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*attention_backward(grad_out, q, k, v, out, lse, ctx.scale), None)
+        return (*attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ops=ctx.ops), None, None)
 
 
 def takes_fast_path(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
@@ -116,7 +120,8 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    out = _CausalAttentionFn.apply(query, key, value, float(scale))
+    ops = getattr(module, "elementwise_kernels", EAGER)  # fuse_kernels' choice (train.elementwise)
+    out = _CausalAttentionFn.apply(query, key, value, float(scale), ops)
     return out.transpose(1, 2).contiguous(), None
 
 

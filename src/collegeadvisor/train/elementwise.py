@@ -62,7 +62,18 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[
     return loss, probs.to(logits.dtype)
 
 
-NAMES = ("rms_norm", "rms_normed", "rms_norm_backward", "gated", "gated_backward", "softmax_cross_entropy")
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rowwise dot products over the last dimension, in fp32: attention backward's D = rowsum(dO * O)."""
+    return (a.float() * b.float()).sum(-1)
+
+
+def scaled_exp(s: torch.Tensor, scale: float) -> torch.Tensor:
+    """exp(scale * s), in s's dtype: attention backward's probabilities from its normalised scores."""
+    return s.mul(scale).exp_()
+
+
+NAMES = ("rms_norm", "rms_normed", "rms_norm_backward", "gated", "gated_backward", "softmax_cross_entropy", "row_dot",
+         "scaled_exp")
 EAGER = types.SimpleNamespace(**{name: globals()[name] for name in NAMES}, compiled=False)
 
 
