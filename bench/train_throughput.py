@@ -84,7 +84,7 @@ GOALS = {"vs_seed": 10.0, "vs_trl": 8.0, "rss_gb": 2.0,
          "mfu": {False: (0.50, 0.50), True: (0.20, 0.40)}}
 # Levers measured on their own: ours with one setting changed (same data, steps and seed as "ours").
 LEVERS = {"ours-unfused": {"fused": False}, "ours-keep-mlp": {"recompute_mlp": False},
-          "ours-flash-backward": {"fused_attention": False},
+          "ours-flash-backward": {"fused_attention": False}, "ours-eager-elementwise": {"fused_elementwise": False},
           "ours-dropout": {"lora_dropout": 0.05}, "ours-1024": {"batch_tokens": 1024}, "ours-glibc": {}}
 # The allocator each recipe runs under, as its own command line would run it: `collegeadvisor train` runs itself under
 # jemalloc where it is installed (cli.under_jemalloc); the seed's and TRL's scripts get glibc's malloc. "ours-glibc"
@@ -443,7 +443,8 @@ def child_ours(args, sampler) -> dict:
                         f"{m['config']['group_by_length']}, packing {m['config']['packing']}, autocast_bf16 "
                         f"{m['autocast_bf16']}, base_bf16 {m['base_bf16']}, fused {m['config'].get('fused')}, recompute_mlp "
                         f"{m['config'].get('recompute_mlp', False)}, fused_attention "
-                        f"{m['config'].get('fused_attention', False)}, max {m['forward_passes']['max_tokens']} "
+                        f"{m['config'].get('fused_attention', False)}, fused_elementwise "
+                        f"{m['config'].get('fused_elementwise', False)}, max {m['forward_passes']['max_tokens']} "
                         f"tokens a pass, {m['forward_passes']['threads']} threads, lr {m['config']['learning_rate']}, "
                         "loss on assistant tokens")}
     if args.profile:
