@@ -113,7 +113,8 @@ def lora_model(model, cfg: Config):
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
                     drops[name] = LoraDropout(d.p)
     if cfg.fused:
-        fuse_kernels(model, cfg.recompute_mlp, cfg.fused_attention, cfg.fused_elementwise)
+        # with compile, torch.compile takes the whole model: no elementwise kernels compiled inside it as well
+        fuse_kernels(model, cfg.recompute_mlp, cfg.fused_attention, cfg.fused_elementwise and not cfg.compile)
     return model
 
 
