@@ -89,19 +89,11 @@ def test_other_errors_are_not_swallowed(monkeypatch):
 
 
 def fused_model(path, on: bool):
-    from collegeadvisor.config import load_config
-    from collegeadvisor.models import load_model
-    from collegeadvisor.train import recipe
+    """The recipe's model in bf16 with the elementwise kernels on or off, and its loss."""
+    from test_train_fused import build
 
-    cfg = load_config(None, {"lora_r": 8, "lora_alpha": 16, "fused_elementwise": on})
-    torch.manual_seed(0)
-    model = recipe.lora_model(load_model(str(path), dtype=torch.float32), cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    recipe.keep_base_in_bf16(model)
-    return model, recipe.LabelLoss(model)
+    loss_fn = build(path, fused=True, dropout=0.0, bf16=True, fused_elementwise=on)
+    return loss_fn.model, loss_fn
 
 
 def test_training_runs_the_compiled_kernels_and_no_grad_passes_the_eager_ones(tinyllama_tiny_model,

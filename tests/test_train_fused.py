@@ -17,13 +17,13 @@ from test_speed_paths import encoded_rows, lora_grads
 FP32_REL = 1e-5
 
 
-def build(path, fused: bool, dropout: float, bf16: bool, recompute: bool = True):
+def build(path, fused: bool, dropout: float, bf16: bool, recompute: bool = True, **settings):
     """The recipe's own model (lora_model, keep_base_in_bf16) with B set to small random values (peft starts B at
-    zero, which leaves A without a gradient), seeded the same for both paths."""
+    zero, which leaves A without a gradient), seeded the same for both paths; settings: more Config fields."""
     from collegeadvisor.models import load_model
 
     cfg = load_config(None, {"lora_r": 8, "lora_alpha": 16, "lora_dropout": dropout, "fused": fused,
-                             "recompute_mlp": recompute})
+                             "recompute_mlp": recompute, **settings})
     torch.manual_seed(0)
     model = recipe.lora_model(load_model(str(path), dtype=torch.float32), cfg)
     with torch.no_grad():
