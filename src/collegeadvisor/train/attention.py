@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from collegeadvisor.train.elementwise import EAGER
+from collegeadvisor.train.elementwise import EAGER, kernels_for
 
 ATTENTION = "collegeadvisor_sdpa"  # the name under transformers' AttentionInterface and AttentionMaskInterface
 BLOCK = 128  # queries per block: 96-128 measured fastest at 200-512 tokens (SmolLM2's shapes); 64 and 256 slower
@@ -120,8 +120,7 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    ops = getattr(module, "elementwise_kernels", EAGER)  # fuse_kernels' choice (train.elementwise)
-    out = _CausalAttentionFn.apply(query, key, value, float(scale), ops)
+    out = _CausalAttentionFn.apply(query, key, value, float(scale), kernels_for(module))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -106,6 +106,12 @@ def _on_cpu(eager, compiled):
     return run
 
 
+def kernels_for(module) -> types.SimpleNamespace:
+    """The set a module runs now: the one fuse_kernels kept on it (`elementwise_kernels`) while grad is enabled
+    (training), the eager functions otherwise (generation and evaluation keep their eager values)."""
+    return getattr(module, "elementwise_kernels", EAGER) if torch.is_grad_enabled() else EAGER
+
+
 OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds: 1-2% slower kernels, eager's values
 _COMPILED: types.SimpleNamespace | None = None
 

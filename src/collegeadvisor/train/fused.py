@@ -32,7 +32,7 @@ import types
 import torch
 
 from collegeadvisor.train.attention import use_causal_attention
-from collegeadvisor.train.elementwise import EAGER, kernels
+from collegeadvisor.train.elementwise import EAGER, kernels, kernels_for
 
 CHUNK = 256  # labelled positions per chunk of logits: 256 x 49,152 fp32 is 50 MB, freed chunk by chunk
 
@@ -225,7 +225,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """A gated MLP, down(silu(gate(x)) * up(x)), with the activation inside the down projection's node; with
     recompute_mlp set on the module (fuse_kernels), the whole MLP in one node that keeps neither gate nor up."""
     names = [_plain_adapter(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
-    ops = _ops(self)
+    ops = kernels_for(self)
     if getattr(self, "recompute_mlp", False) and None not in names and torch.is_grad_enabled():
         wide = x.new_empty(()).expand(*x.shape[:-1], self.down_proj.in_features)  # down's input, for its mask
         args = [*_lora_args(self.gate_proj, names[0], x), *_lora_args(self.up_proj, names[1], x),
@@ -235,12 +235,6 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if names[2] is None:
         return self.down_proj(self.act_fn(gate) * up)
     return _GatedDownFn.apply(gate, up, ops, *_lora_args(self.down_proj, names[2], gate))
-
-
-def _ops(module) -> types.SimpleNamespace:
-    """The elementwise kernels a fused module runs (fuse_kernels sets them): the compiled ones in training, the eager
-    ones under no_grad (generation and evaluation keep their values)."""
-    return getattr(module, "elementwise_kernels", EAGER) if torch.is_grad_enabled() else EAGER
 
 
 GATED_MLP = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -316,7 +310,7 @@ def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if self.weight.requires_grad:
         return self._plain_forward(hidden_states)
     tag = _Normed()
-    out = _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, tag, _ops(self))
+    out = _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, tag, kernels_for(self))
     if torch.is_grad_enabled():
         out._normed = tag
     return out
@@ -395,8 +389,8 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
                          ops=EAGER) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), for a frozen weight (no gradient to it); ops: the
-    elementwise kernels of its softmax (train.elementwise), used where grad is enabled."""
+    elementwise kernels of its softmax (train.elementwise)."""
     if weight.requires_grad:
         logits = torch.nn.functional.linear(hidden, weight).float()
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return _LinearCrossEntropyFn.apply(hidden, weight, targets, chunk, ops if torch.is_grad_enabled() else EAGER)
+    return _LinearCrossEntropyFn.apply(hidden, weight, targets, chunk, ops)

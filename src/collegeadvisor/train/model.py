@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from collegeadvisor.chat_format import IGNORE_INDEX
 from collegeadvisor.config import Config
-from collegeadvisor.train.elementwise import EAGER
+from collegeadvisor.train.elementwise import kernels_for
 from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy
 
 
@@ -43,8 +43,7 @@ class LabelLoss(torch.nn.Module):
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         hidden = self.decoder(**inputs).last_hidden_state[:, :-1][keep]
         if self.fused and self.head.bias is None:  # the logits are never kept (train.fused)
-            ops = getattr(self.model, "elementwise_kernels", EAGER)  # fuse_kernels' choice
-            return linear_cross_entropy(hidden, self.head.weight, targets[keep], ops=ops)
+            return linear_cross_entropy(hidden, self.head.weight, targets[keep], ops=kernels_for(self.model))
         logits = self.head(hidden)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
