@@ -11,8 +11,9 @@ Variants, each a lever on its own:
               (MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0): less memory held between passes, more page faults;
   jemalloc-1arena   jemalloc with one arena for all threads (MALLOC_CONF=narenas:1; its default is 4 per CPU): the
               kernels' worker threads reuse the main thread's freed blocks;
-  jemalloc-keep-mlp  jemalloc with the MLP's gate and up kept for backward (recompute_mlp: false; the default
-              recomputes them);
+  jemalloc-keep-mlp  jemalloc with the MLP's gate and up kept for backward in every layer (recompute_mlp: 0; the
+              default recomputes them in every other layer);
+  jemalloc-recompute-all  jemalloc with gate and up recomputed in every layer (recompute_mlp: 1);
   jemalloc-caches-1024  jemalloc with oneDNN's primitive cache and ideep's matmul cache at their defaults, 1,024
               entries each (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY; the CLI now sets 128): each pass
               length compiles ~55 matmul kernels, and both caches keep them.
@@ -45,7 +46,8 @@ VARIANTS = {"default": (None, None, []), "jemalloc": ("jemalloc", None, []), "tc
             "buckets": (None, None, ["--pad-to-multiple-of", "64"]),
             "jemalloc-decay1s": ("jemalloc", "dirty_decay_ms:1000,muzzy_decay_ms:0", []),
             "jemalloc-1arena": ("jemalloc", "narenas:1", []),
-            "jemalloc-keep-mlp": ("jemalloc", None, ["--no-recompute-mlp"]),
+            "jemalloc-keep-mlp": ("jemalloc", None, ["--recompute-mlp", "0"]),
+            "jemalloc-recompute-all": ("jemalloc", None, ["--recompute-mlp", "1"]),
             "jemalloc-caches-1024": ("jemalloc", None, [], {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024",
                                                              "LRU_CACHE_CAPACITY": "1024"})}
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")

@@ -83,7 +83,8 @@ GOALS = {"vs_seed": 10.0, "vs_trl": 8.0, "rss_gb": 2.0,
          # MFU against the bench's measured bf16 peak: (SmolLM2, TinyLlama shape), without and with AMX
          "mfu": {False: (0.50, 0.50), True: (0.20, 0.40)}}
 # Levers measured on their own: ours with one setting changed (same data, steps and seed as "ours").
-LEVERS = {"ours-unfused": {"fused": False}, "ours-keep-mlp": {"recompute_mlp": False},
+LEVERS = {"ours-unfused": {"fused": False}, "ours-keep-mlp": {"recompute_mlp": 0.0},
+          "ours-recompute-all": {"recompute_mlp": 1.0},
           "ours-flash-backward": {"fused_attention": False}, "ours-eager-elementwise": {"fused_elementwise": False},
           "ours-dropout": {"lora_dropout": 0.05}, "ours-1024": {"batch_tokens": 1024}, "ours-glibc": {}}
 # The allocator each recipe runs under, as its own command line would run it: `collegeadvisor train` runs itself under
@@ -442,7 +443,7 @@ def child_ours(args, sampler) -> dict:
            "settings": (f"batch {m['config']['batch_size']} x grad_accum {m['config']['grad_accum']}, group_by_length "
                         f"{m['config']['group_by_length']}, packing {m['config']['packing']}, autocast_bf16 "
                         f"{m['autocast_bf16']}, base_bf16 {m['base_bf16']}, fused {m['config'].get('fused')}, recompute_mlp "
-                        f"{m['config'].get('recompute_mlp', False)}, fused_attention "
+                        f"{m['config'].get('recompute_mlp', 0.0)}, fused_attention "
                         f"{m['config'].get('fused_attention', False)}, fused_elementwise "
                         f"{m['config'].get('fused_elementwise', False)}, max {m['forward_passes']['max_tokens']} "
                         f"tokens a pass, {m['forward_passes']['threads']} threads, lr {m['config']['learning_rate']}, "

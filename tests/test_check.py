@@ -538,6 +538,12 @@ def test_ram_estimate_grows_with_the_batch(tmp_path, smol_tiny_model):
     assert big["activations"] == 8 * small["activations"] and big["tokens_per_pass"] == 8 * 512
 
 
+def test_ram_estimate_shrinks_with_the_share_of_layers_recomputing_their_mlp(tmp_path, smol_tiny_model):
+    acts = [only(run(tmp_path, smol_tiny_model, recompute_mlp=share), "ram").data["activations"]
+            for share in (0.0, 0.5, 1.0)]
+    assert acts[0] > acts[1] > acts[2] > 0 and acts[1] == (acts[0] + acts[2]) / 2
+
+
 def test_memory_reads_proc_meminfo_without_psutil(monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)
     available, total = check.memory()

@@ -130,6 +130,15 @@ def test_old_manifests_resume_without_the_retired_setting():
     assert Config.from_manifest(saved) == Config()
 
 
+def test_recompute_mlp_is_a_share_and_reads_the_old_booleans():
+    """recompute_mlp was true/false: old YAML files and manifests read as every layer and none."""
+    assert Config().recompute_mlp == 0.5
+    assert Config(recompute_mlp=True).recompute_mlp == 1.0 and Config(recompute_mlp=False).recompute_mlp == 0.0
+    assert Config.from_manifest({**Config().model_dump(), "recompute_mlp": True}).recompute_mlp == 1.0
+    with pytest.raises(ValueError):
+        Config(recompute_mlp=1.5)
+
+
 def test_eval_reads_its_section_and_writes_its_settings_beside_the_report(trained_run, tmp_path, capsys):
     out = tmp_path / "report"
     f = write(tmp_path, f"eval:\n  run: {trained_run}\n  out: {out}\n  limit: 3\n  max_new_tokens: 4\n"

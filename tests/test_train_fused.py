@@ -11,13 +11,13 @@ import torch
 from collegeadvisor.config import load_config
 from collegeadvisor.train import recipe
 from collegeadvisor.train.batching import collate
-from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy
+from collegeadvisor.train.fused import fuse_kernels, linear_cross_entropy, recomputed_layers
 from test_speed_paths import encoded_rows, lora_grads
 
 FP32_REL = 1e-5
 
 
-def build(path, fused: bool, dropout: float, bf16: bool, recompute: bool = True, **settings):
+def build(path, fused: bool, dropout: float, bf16: bool, recompute: float = 1.0, **settings):
     """The recipe's own model (lora_model, keep_base_in_bf16) with B set to small random values (peft starts B at
     zero, which leaves A without a gradient), seeded the same for both paths; settings: more Config fields."""
     from collegeadvisor.models import load_model
@@ -36,7 +36,7 @@ def build(path, fused: bool, dropout: float, bf16: bool, recompute: bool = True,
     return recipe.LabelLoss(model, fused=fused)
 
 
-def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = False, recompute: bool = True):
+def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = False, recompute: float = 1.0):
     loss_module = build(path, fused, dropout, bf16, recompute)
     torch.manual_seed(123)  # the dropout masks: drawn in the same order on both paths
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -45,7 +45,7 @@ def loss_and_grads(path, batch, fused: bool, dropout: float = 0.0, bf16: bool = 
     return float(loss), lora_grads(loss_module.model)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("recompute", [1.0, 0.0])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_path_matches_peft_in_fp32(tinyllama_tiny_model, tinyllama_tokenizer, dropout, recompute):
     batch = collate(encoded_rows(tinyllama_tokenizer, 4), tinyllama_tokenizer.pad_token_id)
@@ -176,14 +176,15 @@ def test_lora_layers_reading_a_norm_save_none_of_its_output(tinyllama_tiny_model
 
 def test_recompute_mlp_keeps_neither_gate_nor_up_and_gives_the_same_gradients(tinyllama_tiny_model,
                                                                                tinyllama_tokenizer):
-    """recompute_mlp: backward recomputes the MLP's gate and up from its input, so no tensor of the MLP's width is
-    kept for backward (without it, gate and up: two a layer), and loss and gradients are the ones of the fused path
-    that keeps them, in the bf16 path with dropout (the same ops on the same values, the masks drawn in the same
-    order)."""
+    """recompute_mlp: backward recomputes the MLP's gate and up from its input in that share of the layers, so no
+    tensor of the MLP's width is kept for backward there (in the others, gate and up: two a layer), and loss and
+    gradients are the ones of the fused path that keeps them all, in the bf16 path with dropout (the same ops on
+    the same values, the masks drawn in the same order)."""
     batch = collate(encoded_rows(tinyllama_tokenizer, 3), tinyllama_tokenizer.pad_token_id)
     wide, results = {}, {}
-    for recompute in (True, False):
-        loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.1, bf16=True, recompute=recompute)
+    shares = (1.0, 0.5, 0.0)
+    for share in shares:
+        loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.1, bf16=True, recompute=share)
         width = loss_module.model.get_base_model().config.intermediate_size
         params = {p.untyped_storage().data_ptr() for p in loss_module.model.parameters()}
         kept = []
@@ -198,9 +199,18 @@ def test_recompute_mlp_keeps_neither_gate_nor_up_and_gives_the_same_gradients(ti
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = loss_module(**batch)
         loss.backward()
-        wide[recompute] = [k for k in kept if k[0] != torch.bool]  # not down's dropout mask (bool): both keep it
-        results[recompute] = (float(loss), lora_grads(loss_module.model))
+        wide[share] = [k for k in kept if k[0] != torch.bool]  # not down's dropout mask (bool): all keep it
+        results[share] = (float(loss), lora_grads(loss_module.model))
     layers = build(tinyllama_tiny_model, True, 0.0, False).model.get_base_model().config.num_hidden_layers
-    assert len(wide[True]) == 0 and len(wide[False]) == 2 * layers, wide
-    assert results[True][0] == results[False][0]
-    assert torch.allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)
+    assert layers == 2
+    assert {s: len(w) for s, w in wide.items()} == {1.0: 0, 0.5: 2, 0.0: 4}, wide
+    for share in shares[:-1]:
+        assert results[share][0] == results[0.0][0]
+        assert torch.allclose(results[share][1], results[0.0][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("count, share, expected", [(30, 0.5, set(range(0, 30, 2))), (30, 1.0, set(range(30))),
+                                                    (30, 0.0, set()), (4, 0.25, {0}), (3, 0.5, {0, 1}),
+                                                    (22, 0.1, {0, 11})])
+def test_recomputed_layers_take_the_share_spread_evenly(count, share, expected):
+    assert recomputed_layers(count, share) == expected

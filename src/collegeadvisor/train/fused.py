@@ -7,8 +7,9 @@ base. Each computes the same loss and gradients as the plain path (tests/test_tr
   backward. The frozen W gets no gradient, so its product needs nothing saved but W itself.
 - `GatedDown`: a Llama-style MLP's down(silu(gate) * up) with the activation inside the down projection's node,
   which saves gate and up only and recomputes silu and the product in backward.
-- `_RecomputedMlpFn` (recompute_mlp, the default): the whole gated MLP in one node that keeps neither gate nor up
-  (half of what a step keeps for backward) and recomputes their frozen products in backward.
+- `_RecomputedMlpFn` (recompute_mlp: the share of the layers that take it, every other one by default): the whole
+  gated MLP in one node that keeps neither gate nor up (half of what a layer keeps for backward) and recomputes
+  their frozen products in backward.
 - `RMSNorm`: Llama's RMSNorm over a frozen weight, saving its input in the stream's dtype, not an fp32 copy. The
   LoRA layers that read its output (q, k, v; gate, up) don't save that output: backward recomputes it once from
   what the norm saved (`_Normed`), one elementwise pass for 2.3 KB a token a norm.
@@ -336,18 +337,25 @@ def _route(module, forward) -> None:
         module.forward = types.MethodType(forward, module)
 
 
-def fuse_kernels(model, recompute_mlp: bool = False, attention: bool = False, elementwise: bool = False) -> int:
+def recomputed_layers(count: int, share: float) -> set[int]:
+    """Which of count MLPs recompute gate and up (recompute_mlp): share x count of them (halves rounded up), spread
+    evenly."""
+    k = int(share * count + 0.5)
+    return {i * count // k for i in range(k)} if k else set()
+
+
+def fuse_kernels(model, recompute_mlp: float = 0.0, attention: bool = False, elementwise: bool = False) -> int:
     """Route every peft LoRA Linear of model through the fused node, Llama-style MLPs through the gated one (or,
-    with recompute_mlp, the one that recomputes gate and up in backward), Llama-style RMSNorms through theirs and,
-    with attention, SDPA attention through train.attention's (the modules, their weights and saving are
-    unchanged). With elementwise, the norms', the MLPs' and the loss's elementwise work runs through
+    for the share recompute_mlp of them, the one that recomputes gate and up in backward), Llama-style RMSNorms
+    through theirs and, with attention, SDPA attention through train.attention's (the modules, their weights and
+    saving are unchanged). With elementwise, the norms', the MLPs' and the loss's elementwise work runs through
     train.elementwise's generated kernels (kept on each module and on the model as `elementwise_kernels`).
     Returns how many LoRA layers now run fused."""
     if attention:
         use_causal_attention(model)
     ops = kernels(elementwise)
     model.elementwise_kernels = ops  # LabelLoss's output layer reads it
-    count = 0
+    count, mlps = 0, []
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and _source_has(type(m), RMS_NORM):
             _route(m, _fused_norm_forward)
@@ -359,7 +367,11 @@ def fuse_kernels(model, recompute_mlp: bool = False, attention: bool = False, el
             count += 1
         elif _gated_silu_mlp(m):
             _route(m, _fused_mlp_forward)
-            m.recompute_mlp, m.elementwise_kernels = recompute_mlp, ops
+            m.elementwise_kernels = ops
+            mlps.append(m)
+    recomputed = recomputed_layers(len(mlps), recompute_mlp)
+    for i, m in enumerate(mlps):
+        m.recompute_mlp = i in recomputed
     return count
 
 

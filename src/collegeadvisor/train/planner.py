@@ -262,11 +262,12 @@ def model_shape(resolved: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def activation_bytes(cfg: Config) -> int:
-    """ACT_BYTES_* of a bf16 step with cfg's kernels (recompute_mlp applies with fused kernels only)."""
+def activation_bytes(cfg: Config) -> float:
+    """ACT_BYTES_* of a bf16 step with cfg's kernels (recompute_mlp, the share of layers recomputing their MLP,
+    applies with fused kernels only)."""
     if not cfg.fused:
         return ACT_BYTES_BF16
-    return ACT_BYTES_BF16_RECOMPUTED if cfg.recompute_mlp else ACT_BYTES_BF16_FUSED
+    return ACT_BYTES_BF16_FUSED - cfg.recompute_mlp * (ACT_BYTES_BF16_FUSED - ACT_BYTES_BF16_RECOMPUTED)
 
 
 def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
@@ -278,8 +279,8 @@ def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
     parts = {
         "weights": max(loaded, shape["params"] * 2) if p.base_bf16 else loaded,
         "lora": shape["lora_params"] * 16,
-        "activations": tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
-        * (activation_bytes(cfg) if bf16 else ACT_BYTES_FP32),
+        "activations": round(tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
+                             * (activation_bytes(cfg) if bf16 else ACT_BYTES_FP32)),
         "logits": int(min(p.label_share * tokens, CHUNK if cfg.fused else tokens) * shape["vocab"] * LOGIT_BYTES),
         "runtime": RUNTIME_BYTES,
     }
