@@ -24,7 +24,7 @@ from collegeadvisor.config import Config
 from collegeadvisor.data.prepare import encode_examples, labelled_count
 from collegeadvisor.models import pick_dtype
 from collegeadvisor.train.batching import epoch_batches
-from collegeadvisor.train.fused import CHUNK
+from collegeadvisor.train.fused import CHUNK, recomputed_layers
 
 # RAM model, calibrated on SmolLM2-135M + LoRA r16 all-linear on CPU (peak RSS of one forward+backward):
 # bytes stored for backward per token, per layer, per unit of (hidden + intermediate) size.
@@ -262,12 +262,13 @@ def model_shape(resolved: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def activation_bytes(cfg: Config) -> float:
-    """ACT_BYTES_* of a bf16 step with cfg's kernels (recompute_mlp, the share of layers recomputing their MLP,
-    applies with fused kernels only)."""
+def activation_bytes(cfg: Config, layers: int) -> float:
+    """ACT_BYTES_* of a bf16 step with cfg's kernels, averaged over the layers: those that fuse_kernels has recompute
+    their MLP (train.fused.recomputed_layers, with fused kernels only) keep less."""
     if not cfg.fused:
         return ACT_BYTES_BF16
-    return ACT_BYTES_BF16_FUSED - cfg.recompute_mlp * (ACT_BYTES_BF16_FUSED - ACT_BYTES_BF16_RECOMPUTED)
+    share = len(recomputed_layers(layers, cfg.recompute_mlp)) / layers if layers else cfg.recompute_mlp
+    return ACT_BYTES_BF16_FUSED - share * (ACT_BYTES_BF16_FUSED - ACT_BYTES_BF16_RECOMPUTED)
 
 
 def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
@@ -280,7 +281,7 @@ def memory_estimate(cfg: Config, shape: dict, p: Plan) -> dict[str, int]:
         "weights": max(loaded, shape["params"] * 2) if p.base_bf16 else loaded,
         "lora": shape["lora_params"] * 16,
         "activations": round(tokens * shape["layers"] * (shape["hidden"] + shape["intermediate"])
-                             * (activation_bytes(cfg) if bf16 else ACT_BYTES_FP32)),
+                             * (activation_bytes(cfg, shape["layers"]) if bf16 else ACT_BYTES_FP32)),
         "logits": int(min(p.label_share * tokens, CHUNK if cfg.fused else tokens) * shape["vocab"] * LOGIT_BYTES),
         "runtime": RUNTIME_BYTES,
     }
