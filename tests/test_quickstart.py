@@ -43,6 +43,18 @@ def test_measured_speed_is_the_preflights_eta_step():
     assert qs.measured_speed([]) is None
 
 
+def test_steps_line_says_why_the_run_took_its_steps():
+    budget = {"max_time_s": 570, "allowed_steps": 153, "step_s": 3.65}
+    manifest = {"schedule": {"total_steps": 153, "budget": budget}, "stopped": {"reason": "max_time", "step": 137}}
+    assert qs.steps_line(manifest, 180) == ("trained 137 of 153 planned steps (cap: max_steps 180); max_time "
+                                            "00:00:09:30 allowed 153 at 3.65 s/step measured; stopped by max_time")
+    replanned = budget | {"allowed_steps": 131, "replanned_at": 16, "paced_step_s": 4.31}
+    manifest = {"schedule": {"total_steps": 131, "budget": replanned}, "stopped": {"reason": "max_time", "step": 131}}
+    assert qs.steps_line(manifest, 180) == ("trained 131 of 131 planned steps (cap: max_steps 180); max_time "
+                                            "00:00:09:30 allowed 131 at 4.31 s/step over the first 16 steps (the "
+                                            "first measured 3.65); stopped by max_time")
+
+
 def tiny_rows(n: int = 40) -> Rows:
     row = lambda i: {"input_ids": [1] * (20 + i % 7), "labels": [-100] * 10 + [1] * (10 + i % 7), "line": i + 1}  # noqa: E731
     return Rows([row(i) for i in range(n)], [row(i) for i in range(4)])

@@ -14,7 +14,7 @@ from collegeadvisor.config import Config, load_config, max_time_seconds
 from collegeadvisor.errors import AdvisorError
 from collegeadvisor.runs import read_manifest
 from collegeadvisor.train import checkpoint, recipe, setup, train
-from collegeadvisor.train.planner import VAL_COST, Rows, for_time, plan
+from collegeadvisor.train.planner import REPLAN_AFTER, VAL_COST, Rows, for_time, plan, replan, replan_step
 from helpers import advisor_rows, read_jsonl, write_jsonl
 
 # ------------------------------------------------------------------------------------------ the setting
@@ -125,6 +125,34 @@ def test_the_fewer_steps_win_max_steps_or_max_time():
     assert p.total_steps == 1
 
 
+def test_replanning_at_the_pace_so_far_keeps_the_warmup_and_the_cap():
+    cfg, cap = budget_plan(warmup_ratio=0.2)
+    first = for_time(cfg, cap, {"seconds": 1.0, "tokens": cap.step_tokens})
+    at = replan_step(first)
+    assert at == max(first.warmup_steps, REPLAN_AFTER) and first.warmup_steps > REPLAN_AFTER
+    # the steps so far took what the measured one did: the same plan
+    same = replan(cfg, first, at, at * 1.0)
+    assert (same.total_steps, same.warmup_steps, same.limit) == (first.total_steps, first.warmup_steps, "max_time")
+    # twice as long: about half the steps, the warmup already taken unchanged, the decay planned for the new end
+    slow = replan(cfg, first, at, at * 2.0)
+    assert slow.total_steps == for_time(cfg, cap, {"seconds": 2.0, "tokens": cap.step_tokens}).total_steps
+    assert slow.total_steps < first.total_steps and slow.warmup_steps == first.warmup_steps
+    assert slow.budget["replanned_at"] == at and slow.budget["paced_step_s"] == pytest.approx(2.0)
+    assert slow.epochs == pytest.approx(slow.total_steps * cfg.grad_accum / cap.micro_batches_per_epoch)
+    # faster than measured: more steps, never past the cap, whose limit then ends the run
+    fast = replan(cfg, first, at, at * 0.001)
+    assert fast.total_steps == cap.total_steps and fast.limit == cap.limit == "epochs"
+    # a budget already spent still takes the step after this one (the clock ends the run there)
+    assert replan(cfg, first, at, 1000.0).total_steps == at + 1
+
+
+def test_no_replanning_without_a_budget_or_steps_left():
+    cfg, cap = budget_plan()
+    assert replan_step(cap) is None  # plan() alone: no budget measured
+    short = for_time(cfg, cap, {"seconds": 30.0, "tokens": cap.step_tokens})
+    assert short.total_steps <= REPLAN_AFTER and replan_step(short) is None
+
+
 # ------------------------------------------------------------------------------------------ training
 def cfg_for(tmp_path, model, **kw):
     data = write_jsonl(tmp_path / "data.jsonl", advisor_rows())
@@ -135,15 +163,15 @@ def cfg_for(tmp_path, model, **kw):
 
 @pytest.fixture
 def fake_time(monkeypatch):
-    """A clock that moves only when an optimizer step ends (by `per_step` seconds), and a measured first step of
-    average size that took `measured` seconds."""
+    """A clock that moves only when an optimizer step ends (by `per_step` seconds, or per_step(step) for a
+    function), and a measured first step of average size that took `measured` seconds."""
     t = {"now": 0.0, "per_step": 1.0, "measured": 1.0}
     monkeypatch.setattr(recipe, "clock", lambda: t["now"])
     real = recipe.Training.optimizer_step
 
     def step(self, group):
         out = real(self, group)
-        t["now"] += t["per_step"]
+        t["now"] += t["per_step"](self.step) if callable(t["per_step"]) else t["per_step"]
         return out
 
     monkeypatch.setattr(recipe.Training, "optimizer_step", step)
@@ -167,14 +195,15 @@ def test_setup_plans_the_schedule_for_the_steps_the_measured_speed_allows(tmp_pa
 
 
 def test_max_time_stops_early_with_a_checkpoint_and_resumes(tmp_path, tinyllama_tiny_model, fake_time):
-    # measured 1 s a step: 12 s plan ~11 steps; the steps then take 2 s each, so the clock stops the run at step 7
-    fake_time["per_step"] = 2.0
+    # measured 1 s a step: 12 s plan ~11 steps, and the first steps keep that pace (the plan stays); then the steps
+    # take 3 s each, so the clock stops the run at step 7 (15 s)
+    fake_time["per_step"] = lambda step: 1.0 if step <= 3 else 3.0
     said = []
     run = train(cfg_for(tmp_path, tinyllama_tiny_model, run_name="cut", max_time="00:00:00:12"), log=said.append)
     m = read_manifest(run)
     planned = m["schedule"]["total_steps"]
-    assert 9 <= planned <= 12 and m["schedule"]["limit"] == "max_time"
-    assert m["stopped"] == {"reason": "max_time", "step": 7, "planned_steps": planned, "elapsed_s": 14.0}
+    assert 9 <= planned <= 12 and m["schedule"]["limit"] == "max_time" and m["schedule"]["budget"]["replanned_at"] == 3
+    assert m["stopped"] == {"reason": "max_time", "step": 7, "planned_steps": planned, "elapsed_s": 15.0}
     assert m["status"] == "complete" and m["metrics"]["steps"] == 7
     assert [c.name for c in checkpoint.checkpoints(run)] == ["step-000005", "step-000007"]
     assert m["last_checkpoint"].endswith("step-000007") and (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -218,3 +247,32 @@ def test_measuring_the_first_step_leaves_the_run_as_it_was(tmp_path, tinyllama_t
                for line in said)
     a, b = ({r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r} for run in (plain, timed))
     assert a == b and len(a) == 4
+
+
+def test_steps_slower_than_measured_are_replanned_to_end_within_the_budget(tmp_path, tinyllama_tiny_model,
+                                                                            fake_time):
+    """The measured step ran fast (1 s) and the run's steps take 2 s: after its first steps the run plans again at
+    their pace and ends on its schedule's last step (learning rate 0) inside the budget instead of being cut; a run
+    paused after that and resumed goes on with the re-planned steps and learning rates."""
+    fake_time["per_step"] = 2.0
+    said = []
+    run = train(cfg_for(tmp_path, tinyllama_tiny_model, run_name="paced", max_time="00:00:00:12"), log=said.append)
+    m = read_manifest(run)
+    first, b = m["schedule"]["budget"]["allowed_steps"], m["schedule"]["budget"]
+    n = m["schedule"]["total_steps"]
+    assert b["replanned_at"] == 3 and b["paced_step_s"] == pytest.approx(2.0) and 4 <= n <= 6
+    assert m["stopped"] == {"reason": "max_time", "step": n, "planned_steps": n, "elapsed_s": 2.0 * n}
+    assert 2.0 * n <= 12 and first == n
+    assert any(f"-> {n} steps planned (were " in line and "over the first 3 steps" in line for line in said)
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+    assert sorted(lrs) == list(range(1, n + 1)) and lrs[n] == 0.0 < lrs[n - 1]
+
+    # paused after the re-plan, then resumed: the same steps and learning rates
+    fake_time["now"] = 0.0
+    cfg = cfg_for(tmp_path, tinyllama_tiny_model, run_name="paused", max_time="00:00:00:12", stop_after_steps=4)
+    paused = train(cfg, log=lambda *_: None)
+    assert read_manifest(paused)["status"] == "paused"
+    done = read_manifest(train(cfg_for(tmp_path, tinyllama_tiny_model), resume=paused, log=lambda *_: None))
+    assert done["schedule"]["total_steps"] == n and done["schedule"]["warmup_steps"] == m["schedule"]["warmup_steps"]
+    again = {r["step"]: r["lr"] for r in read_jsonl(paused / "metrics.jsonl") if "loss" in r}
+    assert again == pytest.approx(lrs)

@@ -145,3 +145,31 @@ def test_masked_packed_and_generating_passes_keep_sdpa_s_results(tinyllama_tiny_
         with torch.no_grad():
             got[impl].append(base.generate(prompt, max_new_tokens=6, do_sample=False).tolist())
     assert got[ATTENTION] == got["sdpa"]
+
+
+def test_attention_keeps_one_copy_of_its_output_with_the_output_projection(tinyllama_tiny_model,
+                                                                             tinyllama_tokenizer):
+    """Flash's output takes the layout of the model's queries (a (B, L, H, D) tensor seen as (B, H, L, D)), so the
+    output projection reads it without a copy, and the tensor the attention node saves is the one the
+    projection's LoRA node saves as its input: one copy a layer for backward, not two."""
+    loss_module = build(tinyllama_tiny_model, fused=True, dropout=0.0, bf16=True)
+    batch = collate(encoded_rows(tinyllama_tokenizer, 2), tinyllama_tokenizer.pad_token_id)
+    projected = []
+    o_projs = [m for name, m in loss_module.model.named_modules() if name.endswith("o_proj")]
+    hooks = [m.register_forward_pre_hook(lambda m, args: projected.append(args[0])) for m in o_projs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_module(**batch)
+    for h in hooks:
+        h.remove()
+    outputs, seen, todo = [], set(), [loss.grad_fn]
+    while todo:  # the attention nodes of the graph, and the output each saved
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if type(fn).__name__ == "_CausalAttentionFnBackward":
+            outputs.append(fn.saved_tensors[3])
+        todo += [nxt for nxt, _ in fn.next_functions]
+    assert len(outputs) == len(o_projs) == 2
+    assert {o.untyped_storage().data_ptr() for o in outputs} == {x.untyped_storage().data_ptr() for x in projected}
+    loss.backward()  # and backward runs from the saved layout

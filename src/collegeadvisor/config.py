@@ -123,7 +123,8 @@ class Config(BaseModel):
         None, description="time budget of training, counted from its first step (model loading not counted): "
         "'DD:HH:MM:SS' or 'HH:MM:SS' (quote it in YAML), or in YAML a mapping {hours: 1, minutes: 30} of days, hours, "
         "minutes, seconds. The steps are planned (warmup, decay) to fit it at the speed measured at the start, the "
-        "fewer of these and max_steps (or epochs); training stops at the first step past it, with a checkpoint. With "
+        "fewer of these and max_steps (or epochs), and planned again at warmup's end at the pace of the steps so far; "
+        "training stops at the first step past it, with a checkpoint. With "
         "--resume: this invocation's budget (the planned steps stay)"
     )
     report_to: Optional[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(

@@ -7,7 +7,8 @@ tuned models with retrieval into a report (raw answers, and answers as served af
 
 The whole job has a deadline (QUICKSTART_BUDGET_S): training gets what is left of it when training starts, less a
 reserve for what follows, as max_time; max_steps stays the cap, so a fast machine trains the steps it always did
-and a slow one the steps that fit (train plans them at the speed of its first step and prints the count)."""
+and a slow one the steps that fit (train plans them at the speed of a measured step, again at the pace of its
+first steps, and prints the count)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,9 @@ def steps_line(manifest: dict, cap: int | None) -> str:
     planned, done = schedule.get("total_steps"), stopped.get("step", schedule.get("total_steps"))
     line = f"trained {done} of {planned} planned steps" + (f" (cap: max_steps {cap})" if cap else "")
     if budget := schedule.get("budget"):
-        line += (f"; max_time {duration_text(budget['max_time_s'])} allowed {budget['allowed_steps']} at "
+        line += f"; max_time {duration_text(budget['max_time_s'])} allowed {budget['allowed_steps']} at "
+        line += (f"{budget['paced_step_s']:.3g} s/step over the first {budget['replanned_at']} steps (the first "
+                 f"measured {budget['step_s']:.3g})" if "replanned_at" in budget else
                  f"{budget['step_s']:.3g} s/step measured")
     return line + (f"; stopped by {stopped['reason']}" if stopped.get("reason") else "")
 

@@ -158,9 +158,11 @@ class Plan:
         return out
 
 
-def schedule(cfg: Config, rows: Rows, world: int = 1, steps: int | None = None) -> dict[str, Any]:
+def schedule(cfg: Config, rows: Rows, world: int = 1, steps: int | None = None,
+             warmup: int | None = None) -> dict[str, Any]:
     """The rows kept and dropped, steps, epochs and tokens of a run of cfg on these rows with `world` data-parallel
-    ranks (each rank takes every world-th micro-batch of an epoch); `steps` replaces max_steps and epochs."""
+    ranks (each rank takes every world-th micro-batch of an epoch); `steps` replaces max_steps and epochs, `warmup`
+    the warmup steps warmup_ratio gives."""
     lengths = [len(r["input_ids"]) for r in rows.train]
     micro = max(1, math.ceil(len(lengths) / cfg.batch_size) // world)
     total = steps or cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
@@ -172,7 +174,8 @@ def schedule(cfg: Config, rows: Rows, world: int = 1, steps: int | None = None) 
         kept=len(rows.train), kept_lines=[r.get("line") for r in rows.train],
         dropped={"too_long": stats.get("dropped_too_long", 0), "no_labels": stats.get("dropped_no_labels", 0),
                  "truncated": stats.get("truncated", 0), "lines": stats.get("dropped_lines", [])},
-        micro_batches_per_epoch=micro, total_steps=total, warmup_steps=math.ceil(cfg.warmup_ratio * total),
+        micro_batches_per_epoch=micro, total_steps=total,
+        warmup_steps=math.ceil(cfg.warmup_ratio * total) if warmup is None else warmup,
         epochs=epochs, effective_batch=cfg.batch_size * cfg.grad_accum * world, tokens_per_pass=pass_tokens(cfg),
         train_tokens=padded / world * epochs, val_tokens=sum(len(r["input_ids"]) for r in rows.val),
         label_share=label_share(rows.train), limit="max_steps" if cfg.max_steps else "epochs",
@@ -212,9 +215,11 @@ def steps_in_time(cfg: Config, p: Plan, seconds: float, step_s: float) -> int:
     return lo
 
 
-def with_steps(cfg: Config, p: Plan, steps: int, limit: str, budget: dict | None = None) -> Plan:
-    """The plan with its schedule (steps, warmup, epochs, tokens) worked out for `steps` optimizer steps."""
-    return dataclasses.replace(p, **schedule(cfg, p.rows, p.world, steps) | {"limit": limit}, budget=budget)
+def with_steps(cfg: Config, p: Plan, steps: int, limit: str, budget: dict | None = None,
+               warmup: int | None = None) -> Plan:
+    """The plan with its schedule (steps, warmup, epochs, tokens) worked out for `steps` optimizer steps (and
+    `warmup` warmup steps where given: a schedule already under way keeps its warmup)."""
+    return dataclasses.replace(p, **schedule(cfg, p.rows, p.world, steps, warmup) | {"limit": limit}, budget=budget)
 
 
 def for_time(cfg: Config, p: Plan, measured: dict) -> Plan:
@@ -225,10 +230,37 @@ def for_time(cfg: Config, p: Plan, measured: dict) -> Plan:
     allowed = steps_in_time(cfg, p, p.max_time_s, step_s)
     budget = {"max_time_s": p.max_time_s, "step_s": step_s, "allowed_steps": allowed,
               "measured_seconds": measured["seconds"], "measured_tokens": measured["tokens"],
-              "tokens_per_s": measured["tokens"] / max(measured["seconds"], 1e-9)}
+              "tokens_per_s": measured["tokens"] / max(measured["seconds"], 1e-9),
+              "cap_steps": p.total_steps, "cap_limit": p.limit}
     if allowed < p.total_steps:
         return with_steps(cfg, p, allowed, "max_time", budget)
     return dataclasses.replace(p, budget=budget)
+
+
+REPLAN_AFTER = 3  # steps at least before the pace is measured again (the first holds the longest example)
+
+
+def replan_step(p: Plan) -> int | None:
+    """The step after which a run planned for max_time (for_time) plans its steps again at the pace of the steps
+    so far: warmup's end (the decay still ahead, so the schedule changes without a jump), at least REPLAN_AFTER;
+    None without a budget or when the run ends first."""
+    at = max(p.warmup_steps, REPLAN_AFTER)
+    return at if p.budget and at < p.total_steps else None
+
+
+def replan(cfg: Config, p: Plan, step: int, elapsed_s: float) -> Plan:
+    """The plan of a run with a time budget after `step` steps in elapsed_s seconds of its clock: the steps the
+    whole budget allows at that pace (for_time's count, at everything a step of this run has cost: its passes,
+    the update, logging, checkpoints), at most the cap (max_steps or epochs) and at least one more; the warmup is
+    kept, the decay planned for the new end. The one-step measurement of for_time ran 12-35% fast on 2-core
+    machines (BENCHMARKS.md), which left the run to be cut by the clock mid-decay."""
+    pace = elapsed_s / max(step, 1)
+    b = p.budget
+    allowed = steps_in_time(cfg, p, p.max_time_s, pace)
+    total = max(step + 1, min(b["cap_steps"], allowed))
+    budget = b | {"replanned_at": step, "paced_step_s": pace, "allowed_steps": allowed}
+    limit = "max_time" if total < b["cap_steps"] else b["cap_limit"]
+    return with_steps(cfg, p, total, limit, budget, warmup=p.warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,8 @@ from collegeadvisor.train import checkpoint, record
 from collegeadvisor.train.batching import epoch_batches
 from collegeadvisor.train.metrics import Metrics, missing_tracker
 from collegeadvisor.train.model import LabelLoss, LoraDropout, adapter_digest, keep_base_in_bf16, lora_model
-from collegeadvisor.train.planner import Plan, Rows, autocast_for, cpu_has_bf16, for_time, plan, with_steps
+from collegeadvisor.train.planner import (Plan, Rows, autocast_for, cpu_has_bf16, for_time, plan, replan, replan_step,
+                                          with_steps)
 from collegeadvisor.train.record import prepare_data
 from collegeadvisor.train.step import build_model, check_collapse, check_finite, passes_for, sliver, timed
 
@@ -162,10 +164,13 @@ class Training:
         self.plan = plan(cfg, rows, self.device, self.world)
         saved = (self.manifest.get("schedule") or {}) if self.resume else {}
         if saved.get("budget"):  # planned for a time budget at its start: those steps (and that schedule) stay
-            self.plan = with_steps(cfg, self.plan, saved["total_steps"], saved["limit"], saved["budget"])
+            self.plan = with_steps(cfg, self.plan, saved["total_steps"], saved["limit"], saved["budget"],
+                                   saved.get("warmup_steps"))
         self.build_model()
+        self.replan_at = None  # the step after which a run with a time budget plans its steps again (replan)
         if cfg.max_time is not None and not self.resume:
             self.plan_for_time()
+            self.replan_at = replan_step(self.plan)
         self.build_schedule()
         self.restore()
         self.write_running_manifest(fmt, data_info)
@@ -199,6 +204,37 @@ class Training:
         if self.plan.limit != "max_time":
             line += f"; {cap.limit} {cap.total_steps} ends the run first (the budget allows {b['allowed_steps']})"
         self.say(line)
+
+    def replan(self, bar) -> None:
+        """max_time, after replan_at steps: the steps that fit the budget at the pace of the steps so far, the
+        schedule's decay planned for them (the warmup is behind), and the manifest's schedule, so a resumed run keeps
+        them. Every rank takes rank 0's plan."""
+        before = self.plan
+        planned = replan(self.cfg, before, self.step, clock() - self.fit_start)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list  # accelerate: see __init__
+
+            planned = with_steps(self.cfg, before, *broadcast_object_list(
+                [(planned.total_steps, planned.limit, planned.budget, planned.warmup_steps)]))
+        self.plan, b = planned, planned.budget
+        if planned.total_steps != before.total_steps:
+            self.rebuild_schedule()
+            bar.total = planned.total_steps
+            bar.refresh()
+        self.say(f"max_time: {b['paced_step_s']:.3g} s/step over the first {self.step} steps (measured before: "
+                 f"{b['step_s']:.3g}) -> {planned.total_steps} steps planned (were {before.total_steps})")
+        self.manifest["schedule"].update(record.schedule(planned))
+        if self.main:
+            write_manifest(self.run_dir, self.manifest)
+
+    def rebuild_schedule(self) -> None:
+        """The LR schedule for the plan's steps, at the step the run is at (its warmup unchanged, so the learning
+        rate goes on from where it is)."""
+        self.build_schedule()
+        with warnings.catch_warnings():  # stepping a new scheduler up to here, not an update skipped
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
 
     def measure_step(self) -> dict:
         """Seconds and padded tokens of the second step's forward and backward passes on this run's model (the
@@ -299,10 +335,12 @@ class Training:
         self.stop = checkpoint.StopRequest.install(self.world == 1, self.say)
         reason = None
         try:
-            while self.step < total:
+            while self.step < self.plan.total_steps:
                 group = [self.train_rows[i] for _ in range(cfg.grad_accum) for i in next(stream)[1]]
                 self.loss, grad_norm = self.optimizer_step(group)
                 bar.update(1)
+                if self.step == self.replan_at:
+                    self.replan(bar)
                 if reason := self.after_step(self.loss, grad_norm, bar):
                     break
             return self.stopped(reason or self.plan.limit)

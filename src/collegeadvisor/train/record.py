@@ -60,10 +60,16 @@ def running(cfg: Config, p: Plan, run_dir: Path, resolved: str, fmt: dict, data_
         "autocast_bf16": p.autocast, "base_bf16": p.base_bf16,
         "forward_passes": {"packing": cfg.packing, "max_tokens": p.tokens_per_pass, "compile": cfg.compile,
                            "threads": torch.get_num_threads()},
-        "schedule": {"total_steps": p.total_steps, "micro_batches_per_epoch": p.micro_batches_per_epoch,
-                     "effective_batch": p.effective_batch, "limit": p.limit, "budget": p.budget},
+        "schedule": schedule(p),
         "stopped": None,  # why this invocation stopped: set once it does (Training.stopped)
     }
+
+
+def schedule(p: Plan) -> dict:
+    """The manifest's schedule: what a resumed run needs to go on with the same steps and learning rates."""
+    return {"total_steps": p.total_steps, "warmup_steps": p.warmup_steps,
+            "micro_batches_per_epoch": p.micro_batches_per_epoch, "effective_batch": p.effective_batch,
+            "limit": p.limit, "budget": p.budget}
 
 
 def samples(run_dir: Path, at_step: int, model, tokenizer, chosen: list[dict], cfg: Config, autocast,
