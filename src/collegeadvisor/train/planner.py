@@ -161,8 +161,8 @@ class Plan:
 def schedule(cfg: Config, rows: Rows, world: int = 1, steps: int | None = None,
              warmup: int | None = None) -> dict[str, Any]:
     """The rows kept and dropped, steps, epochs and tokens of a run of cfg on these rows with `world` data-parallel
-    ranks (each rank takes every world-th micro-batch of an epoch); `steps` replaces max_steps and epochs, `warmup`
-    the warmup steps warmup_ratio gives."""
+    ranks (each rank takes every world-th micro-batch of an epoch); `steps` replaces max_steps and epochs, and `warmup`
+    the warmup steps that warmup_ratio would give."""
     lengths = [len(r["input_ids"]) for r in rows.train]
     micro = max(1, math.ceil(len(lengths) / cfg.batch_size) // world)
     total = steps or cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
