@@ -13,7 +13,6 @@ import math
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -231,10 +230,8 @@ class Training:
         """The LR schedule for the plan's steps, at the step the run is at (its warmup unchanged, so the learning
         rate goes on from where it is)."""
         self.build_schedule()
-        with warnings.catch_warnings():  # stepping a new scheduler up to here, not an update skipped
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(self.step):
-                self.scheduler.step()
+        for _ in range(self.step):
+            self.scheduler.step()
 
     def measure_step(self) -> dict:
         """Seconds and padded tokens of the second step's forward and backward passes on this run's model (the
